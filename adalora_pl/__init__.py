@@ -1,0 +1,31 @@
+"""adalora-pl: AdaLoRA (Zhang et al., ICLR 2023) for PyTorch Lightning."""
+
+from adalora_pl.allocator import MaskEvent, RankAllocator
+from adalora_pl.importance import IMPORTANCE_VARIANTS, mask_threshold, orthogonal_regularizer, triplet_scores
+from adalora_pl.injection import (
+    DEFAULT_TRAINABLE_MODULES,
+    TARGET_MODULE_PRESETS,
+    find_adapters,
+    inject_adapters,
+    set_trainable_modules,
+)
+from adalora_pl.layers import LoRALinear, SVDLinear
+from adalora_pl.schedule import BudgetSchedule, budget_at
+
+__all__ = [
+    "DEFAULT_TRAINABLE_MODULES",
+    "IMPORTANCE_VARIANTS",
+    "TARGET_MODULE_PRESETS",
+    "BudgetSchedule",
+    "LoRALinear",
+    "MaskEvent",
+    "RankAllocator",
+    "SVDLinear",
+    "budget_at",
+    "find_adapters",
+    "inject_adapters",
+    "mask_threshold",
+    "orthogonal_regularizer",
+    "set_trainable_modules",
+    "triplet_scores",
+]

@@ -1,0 +1,96 @@
+"""AdaLoRA's math as small pure functions: orthogonal regularizer, importance EMAs, triplet scores,
+and the global threshold that masks to a budget (spec §2, §3, §5).
+
+Each expression keeps the reference's operation order so that results match PEFT bitwise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+
+Importance = Literal["sensitivity_uncertainty", "sensitivity", "magnitude"]
+IMPORTANCE_VARIANTS: tuple[str, ...] = ("sensitivity_uncertainty", "sensitivity", "magnitude")
+
+
+def validate_importance(importance: str) -> None:
+    if importance not in IMPORTANCE_VARIANTS:
+        raise ValueError(f"importance must be one of {list(IMPORTANCE_VARIANTS)}, got {importance!r}")
+
+
+def orthogonal_regularizer(factors: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """Mean over all A and B of ``||A A^T - I||_F`` and ``||B^T B - I||_F`` (not squared; spec §2).
+
+    Args:
+        factors: ``(lora_A, lora_B)`` pairs, A of shape (r, in) and B of shape (out, r).
+    """
+    total: torch.Tensor | int = 0
+    count = 0
+    for lora_A, lora_B in factors:
+        for cov in (lora_A @ lora_A.T, lora_B.T @ lora_B):
+            eye = torch.eye(*cov.size(), out=torch.empty_like(cov))
+            total = total + torch.norm(cov - eye, p="fro")
+            count += 1
+    if count == 0:
+        raise ValueError("orthogonal_regularizer needs at least one (lora_A, lora_B) pair")
+    return total / count
+
+
+def elementwise_importance(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``|w * g|`` for every element of every tensor, flattened into one float32 vector."""
+    if params and params[0].dtype != torch.float32:
+        params = [p.float() for p in params]
+        grads = [g.float() for g in grads]
+    products = torch._foreach_mul(params, grads)
+    torch._foreach_abs_(products)
+    return torch.cat([t.reshape(-1) for t in products])
+
+
+@torch.no_grad()
+def update_importance_(
+    exp_avg_ipt: torch.Tensor,
+    exp_avg_unc: torch.Tensor | None,
+    ipt: torch.Tensor,
+    beta1: float,
+    beta2: float,
+) -> torch.Tensor:
+    """One EMA step of sensitivity (``exp_avg_ipt``) and uncertainty (``exp_avg_unc``), in place.
+
+    ``Ibar = b1 Ibar + (1 - b1) I``; ``U = b2 U + (1 - b2) |I - Ibar|`` with the updated Ibar (spec §3).
+    A step whose ``ipt`` holds inf or NaN leaves both averages unchanged. Returns that verdict as a
+    0-dim bool tensor on the device, without a host synchronization.
+    """
+    finite = torch.isfinite(ipt).all()
+    new_avg = beta1 * exp_avg_ipt + (1 - beta1) * ipt
+    exp_avg_ipt.copy_(torch.where(finite, new_avg, exp_avg_ipt))
+    if exp_avg_unc is not None:
+        new_unc = beta2 * exp_avg_unc + (1 - beta2) * (ipt - new_avg).abs()
+        exp_avg_unc.copy_(torch.where(finite, new_unc, exp_avg_unc))
+    return finite
+
+
+def triplet_scores(score_E: torch.Tensor, score_A: torch.Tensor, score_B: torch.Tensor) -> torch.Tensor:
+    """S_i = s(E_i) + mean_j s(A[i, j]) + mean_j s(B[j, i]) for one layer, shape (r,) (spec §3).
+
+    Args:
+        score_E: (r, 1) element scores of E.
+        score_A: (r, in) element scores of A.
+        score_B: (out, r) element scores of B.
+    """
+    mean_A = torch.mean(score_A, dim=1, keepdim=True)
+    mean_B = torch.mean(score_B, dim=0, keepdim=False).view(-1, 1)
+    return score_E.view(-1) + torch.cat([mean_A, mean_B], dim=1).sum(dim=1).view(-1)
+
+
+def mask_threshold(scores: torch.Tensor, num_to_mask: int) -> torch.Tensor | None:
+    """The ``num_to_mask``-th smallest score (1-indexed): triplets scoring <= it are masked.
+
+    ``None`` when nothing is to be masked. Ties at the threshold are all masked, as in the reference.
+    """
+    if num_to_mask <= 0:
+        return None
+    if num_to_mask > scores.numel():
+        raise ValueError(f"cannot mask {num_to_mask} of {scores.numel()} triplets")
+    return torch.kthvalue(scores, k=num_to_mask).values

@@ -1,0 +1,168 @@
+"""Put adapters into a model: find target linears by name suffix, replace them, freeze the rest."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Literal
+
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from adalora_pl.layers import ADAPTER_TYPES, LoRALinear, SVDLinear
+
+log = logging.getLogger(__name__)
+
+Method = Literal["adalora", "lora"]
+
+# Linear layers adapted per transformer block, by model_type. Encoders: the paper's six matrices per layer
+# (query, key, value, attention output, FFN in, FFN out; spec §7). Suffixes match whole name components.
+TARGET_MODULE_PRESETS: dict[str, list[str]] = {
+    "deberta-v2": [
+        "query_proj", "key_proj", "value_proj", "attention.output.dense", "intermediate.dense", "output.dense",
+    ],
+    "bert": ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"],
+    "roberta": ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"],
+    "mpnet": ["attn.q", "attn.k", "attn.v", "attn.o", "intermediate.dense", "output.dense"],
+    "bart": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
+    "t5": ["q", "k", "v", "o", "wi", "wi_0", "wi_1", "wo"],
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "mistral": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "gpt2": ["c_attn", "attn.c_proj", "c_fc", "mlp.c_proj"],
+}
+
+# Task heads trained in full next to the adapters, as the authors do (spec §7: classifier and pooler).
+DEFAULT_TRAINABLE_MODULES = ["classifier", "pooler", "qa_outputs", "score"]
+
+
+def is_linear(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Linear, Conv1D))
+
+
+def name_matches(name: str, suffix: str) -> bool:
+    """True when ``suffix`` equals ``name`` or its last dot-separated components."""
+    return name == suffix or name.endswith("." + suffix)
+
+
+def preset_targets(model: nn.Module) -> list[str]:
+    """The preset target names for ``model.config.model_type``; a clear error for unknown types."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in TARGET_MODULE_PRESETS:
+        raise ValueError(
+            f"no preset of target modules for model_type {model_type!r}; pass target_modules explicitly. "
+            f"Presets exist for: {sorted(TARGET_MODULE_PRESETS)}. "
+            f"Linear layers of this model: {linear_layer_suffixes(model)}"
+        )
+    return TARGET_MODULE_PRESETS[model_type]
+
+
+def linear_layer_suffixes(model: nn.Module) -> list[str]:
+    """Linear layer names with the block index stripped (``encoder.layer.0.attention.self.query`` ->
+    ``attention.self.query``), to show in error messages which targets exist."""
+    suffixes = set()
+    for name, module in model.named_modules():
+        if is_linear(module) or isinstance(module, ADAPTER_TYPES):
+            parts = name.split(".")
+            digits = [i for i, p in enumerate(parts) if p.isdigit()]
+            suffixes.add(".".join(parts[digits[-1] + 1 :]) if digits else name)
+    return sorted(suffixes)
+
+
+def find_adapters(model: nn.Module) -> dict[str, SVDLinear | LoRALinear]:
+    """All adapter layers in ``model``, by module path, in ``named_modules`` order."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, ADAPTER_TYPES)}
+
+
+def inject_adapters(
+    model: nn.Module,
+    target_modules: Sequence[str] | None = None,
+    *,
+    method: Method = "adalora",
+    r: int = 12,
+    lora_alpha: float = 32,
+    lora_dropout: float = 0.0,
+    trainable_modules: Sequence[str] = DEFAULT_TRAINABLE_MODULES,
+) -> dict[str, SVDLinear | LoRALinear]:
+    """Replace the target linear layers of ``model`` in place by adapters and freeze everything else.
+
+    Args:
+        model: any ``nn.Module`` (usually a transformers model).
+        target_modules: name suffixes of the linear layers to adapt (``"query"`` matches
+            ``encoder.layer.3.attention.self.query``). ``None`` takes the preset for
+            ``model.config.model_type`` (see :data:`TARGET_MODULE_PRESETS`).
+        method: ``"adalora"`` (:class:`SVDLinear`, ``r`` is init_r) or ``"lora"`` (:class:`LoRALinear`).
+        r: initial rank for AdaLoRA, rank for LoRA.
+        lora_alpha: adapter scaling numerator.
+        lora_dropout: dropout on the adapter branch.
+        trainable_modules: name suffixes of modules trained in full (task heads). Names that match
+            nothing are allowed (a model without a pooler); they are logged.
+
+    Returns:
+        The adapters by module path.
+
+    Raises:
+        ValueError: a target matches nothing, matches a layer that is not linear, or lies inside a
+            trainable module; the message lists the linear layers the model has.
+    """
+    if method not in ("adalora", "lora"):
+        raise ValueError(f"method must be 'adalora' or 'lora', got {method!r}")
+    if find_adapters(model):
+        raise ValueError("model already has adapters; use find_adapters(model) to adopt them")
+    targets = list(target_modules) if target_modules is not None else preset_targets(model)
+    if not targets:
+        raise ValueError("target_modules is empty: name at least one linear layer to adapt")
+
+    matched: dict[str, nn.Module] = {}
+    hits = dict.fromkeys(targets, 0)
+    for name, module in model.named_modules():
+        for target in targets:
+            if name_matches(name, target):
+                hits[target] += 1
+                if not is_linear(module):
+                    raise ValueError(
+                        f"target {target!r} matches {name!r}, a {type(module).__name__}, not a linear layer. "
+                        f"Linear layers of this model: {linear_layer_suffixes(model)}"
+                    )
+                matched[name] = module
+    missing = [t for t, n in hits.items() if n == 0]
+    if missing:
+        raise ValueError(
+            f"target_modules {missing} match no module of {type(model).__name__}. "
+            f"Linear layers of this model: {linear_layer_suffixes(model)}"
+        )
+
+    heads = [n for n, _ in model.named_modules() if n and any(name_matches(n, t) for t in trainable_modules)]
+    for name in matched:
+        inside = [h for h in heads if name == h or name.startswith(h + ".")]
+        if inside:
+            raise ValueError(
+                f"adapter target {name!r} lies inside trainable module {inside[0]!r}; "
+                "narrow target_modules or trainable_modules"
+            )
+
+    model.requires_grad_(False)
+    layer_cls = SVDLinear if method == "adalora" else LoRALinear
+    adapters = {}
+    for name, module in matched.items():
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        adapter = layer_cls(module, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout)
+        setattr(parent, child, adapter)
+        adapters[name] = adapter
+    set_trainable_modules(model, trainable_modules)
+    log.info("injected %d %s adapters (r=%d) into %s", len(adapters), method, r, type(model).__name__)
+    return adapters
+
+
+def set_trainable_modules(model: nn.Module, trainable_modules: Sequence[str]) -> list[str]:
+    """Unfreeze the modules whose names end in one of ``trainable_modules``; returns their names."""
+    unfrozen = []
+    for name, module in model.named_modules():
+        if name and any(name_matches(name, t) for t in trainable_modules):
+            module.requires_grad_(True)
+            unfrozen.append(name)
+    unmatched = [t for t in trainable_modules if not any(name_matches(n, t) for n in unfrozen)]
+    if unmatched:
+        log.info("trainable_modules %s match nothing in %s", unmatched, type(model).__name__)
+    return unfrozen

@@ -1,0 +1,183 @@
+"""Adapter layers: the SVD adapter of AdaLoRA and the plain LoRA baseline.
+
+Both wrap a frozen linear layer (``nn.Linear`` or GPT-2's ``Conv1D``) kept as ``base_layer`` and add a
+low-rank branch. The arithmetic of :class:`SVDLinear` follows the reference implementations operation
+for operation (spec §1), so that masks and parameters can be compared with PEFT bitwise.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+# Added to ranknum before dividing, as in the reference code (keeps a rank-0 layer finite).
+RANKNUM_EPS = 1e-5
+
+
+def linear_shape(base_layer: nn.Module) -> tuple[int, int, bool]:
+    """``(in_features, out_features, fan_in_fan_out)`` of a linear-like layer.
+
+    GPT-2's ``Conv1D`` stores its weight as (in, out), hence ``fan_in_fan_out``.
+    """
+    if isinstance(base_layer, nn.Linear):
+        return base_layer.in_features, base_layer.out_features, False
+    if isinstance(base_layer, Conv1D):
+        in_features, out_features = base_layer.weight.shape
+        return in_features, out_features, True
+    raise TypeError(
+        f"adapters wrap nn.Linear or transformers' Conv1D layers, got {type(base_layer).__name__}"
+    )
+
+
+class _AdapterBase(nn.Module):
+    """Shared plumbing: frozen base layer, dropout, merge/unmerge bookkeeping."""
+
+    def __init__(self, base_layer: nn.Module, r: int, lora_alpha: float, lora_dropout: float) -> None:
+        super().__init__()
+        if r < 0:
+            raise ValueError(f"adapter rank r must be >= 0, got {r}")
+        if not 0.0 <= lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout}")
+        self.in_features, self.out_features, self.fan_in_fan_out = linear_shape(base_layer)
+        self.base_layer = base_layer
+        for p in self.base_layer.parameters():
+            p.requires_grad_(False)
+        self.r = r
+        self.lora_alpha = lora_alpha
+        self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
+        self.merged = False
+
+    def delta_weight(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _orient(self, delta: torch.Tensor) -> torch.Tensor:
+        # Conv1D keeps the weight as (in, out): the (out, in) delta is transposed to match.
+        return delta.T if self.fan_in_fan_out else delta
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold the adapter into ``base_layer.weight`` (inference only; the branch is then skipped)."""
+        if self.merged:
+            return
+        weight = self.base_layer.weight
+        weight += self._orient(self.delta_weight()).to(weight.dtype)
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Undo :meth:`merge`."""
+        if not self.merged:
+            return
+        weight = self.base_layer.weight
+        weight -= self._orient(self.delta_weight()).to(weight.dtype)
+        self.merged = False
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, r={self.r}, lora_alpha={self.lora_alpha}"
+
+
+class SVDLinear(_AdapterBase):
+    """A frozen linear layer plus AdaLoRA's SVD-shaped update ``B diag(E) A``.
+
+    ``y = base(x) + lora_alpha / (ranknum + 1e-5) * B @ ((A * E) @ dropout(x))``
+
+    Args:
+        base_layer: the ``nn.Linear`` (or GPT-2 ``Conv1D``) to adapt; its parameters are frozen.
+        r: initial rank (``init_r``). ``ranknum`` is fixed to it forever: pruning zeroes singular
+            values in ``lora_E`` but never changes the scaling.
+        lora_alpha: scaling numerator (the reference divides by ranknum, not by r).
+        lora_dropout: dropout probability on the adapter branch only.
+
+    Attributes:
+        lora_A: (r, in) right singular vectors, N(0, 0.02).
+        lora_E: (r, 1) singular values, zeros, so the layer starts equal to ``base_layer``.
+        lora_B: (out, r) left singular vectors, N(0, 0.02).
+        ranknum: buffer holding float(r).
+        rank_mask: boolean buffer (r,), the last mask applied by the rank allocator (True = kept).
+            It travels with a weights-only checkpoint, so the final rank pattern is never lost.
+    """
+
+    def __init__(self, base_layer: nn.Module, r: int, lora_alpha: float, lora_dropout: float = 0.0) -> None:
+        super().__init__(base_layer, r, lora_alpha, lora_dropout)
+        weight = base_layer.weight
+        factory = {"device": weight.device, "dtype": weight.dtype if weight.is_floating_point() else None}
+        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, **factory))
+        self.lora_E = nn.Parameter(torch.zeros(r, 1, **factory))
+        self.lora_B = nn.Parameter(torch.empty(self.out_features, r, **factory))
+        nn.init.normal_(self.lora_A, mean=0.0, std=0.02)
+        nn.init.normal_(self.lora_B, mean=0.0, std=0.02)
+        # A (1,)-tensor as in the reference: dividing by it (not by a Python float) keeps bitwise parity.
+        self.register_buffer("ranknum", torch.full((1,), float(r), **factory))
+        self.register_buffer("rank_mask", torch.ones(r, dtype=torch.bool, device=weight.device))
+
+    @property
+    def scaling(self) -> float:
+        return self.lora_alpha
+
+    def delta_weight(self) -> torch.Tensor:
+        """The (out, in) update ``B (A * E) * scaling / (ranknum + 1e-5)``."""
+        return self.lora_B @ (self.lora_A * self.lora_E) * self.scaling / (self.ranknum + RANKNUM_EPS)
+
+    @property
+    def kept_rank(self) -> int:
+        """Number of triplets the last mask kept (host sync; not for the hot path)."""
+        return int(self.rank_mask.sum())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base_layer(x)
+        if self.merged or self.r == 0:
+            return result
+        x = x.to(self.lora_A.dtype)
+        # Same operation order as the reference, so results match PEFT bitwise.
+        update = self.lora_dropout(x) @ (self.lora_A * self.lora_E).T @ self.lora_B.T
+        result += update * self.scaling / (self.ranknum + RANKNUM_EPS)
+        return result
+
+
+class LoRALinear(_AdapterBase):
+    """A frozen linear layer plus the LoRA update ``B A * lora_alpha / r`` (Hu et al., 2021).
+
+    The baseline AdaLoRA is compared with; it shares the injection machinery with :class:`SVDLinear`.
+
+    Args:
+        base_layer: the ``nn.Linear`` (or GPT-2 ``Conv1D``) to adapt; its parameters are frozen.
+        r: rank (> 0).
+        lora_alpha: scaling numerator; the update is scaled by ``lora_alpha / r``.
+        lora_dropout: dropout probability on the adapter branch only.
+
+    Attributes:
+        lora_A: (r, in), Kaiming-uniform init as in the LoRA reference code.
+        lora_B: (out, r), zeros, so the layer starts equal to ``base_layer``.
+    """
+
+    def __init__(self, base_layer: nn.Module, r: int, lora_alpha: float, lora_dropout: float = 0.0) -> None:
+        if r <= 0:
+            raise ValueError(f"LoRA rank r must be > 0, got {r}")
+        super().__init__(base_layer, r, lora_alpha, lora_dropout)
+        weight = base_layer.weight
+        factory = {"device": weight.device, "dtype": weight.dtype}
+        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, **factory))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, **factory))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+
+    @property
+    def scaling(self) -> float:
+        return self.lora_alpha / self.r
+
+    def delta_weight(self) -> torch.Tensor:
+        """The (out, in) update ``B A * lora_alpha / r``."""
+        return self.lora_B @ self.lora_A * self.scaling
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base_layer(x)
+        if self.merged:
+            return result
+        x = x.to(self.lora_A.dtype)
+        result = result + (self.lora_dropout(x) @ self.lora_A.T @ self.lora_B.T) * self.scaling
+        return result
+
+
+ADAPTER_TYPES = (SVDLinear, LoRALinear)

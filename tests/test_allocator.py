@@ -1,0 +1,185 @@
+"""RankAllocator: importance EMAs against the formula, masking edge cases, variants, state."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from adalora_pl import RankAllocator, SVDLinear, mask_threshold, orthogonal_regularizer, triplet_scores
+
+
+def make_layers(num=2, r=3, din=4, dout=5, seed=0):
+    torch.manual_seed(seed)
+    return {f"layer{i}": SVDLinear(nn.Linear(din, dout), r=r, lora_alpha=8) for i in range(num)}
+
+
+def set_grads(layers, seed):
+    g = torch.Generator().manual_seed(seed)
+    for m in layers.values():
+        for p in (m.lora_A, m.lora_E, m.lora_B):
+            p.grad = torch.randn(p.shape, generator=g)
+
+
+def test_importance_emas_follow_the_formula():
+    layers = make_layers()
+    alloc = RankAllocator(layers, target_r=1, tinit=100, tfinal=1, total_step=200, beta1=0.8, beta2=0.7)
+    params = [p for m in layers.values() for p in (m.lora_A, m.lora_E, m.lora_B)]
+    avg = [torch.zeros_like(p) for p in params]
+    unc = [torch.zeros_like(p) for p in params]
+    for step in range(3):
+        with torch.no_grad():
+            for p in params:
+                p.add_(0.1)
+        set_grads(layers, step)
+        alloc.update_and_allocate(step)
+        for i, p in enumerate(params):
+            ipt = (p * p.grad).abs()
+            avg[i] = 0.8 * avg[i] + 0.2 * ipt
+            unc[i] = 0.7 * unc[i] + 0.3 * (ipt - avg[i]).abs()
+    scores = alloc.element_scores()
+    for i in range(len(params)):
+        torch.testing.assert_close(scores[i], avg[i] * unc[i], rtol=1e-6, atol=0)
+    # triplet score: s(E_i) + mean_j s(A[i, j]) + mean_j s(B[j, i])
+    sA, sE, sB = (avg[i] * unc[i] for i in range(3))
+    expected = sE[:, 0] + sA.mean(dim=1) + sB.mean(dim=0)
+    torch.testing.assert_close(alloc.layer_scores()[0], expected)
+
+
+def test_non_finite_step_is_left_out_of_the_averages():
+    runs = []
+    for inject_inf in (False, True):
+        layers = make_layers(seed=1)
+        alloc = RankAllocator(layers, target_r=1, tinit=100, tfinal=1, total_step=200)
+        step = 0
+        for k in range(4):
+            if inject_inf and k == 2:
+                set_grads(layers, 99)
+                next(iter(layers.values())).lora_B.grad[0, 0] = float("inf")
+                alloc.update_and_allocate(step)
+                assert not bool(alloc.last_finite)
+                step += 1
+            set_grads(layers, k)
+            alloc.update_and_allocate(step)
+            step += 1
+        runs.append(alloc)
+    assert torch.equal(runs[0].exp_avg_ipt, runs[1].exp_avg_ipt)
+    assert torch.equal(runs[0].exp_avg_unc, runs[1].exp_avg_unc)
+    assert torch.isfinite(runs[1].exp_avg_unc).all()
+
+
+def test_init_r_equal_target_r_masks_nothing():
+    layers = make_layers(r=2)
+    alloc = RankAllocator(layers, target_r=2, tinit=1, tfinal=2, total_step=8, delta_t=1)
+    with torch.no_grad():
+        for m in layers.values():
+            m.lora_E.fill_(1.0)
+    for step in range(8):
+        set_grads(layers, step)
+        alloc.update_and_allocate(step)
+    assert alloc.frozen
+    assert all(bool((m.lora_E == 1.0).all()) for m in layers.values())
+    assert all(m.kept_rank == 2 for m in layers.values())
+
+
+def test_global_budget_can_prune_a_module_to_rank_zero():
+    layers = make_layers(num=2, r=3)
+    alloc = RankAllocator(layers, target_r=1, tinit=0, tfinal=1, total_step=4, importance="magnitude")
+    with torch.no_grad():
+        layers["layer0"].lora_E.copy_(torch.tensor([[0.01], [0.02], [0.03]]))
+        layers["layer1"].lora_E.copy_(torch.tensor([[1.0], [2.0], [3.0]]))
+    alloc.mask_to_budget(2)  # keep the 2 best of 6 triplets
+    assert layers["layer0"].kept_rank == 0
+    assert layers["layer1"].rank_mask.tolist() == [False, True, True]
+    assert layers["layer0"].lora_E.abs().sum() == 0
+    # a rank-0 layer still runs and equals its base layer
+    x = torch.randn(2, 4)
+    assert torch.equal(layers["layer0"](x), layers["layer0"].base_layer(x))
+
+
+def test_ties_at_threshold_are_all_masked_like_the_reference():
+    scores = torch.tensor([0.5, 0.1, 0.1, 0.3])
+    threshold = mask_threshold(scores, 1)
+    assert threshold.item() == pytest.approx(0.1)
+    assert (scores <= threshold).sum() == 2  # both tied triplets go, as in PEFT
+    assert mask_threshold(scores, 0) is None
+    with pytest.raises(ValueError, match="cannot mask 5 of 4 triplets"):
+        mask_threshold(scores, 5)
+
+
+def test_importance_variants_disagree_on_a_constructed_case():
+    """Triplet 0 has a large |E| but tiny, steady sensitivity; triplet 1 a small |E| with large,
+    steady sensitivity; triplet 2 a medium, wildly fluctuating sensitivity. Keeping one triplet:
+    magnitude keeps 0, sensitivity keeps 1, sensitivity x uncertainty keeps 2."""
+    kept = {}
+    for variant in ("magnitude", "sensitivity", "sensitivity_uncertainty"):
+        layer = SVDLinear(nn.Linear(1, 1, bias=False), r=3, lora_alpha=1)
+        alloc = RankAllocator({"l": layer}, target_r=1, tinit=0, tfinal=1, total_step=100, importance=variant)
+        with torch.no_grad():
+            layer.lora_A.fill_(0.0)
+            layer.lora_B.fill_(0.0)
+            layer.lora_E.copy_(torch.tensor([[10.0], [0.1], [1.0]]))
+        for step in range(40):
+            layer.lora_A.grad = torch.zeros_like(layer.lora_A)
+            layer.lora_B.grad = torch.zeros_like(layer.lora_B)
+            fluct = 3.0 if step % 2 == 0 else 0.0  # |w g| of triplet 2 alternates 3, 0 (mean 1.5)
+            layer.lora_E.grad = torch.tensor([[0.001], [20.0], [fluct]])  # |w g| = 0.01, 2.0, 3/0
+            alloc.update_importance()
+        alloc.mask_to_budget(1)
+        kept[variant] = layer.rank_mask.nonzero().flatten().tolist()
+    assert kept == {"magnitude": [0], "sensitivity": [1], "sensitivity_uncertainty": [2]}
+
+
+def test_state_dict_round_trip_and_mismatch_error():
+    layers = make_layers()
+    alloc = RankAllocator(layers, target_r=1, tinit=0, tfinal=2, total_step=10)
+    for step in range(4):
+        set_grads(layers, step)
+        alloc.update_and_allocate(step)
+    state = alloc.state_dict()
+    other_layers = make_layers()
+    other = RankAllocator(other_layers, target_r=1, tinit=0, tfinal=2, total_step=10)
+    other.load_state_dict(state)
+    assert torch.equal(other.exp_avg_ipt, alloc.exp_avg_ipt) and torch.equal(other.exp_avg_unc, alloc.exp_avg_unc)
+    assert other.last_step == 3 and other.rank_pattern() == alloc.rank_pattern()
+    wrong = RankAllocator(make_layers(num=3), target_r=1, tinit=0, tfinal=2, total_step=10)
+    with pytest.raises(ValueError, match="does not match these adapters"):
+        wrong.load_state_dict(state)
+
+
+def test_frozen_pattern_is_reapplied_after_every_final_step():
+    layers = make_layers(r=2)
+    alloc = RankAllocator(layers, target_r=1, tinit=0, tfinal=3, total_step=6)
+    for step in range(6):
+        set_grads(layers, step)
+        with torch.no_grad():
+            for m in layers.values():
+                m.lora_E.add_(1.0)  # an "optimizer step" that would revive pruned triplets
+        alloc.update_and_allocate(step)
+        if step >= 3:
+            assert alloc.frozen
+            for m in layers.values():
+                assert torch.equal(m.lora_E[:, 0] != 0, m.rank_mask)
+    assert sum(m.kept_rank for m in layers.values()) == 2
+
+
+def test_orthogonal_regularizer_formula():
+    A = torch.randn(3, 5)
+    B = torch.randn(4, 3)
+    expected = (torch.linalg.matrix_norm(A @ A.T - torch.eye(3)) + torch.linalg.matrix_norm(B.T @ B - torch.eye(3))) / 2
+    torch.testing.assert_close(orthogonal_regularizer([(A, B)]), expected)
+
+
+def test_triplet_scores_shapes():
+    s = triplet_scores(torch.ones(3, 1), torch.full((3, 5), 2.0), torch.full((4, 3), 4.0))
+    assert s.tolist() == [7.0, 7.0, 7.0]
+
+
+def test_bad_allocator_settings():
+    layers = make_layers()
+    with pytest.raises(ValueError, match="importance must be one of"):
+        RankAllocator(layers, target_r=1, tinit=0, tfinal=1, total_step=5, importance="fisher")
+    with pytest.raises(ValueError, match=r"target_r \(4\) must not exceed init_r \(3\)"):
+        RankAllocator(layers, target_r=4, tinit=0, tfinal=1, total_step=5)
+    with pytest.raises(ValueError, match=r"tinit \+ tfinal must be < total_step"):
+        RankAllocator(layers, target_r=1, tinit=3, tfinal=2, total_step=5)
