@@ -1,6 +1,7 @@
 """adalora-pl: AdaLoRA (Zhang et al., ICLR 2023) for PyTorch Lightning."""
 
 from adalora_pl.allocator import MaskEvent, RankAllocator
+from adalora_pl.callback import AdaLoRACallback
 from adalora_pl.importance import IMPORTANCE_VARIANTS, mask_threshold, orthogonal_regularizer, triplet_scores
 from adalora_pl.injection import (
     DEFAULT_TRAINABLE_MODULES,
@@ -13,6 +14,7 @@ from adalora_pl.layers import LoRALinear, SVDLinear
 from adalora_pl.schedule import BudgetSchedule, budget_at
 
 __all__ = [
+    "AdaLoRACallback",
     "DEFAULT_TRAINABLE_MODULES",
     "IMPORTANCE_VARIANTS",
     "TARGET_MODULE_PRESETS",

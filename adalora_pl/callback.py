@@ -1,0 +1,347 @@
+"""``AdaLoRACallback``: AdaLoRA for any LightningModule, with one line in the Trainer's callbacks."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+
+from adalora_pl.allocator import MaskEvent, RankAllocator
+from adalora_pl.importance import Importance, orthogonal_regularizer, validate_importance
+from adalora_pl.injection import DEFAULT_TRAINABLE_MODULES, find_adapters, inject_adapters, preset_targets
+from adalora_pl.layers import SVDLinear
+from adalora_pl.schedule import validate_betas, validate_ranks
+
+log = logging.getLogger(__name__)
+
+
+def resolve_steps(name: str, value: int | float, total_step: int) -> int:
+    """``value`` steps (int >= 0) or a fraction of ``total_step`` (float in (0, 1))."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a number of steps (int) or a fraction of training (float), got {value!r}")
+    if isinstance(value, float):
+        if not 0.0 < value < 1.0:
+            raise ValueError(f"{name} as a fraction of training must be in (0, 1), got {value!r}")
+        return int(round(value * total_step))
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0 steps, got {value}")
+    return value
+
+
+def _find_model_for_preset(module: torch.nn.Module) -> torch.nn.Module:
+    """The first submodule carrying a transformers ``config`` (to look up target presets)."""
+    for sub in module.modules():
+        if getattr(getattr(sub, "config", None), "model_type", None):
+            return sub
+    return module
+
+
+class AdaLoRACallback(Callback):
+    r"""Run AdaLoRA (Zhang et al., ICLR 2023) on a LightningModule: adapters, regularizer, pruning.
+
+    At ``setup`` the callback injects SVD adapters into the module (or adopts the ones it already has),
+    freezes everything else except the ``trainable_modules``, and fixes the schedule in optimizer steps.
+    At every optimizer step it adds the orthogonal regularizer's gradient, updates the importance
+    averages from the gradients just applied, and masks singular values to the current budget
+    (the call order of the reference training loop, spec §6).
+
+    Args:
+        target_modules: name suffixes of the linear layers to adapt (``"query"`` matches
+            ``bert.encoder.layer.0.attention.self.query``). ``None`` uses the preset for the model type
+            of the first transformers model inside the module.
+        trainable_modules: name suffixes of modules trained in full (task heads such as ``classifier``,
+            ``pooler``, ``qa_outputs``).
+        init_r: initial rank of every adapter.
+        target_r: average final rank; the final budget is ``target_r`` times the number of adapters.
+        lora_alpha: adapter scaling numerator (scaling = lora_alpha / init_r, fixed).
+        lora_dropout: dropout on the adapter branch.
+        tinit: warm-up before pruning, in optimizer steps (int) or as a fraction of training (float).
+        tfinal: final fine-tuning with the frozen pattern, in steps (int) or as a fraction (float).
+        delta_t: optimizer steps between two mask events during the cubic phase.
+        beta1: EMA coefficient of the sensitivity.
+        beta2: EMA coefficient of the uncertainty.
+        orth_reg_weight: weight of the orthogonal regularizer (0 disables it). Its gradient is added
+            once per optimizer step whatever computes the loss.
+        importance: ``"sensitivity_uncertainty"`` (default), ``"sensitivity"`` or ``"magnitude"``.
+        total_step: total optimizer steps T. Default: ``trainer.estimated_stepping_batches``.
+        rank_pattern_file: file name written into the log dir at the end of fit.
+
+    Example::
+
+        trainer = Trainer(callbacks=[AdaLoRACallback(target_modules=["query", "value"], init_r=12,
+                                                     target_r=8, tinit=0.1, tfinal=0.3)])
+        trainer.fit(my_module)
+    """
+
+    def __init__(
+        self,
+        target_modules: Sequence[str] | None = None,
+        trainable_modules: Sequence[str] = tuple(DEFAULT_TRAINABLE_MODULES),
+        init_r: int = 12,
+        target_r: int = 8,
+        lora_alpha: float = 32,
+        lora_dropout: float = 0.0,
+        tinit: int | float = 0,
+        tfinal: int | float = 0,
+        delta_t: int = 1,
+        beta1: float = 0.85,
+        beta2: float = 0.85,
+        orth_reg_weight: float = 0.1,
+        importance: Importance = "sensitivity_uncertainty",
+        total_step: int | None = None,
+        rank_pattern_file: str = "rank_pattern.json",
+    ) -> None:
+        validate_ranks(init_r, target_r)
+        validate_betas(beta1, beta2)
+        validate_importance(importance)
+        if orth_reg_weight < 0:
+            raise ValueError(f"orth_reg_weight must be >= 0, got {orth_reg_weight}")
+        if not isinstance(delta_t, int) or delta_t < 1:
+            raise ValueError(f"delta_t must be an integer >= 1, got {delta_t!r}")
+        if total_step is not None and (not isinstance(total_step, int) or total_step <= 0):
+            raise ValueError(f"total_step must be a positive integer or None, got {total_step!r}")
+        for name, value in (("tinit", tinit), ("tfinal", tfinal)):
+            resolve_steps(name, value, total_step or 1_000_000)
+        self.target_modules = list(target_modules) if target_modules is not None else None
+        self.trainable_modules = list(trainable_modules)
+        self.init_r, self.target_r = init_r, target_r
+        self.lora_alpha, self.lora_dropout = lora_alpha, lora_dropout
+        self.tinit, self.tfinal, self.delta_t = tinit, tfinal, delta_t
+        self.beta1, self.beta2 = beta1, beta2
+        self.orth_reg_weight = orth_reg_weight
+        self.importance = importance
+        self.total_step = total_step
+        self.rank_pattern_file = rank_pattern_file
+
+        self.allocator: RankAllocator | None = None
+        self.budget: int | None = None
+        self._factors: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._last_global_step = 0
+        self._pending_state: dict | None = None
+        self._budget_history: list[tuple[int, int]] = []
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(target_r=self.target_r, importance=self.importance)
+
+    # ------------------------------------------------------------------ setup
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        self._refuse_unsupported_strategy(trainer)
+        adapters = self._adapters(pl_module)
+        total_step = self.total_step or self._estimated_total_steps(trainer)
+        self._build_allocator(adapters, total_step, trainer)
+        if self._pending_state is not None:
+            self._load_allocator_state(self._pending_state, trainer)
+            self._pending_state = None
+
+    def _refuse_unsupported_strategy(self, trainer: pl.Trainer) -> None:
+        name = type(trainer.strategy).__name__
+        if "FSDP" in name or "DeepSpeed" in name:
+            raise RuntimeError(
+                f"AdaLoRACallback does not support {name}: importance needs every rank to hold full "
+                "adapter parameters and gradients. Use strategy='ddp' (adapters are small)."
+            )
+
+    def _adapters(self, pl_module: pl.LightningModule) -> dict[str, SVDLinear]:
+        adapters = find_adapters(pl_module)
+        if not adapters:
+            targets = self.target_modules or preset_targets(_find_model_for_preset(pl_module))
+            adapters = inject_adapters(
+                pl_module,
+                targets,
+                method="adalora",
+                r=self.init_r,
+                lora_alpha=self.lora_alpha,
+                lora_dropout=self.lora_dropout,
+                trainable_modules=self.trainable_modules,
+            )
+            rank_zero_info(f"AdaLoRA: injected {len(adapters)} SVD adapters (init_r={self.init_r})")
+        else:
+            others = [n for n, m in adapters.items() if not isinstance(m, SVDLinear)]
+            if others:
+                raise TypeError(
+                    f"AdaLoRACallback needs SVDLinear adapters; the module has LoRA layers ({others[:3]}...). "
+                    "Remove the callback for a LoRA run."
+                )
+            rank_zero_info(f"AdaLoRA: adopting the {len(adapters)} SVD adapters the module already has")
+        return adapters
+
+    def _estimated_total_steps(self, trainer: pl.Trainer) -> int:
+        try:
+            estimated = trainer.estimated_stepping_batches
+        except Exception as err:  # the data may not be reachable this early in some projects
+            raise RuntimeError(
+                "AdaLoRACallback could not estimate the number of optimizer steps; pass total_step="
+            ) from err
+        if not math.isfinite(estimated):
+            raise ValueError(
+                "the number of optimizer steps is unbounded (max_steps=-1 and max_epochs=-1, or an iterable "
+                "dataset without length); AdaLoRA's schedule needs total_step= or a finite run"
+            )
+        return int(estimated)
+
+    def _build_allocator(self, adapters: dict[str, SVDLinear], total_step: int, trainer: pl.Trainer) -> None:
+        tinit = resolve_steps("tinit", self.tinit, total_step)
+        tfinal = resolve_steps("tfinal", self.tfinal, total_step)
+        sync = self._broadcast_from_rank_zero(trainer) if trainer.world_size > 1 else None
+        self.allocator = RankAllocator(
+            adapters,
+            target_r=self.target_r,
+            tinit=tinit,
+            tfinal=tfinal,
+            total_step=total_step,
+            delta_t=self.delta_t,
+            beta1=self.beta1,
+            beta2=self.beta2,
+            importance=self.importance,
+            sync_keep=sync,
+        )
+        self._factors = [(m.lora_A, m.lora_B) for m in adapters.values()]
+        s = self.allocator.schedule
+        self.budget = s.budget_at(0)
+        rank_zero_info(
+            f"AdaLoRA schedule: b0={s.init_budget} -> bT={s.target_budget} triplets over {len(adapters)} adapters; "
+            f"T={s.total_step} optimizer steps, tinit={s.tinit}, tfinal={s.tfinal} (pattern frozen at step "
+            f"{s.final_step}), delta_t={s.delta_t}, importance={self.importance}, "
+            f"orth_reg_weight={self.orth_reg_weight}"
+        )
+
+    @staticmethod
+    def _broadcast_from_rank_zero(trainer: pl.Trainer):
+        def sync(keep: torch.Tensor) -> torch.Tensor:
+            # Every rank computes the same mask from all-reduced gradients; the broadcast makes that a
+            # guarantee rather than an assumption (it runs at mask events only).
+            return trainer.strategy.broadcast(keep, src=0).to(keep.device)
+
+        return sync
+
+    # ------------------------------------------------------------------ per step
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._last_global_step = trainer.global_step
+
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        # Gradients are complete here (all micro-batches, all-reduced, unscaled under AMP) and
+        # clipping has not run yet, so the regularizer enters exactly as in loss + w * R.
+        if self.orth_reg_weight == 0 or not self._factors:
+            return
+        params = [p for pair in self._factors for p in pair]
+        if all(p.grad is None for p in params):
+            return  # the training step was skipped: nothing to regularize
+        with torch.enable_grad():
+            reg = orthogonal_regularizer(self._factors)
+            grads = torch.autograd.grad(reg * self.orth_reg_weight, params)
+        with torch.no_grad():
+            for p, g in zip(params, grads, strict=True):
+                if p.grad is None:
+                    p.grad = g
+                else:
+                    p.grad.add_(g)
+        pl_module.log("adalora/orth_reg", reg.detach(), on_step=True, on_epoch=False)
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self.allocator is None or trainer.global_step == self._last_global_step:
+            return  # accumulating gradients: no optimizer step on this batch
+        step = trainer.global_step - 1  # 0-based index of the optimizer step just taken
+        self._last_global_step = trainer.global_step
+        event = self.allocator.update_and_allocate(step)
+        self.budget = event.budget
+        pl_module.log("adalora/budget", float(event.budget), on_step=True, on_epoch=False, prog_bar=True)
+        if event.masked:
+            self._log_mask_event(trainer, event)
+
+    def _log_mask_event(self, trainer: pl.Trainer, event: MaskEvent) -> None:
+        assert self.allocator is not None
+        ranks = self.allocator.kept_ranks()
+        self._budget_history.append((event.step, sum(ranks.values())))
+        if trainer.logger is None or not trainer.is_global_zero:
+            return
+        metrics = {
+            "adalora/total_rank": float(sum(ranks.values())),
+            "adalora/mask_threshold": float(event.threshold) if event.threshold is not None else 0.0,
+        }
+        metrics.update({f"adalora_rank/{name}": float(r) for name, r in ranks.items()})
+        trainer.logger.log_metrics(metrics, step=trainer.global_step)
+
+    # ------------------------------------------------------------------ end of fit
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.allocator is not None:
+            # trainer.log_dir is a collective under DDP: every rank asks, rank zero writes.
+            self._write_rank_pattern(trainer.log_dir or trainer.default_root_dir)
+
+    @rank_zero_only
+    def _write_rank_pattern(self, directory: str) -> None:
+        assert self.allocator is not None
+        os.makedirs(directory, exist_ok=True)
+        pattern = self.allocator.rank_pattern()
+        s = self.allocator.schedule
+        payload = {
+            "schedule": {
+                "init_budget": s.init_budget, "target_budget": s.target_budget, "tinit": s.tinit,
+                "tfinal": s.tfinal, "total_step": s.total_step, "delta_t": s.delta_t,
+                "frozen": self.allocator.frozen, "last_step": self.allocator.last_step,
+            },
+            "total_rank": sum(sum(m) for m in pattern.values()),
+            "modules": {name: {"rank": sum(mask), "mask": mask} for name, mask in pattern.items()},
+        }
+        path = os.path.join(directory, self.rank_pattern_file)
+        with open(path, "w") as f:
+            json.dump(payload, f, indent=1)
+        rank_zero_info(f"AdaLoRA: final total rank {payload['total_rank']}; rank pattern written to {path}")
+
+    # ------------------------------------------------------------------ checkpointing
+    def state_dict(self) -> dict[str, Any]:
+        if self.allocator is None:
+            return {}
+        s = self.allocator.schedule
+        return {
+            "allocator": self.allocator.state_dict(),
+            "schedule": {"tinit": s.tinit, "tfinal": s.tfinal, "total_step": s.total_step, "delta_t": s.delta_t},
+            "last_global_step": self._last_global_step,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if not state_dict:
+            return
+        if self.allocator is None:
+            self._pending_state = state_dict  # restored before setup: apply once the adapters exist
+            return
+        self._load_allocator_state(state_dict, None)
+
+    def _load_allocator_state(self, state: dict[str, Any], trainer: pl.Trainer | None) -> None:
+        assert self.allocator is not None
+        saved = state["schedule"]
+        s = self.allocator.schedule
+        if (saved["tinit"], saved["tfinal"], saved["total_step"], saved["delta_t"]) != (
+            s.tinit, s.tfinal, s.total_step, s.delta_t,
+        ):
+            log.warning(
+                "AdaLoRA: the checkpoint's schedule %s differs from this run's (tinit=%d, tfinal=%d, total_step=%d, "
+                "delta_t=%d); continuing with the checkpoint's schedule so the resumed run stays consistent",
+                saved, s.tinit, s.tfinal, s.total_step, s.delta_t,
+            )
+            self.tinit, self.tfinal, self.delta_t = saved["tinit"], saved["tfinal"], saved["delta_t"]
+            adapters = dict(zip(self.allocator.names, self.allocator.layers, strict=True))
+            sync = self.allocator.sync_keep
+            self.allocator = RankAllocator(
+                adapters, target_r=self.target_r, tinit=saved["tinit"], tfinal=saved["tfinal"],
+                total_step=saved["total_step"], delta_t=saved["delta_t"], beta1=self.beta1, beta2=self.beta2,
+                importance=self.importance, sync_keep=sync,
+            )
+        self.allocator.load_state_dict(state["allocator"])
+        self._last_global_step = state["last_global_step"]
+        if self.allocator.last_step is not None:
+            self.budget = self.allocator.schedule.budget_at(self.allocator.last_step)

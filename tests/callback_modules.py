@@ -1,0 +1,79 @@
+"""A plain LightningModule that knows nothing about adalora_pl (importable by DDP spawn workers)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import lightning.pytorch as pl
+import torch
+from torch.utils.data import DataLoader, Dataset
+from transformers import BertConfig, BertForSequenceClassification
+
+
+class RandomTokens(Dataset):
+    def __init__(self, num: int = 32, seq_len: int = 10, vocab: int = 100, seed: int = 0) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.ids = torch.randint(0, vocab, (num, seq_len), generator=g)
+        self.labels = torch.randint(0, 2, (num,), generator=g)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "labels": self.labels[i]}
+
+
+class PlainClassifier(pl.LightningModule):
+    """A user's own module: own loss (cross entropy on logits), own optimizer, own data."""
+
+    def __init__(self, num_examples: int = 32, batch_size: int = 8, lr: float = 5e-3, seed: int = 0,
+                 inf_grad_at_step: int | None = None, snapshot_steps: tuple[int, ...] = (),
+                 snapshot_dir: str | None = None) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.net = BertForSequenceClassification(BertConfig(
+            vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+            max_position_embeddings=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, num_labels=2,
+        ))
+        self.num_examples, self.batch_size, self.lr = num_examples, batch_size, lr
+        self.inf_grad_at_step = inf_grad_at_step
+        self.snapshot_steps, self.snapshot_dir = snapshot_steps, snapshot_dir
+        self.losses: list[float] = []
+
+    def training_step(self, batch, batch_idx):
+        logits = self.net(input_ids=batch["input_ids"]).logits
+        loss = torch.nn.functional.cross_entropy(logits.float(), batch["labels"])
+        self.losses.append(loss.item())
+        return loss
+
+    def on_after_backward(self) -> None:
+        if self.inf_grad_at_step is not None and self.global_step == self.inf_grad_at_step:
+            for name, p in self.named_parameters():
+                if name.endswith("lora_E") and p.grad is not None:
+                    p.grad[0, 0] = float("inf")
+                    break
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        if self.snapshot_dir and self.global_step in self.snapshot_steps:
+            state = {k: v.clone() for k, v in self.state_dict().items() if "lora_" in k or "rank_mask" in k}
+            torch.save(state, os.path.join(self.snapshot_dir, f"step{self.global_step}.pt"))
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=self.lr)
+
+    def train_dataloader(self):
+        return DataLoader(RandomTokens(self.num_examples), batch_size=self.batch_size, shuffle=False)
+
+
+class MaskWriter(pl.Callback):
+    """Writes every rank's final masks to a JSON file (to compare ranks under DDP)."""
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        masks = {n: b.tolist() for n, b in pl_module.named_buffers() if n.endswith("rank_mask")}
+        nonzero = {n: (p != 0).flatten().tolist() for n, p in pl_module.named_parameters() if n.endswith("lora_E")}
+        with open(os.path.join(self.directory, f"masks_rank{trainer.global_rank}.json"), "w") as f:
+            json.dump({"masks": masks, "nonzero_E": nonzero}, f)
