@@ -1,0 +1,496 @@
+"""GLUE data for sequence classification: one LightningDataModule for all eight tasks.
+
+The data comes either from the Hugging Face hub (``nyu-mll/glue``) or from a folder with the original
+GLUE TSV files (the layout that GLUE's ``download_glue_data.py`` writes). Both sources end up as
+``datasets.Dataset`` objects with the hub's column names and label ids, so everything after loading
+is shared: tokenization with ``Dataset.map`` (truncation only) and dynamic padding per batch.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import datasets
+import lightning as L
+from torch.utils.data import DataLoader
+
+HUB_DATASET = "nyu-mll/glue"
+LABEL_COLUMN = "labels"
+STSB_SCORE_RANGE = (0.0, 5.0)
+
+
+@dataclass(frozen=True)
+class GlueTask:
+    """Everything the loaders need to know about one GLUE task.
+
+    Attributes:
+        name: Canonical task name, the hub config name (``"cola"``, ``"sst2"``, ...).
+        folder: Folder name of the task in the official GLUE download (``"CoLA"``, ``"SST-2"``, ...).
+        text_columns: Text column names in the hub dataset (one for single-sentence tasks, two for
+            pairs). The TSV reader produces the same names.
+        tsv_text_columns: TSV column names holding those texts, in the same order.
+        tsv_label_column: TSV column name holding the label or score.
+        label_names: Class names in label-id order (the hub's ``ClassLabel`` names); ``None`` for
+            the regression task STS-B.
+        tsv_labels: The raw label strings of the TSV files, in label-id order; ``None`` for STS-B.
+        tsv_fieldnames: Column names of a header-less TSV file (only CoLA); ``None`` when the
+            first line of each file is its header.
+        split_files: ``(split name, TSV file name)`` pairs; the first is the training split, the
+            others are the validation splits, in the order the validation loaders come in.
+    """
+
+    name: str
+    folder: str
+    text_columns: tuple[str, ...]
+    tsv_text_columns: tuple[str, ...]
+    tsv_label_column: str
+    label_names: tuple[str, ...] | None
+    tsv_labels: tuple[str, ...] | None
+    tsv_fieldnames: tuple[str, ...] | None = None
+    split_files: tuple[tuple[str, str], ...] = (("train", "train.tsv"), ("validation", "dev.tsv"))
+
+    @property
+    def is_regression(self) -> bool:
+        return self.label_names is None
+
+    @property
+    def num_labels(self) -> int:
+        return 1 if self.label_names is None else len(self.label_names)
+
+    @property
+    def val_split_names(self) -> tuple[str, ...]:
+        return tuple(split for split, _ in self.split_files[1:])
+
+    def file_name(self, split: str) -> str:
+        """TSV file name of ``split`` (``"train"`` or one of :attr:`val_split_names`)."""
+        for name, file_name in self.split_files:
+            if name == split:
+                return file_name
+        known = [name for name, _ in self.split_files]
+        raise ValueError(f"task {self.name!r} has no split {split!r}; its splits are {known}")
+
+
+_BINARY = ("0", "1")
+_NLI_2 = ("entailment", "not_entailment")
+
+GLUE_TASKS: dict[str, GlueTask] = {
+    task.name: task
+    for task in (
+        GlueTask(
+            name="cola",
+            folder="CoLA",
+            text_columns=("sentence",),
+            tsv_text_columns=("sentence",),
+            tsv_label_column="label",
+            label_names=("unacceptable", "acceptable"),
+            tsv_labels=_BINARY,
+            tsv_fieldnames=("source", "label", "original_label", "sentence"),
+        ),
+        GlueTask(
+            name="sst2",
+            folder="SST-2",
+            text_columns=("sentence",),
+            tsv_text_columns=("sentence",),
+            tsv_label_column="label",
+            label_names=("negative", "positive"),
+            tsv_labels=_BINARY,
+        ),
+        GlueTask(
+            name="mrpc",
+            folder="MRPC",
+            text_columns=("sentence1", "sentence2"),
+            tsv_text_columns=("#1 String", "#2 String"),
+            tsv_label_column="Quality",
+            label_names=("not_equivalent", "equivalent"),
+            tsv_labels=_BINARY,
+        ),
+        GlueTask(
+            name="qqp",
+            folder="QQP",
+            text_columns=("question1", "question2"),
+            tsv_text_columns=("question1", "question2"),
+            tsv_label_column="is_duplicate",
+            label_names=("not_duplicate", "duplicate"),
+            tsv_labels=_BINARY,
+        ),
+        GlueTask(
+            name="stsb",
+            folder="STS-B",
+            text_columns=("sentence1", "sentence2"),
+            tsv_text_columns=("sentence1", "sentence2"),
+            tsv_label_column="score",
+            label_names=None,
+            tsv_labels=None,
+        ),
+        GlueTask(
+            name="mnli",
+            folder="MNLI",
+            text_columns=("premise", "hypothesis"),
+            tsv_text_columns=("sentence1", "sentence2"),
+            tsv_label_column="gold_label",
+            label_names=("entailment", "neutral", "contradiction"),
+            tsv_labels=("entailment", "neutral", "contradiction"),
+            split_files=(
+                ("train", "train.tsv"),
+                ("validation_matched", "dev_matched.tsv"),
+                ("validation_mismatched", "dev_mismatched.tsv"),
+            ),
+        ),
+        GlueTask(
+            name="qnli",
+            folder="QNLI",
+            text_columns=("question", "sentence"),
+            tsv_text_columns=("question", "sentence"),
+            tsv_label_column="label",
+            label_names=_NLI_2,
+            tsv_labels=_NLI_2,
+        ),
+        GlueTask(
+            name="rte",
+            folder="RTE",
+            text_columns=("sentence1", "sentence2"),
+            tsv_text_columns=("sentence1", "sentence2"),
+            tsv_label_column="label",
+            label_names=_NLI_2,
+            tsv_labels=_NLI_2,
+        ),
+    )
+}
+
+
+def normalize_task_name(task_name: str) -> str:
+    """Map a GLUE task name to its canonical key in :data:`GLUE_TASKS`.
+
+    Case, ``-``, ``_`` and spaces are ignored, so ``"CoLA"``, ``"SST-2"`` and ``"sts_b"`` all work.
+
+    Raises:
+        ValueError: ``task_name`` is not one of the eight GLUE tasks.
+    """
+    key = "".join(ch for ch in str(task_name).lower() if ch not in "-_ ")
+    if key not in GLUE_TASKS:
+        raise ValueError(f"unknown GLUE task {task_name!r}; expected one of {sorted(GLUE_TASKS)}")
+    return key
+
+
+def get_glue_task(task_name: str) -> GlueTask:
+    """The :class:`GlueTask` for ``task_name`` (any spelling :func:`normalize_task_name` accepts)."""
+    return GLUE_TASKS[normalize_task_name(task_name)]
+
+
+def _parse_label(task: GlueTask, raw: str, where: str) -> int | float:
+    """Label id (classification) or score (STS-B) of one TSV field; ``where`` names file and line."""
+    if task.tsv_labels is not None:
+        try:
+            return task.tsv_labels.index(raw)
+        except ValueError:
+            raise ValueError(
+                f"{where}: label {raw!r} in column {task.tsv_label_column!r} is not one of "
+                f"{list(task.tsv_labels)}"
+            ) from None
+    low, high = STSB_SCORE_RANGE
+    try:
+        score = float(raw)
+    except ValueError:
+        score = math.nan
+    if not low <= score <= high:  # also catches nan
+        raise ValueError(
+            f"{where}: score {raw!r} in column {task.tsv_label_column!r} is not a number in [{low}, {high}]"
+        )
+    return score
+
+
+def read_glue_tsv(path: str | Path, task: GlueTask | str) -> dict[str, list[Any]]:
+    """Read one GLUE TSV file into columns: the task's hub text columns plus ``"label"``.
+
+    Files are read as GLUE's own processors read them: tab separated, ``csv.QUOTE_NONE`` (bare
+    ``"`` characters are text), ``utf-8-sig`` (MRPC's header starts with a byte order mark). Texts
+    are kept exactly as written (SST-2 sentences end in a space). Every line is a row: nothing is
+    skipped.
+
+    Args:
+        path: The TSV file.
+        task: A :class:`GlueTask` or a task name.
+
+    Returns:
+        ``{text column: [str, ...], ..., "label": [int or float, ...]}`` in file order.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: A required column is missing from the header, a line has the wrong number of
+            fields, or a label is outside the task's label set (or an STS-B score is not a number in
+            [0, 5]). The message names the file, the 1-based line number and the offending value.
+    """
+    task = task if isinstance(task, GlueTask) else get_glue_task(task)
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"GLUE {task.name} file not found: {path}")
+    columns: dict[str, list[Any]] = {name: [] for name in (*task.text_columns, "label")}
+    with path.open(encoding="utf-8-sig", newline="") as handle:
+        reader = csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE)
+        fieldnames = task.tsv_fieldnames
+        if fieldnames is None:
+            fieldnames = tuple(next(reader, ()))
+            wanted = (*task.tsv_text_columns, task.tsv_label_column)
+            missing = [name for name in wanted if name not in fieldnames]
+            if missing:
+                raise ValueError(
+                    f"{path}, line 1: header {list(fieldnames)} lacks column(s) {missing} "
+                    f"(GLUE {task.name} needs {list(wanted)})"
+                )
+        text_idx = [fieldnames.index(name) for name in task.tsv_text_columns]
+        label_idx = fieldnames.index(task.tsv_label_column)
+        for fields in reader:
+            where = f"{path}, line {reader.line_num}"
+            if len(fields) != len(fieldnames):
+                raise ValueError(
+                    f"{where}: expected {len(fieldnames)} tab-separated fields {list(fieldnames)}, "
+                    f"got {len(fields)}: {repr(fields)[:300]}"
+                )
+            for name, idx in zip(task.text_columns, text_idx, strict=True):
+                columns[name].append(fields[idx])
+            columns["label"].append(_parse_label(task, fields[label_idx], where))
+    return columns
+
+
+def glue_features(task: GlueTask) -> datasets.Features:
+    """Column types of a raw GLUE split (the hub's, minus ``idx``)."""
+    features = {name: datasets.Value("string") for name in task.text_columns}
+    if task.is_regression:
+        features["label"] = datasets.Value("float32")
+    else:
+        features["label"] = datasets.ClassLabel(names=list(task.label_names))
+    return datasets.Features(features)
+
+
+def resolve_task_dir(data_dir: str | Path, task: GlueTask) -> Path:
+    """The folder with ``task``'s TSV files: ``data_dir/<folder>`` when it exists, else ``data_dir``.
+
+    So ``data_dir`` may be either the GLUE root (holding ``CoLA/``, ``SST-2/``, ...) or the task folder.
+    """
+    nested = Path(data_dir) / task.folder
+    return nested if nested.is_dir() else Path(data_dir)
+
+
+def load_tsv_split(data_dir: str | Path, task: GlueTask, split: str) -> datasets.Dataset:
+    """One split read from GLUE TSV files as a ``datasets.Dataset`` (columns as on the hub)."""
+    path = resolve_task_dir(data_dir, task) / task.file_name(split)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"GLUE {task.name} split {split!r} needs {path}, which does not exist "
+            f"(expected files: {[file for _, file in task.split_files]})"
+        )
+    return datasets.Dataset.from_dict(read_glue_tsv(path, task), features=glue_features(task))
+
+
+def _check_positive(name: str, value: int | None, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+class GLUEDataModule(L.LightningDataModule):
+    """GLUE (CoLA, SST-2, MRPC, QQP, STS-B, MNLI, QNLI, RTE) for sequence classification.
+
+    Rows come from the Hugging Face hub (``datasets.load_dataset("nyu-mll/glue", task)``) or, when
+    ``data_dir`` is given, from the original GLUE TSV files (``train.tsv``, ``dev.tsv``; MNLI has
+    ``dev_matched.tsv`` and ``dev_mismatched.tsv``). Label ids follow the hub's ``glue`` dataset;
+    STS-B labels are float scores in [0, 5]. Texts are tokenized once with ``Dataset.map``
+    (truncated to ``max_seq_length``, not padded) and padded per batch by
+    ``transformers.DataCollatorWithPadding``.
+
+    Batches are dicts with ``input_ids``, ``attention_mask``, ``token_type_ids`` (when the tokenizer
+    makes them) and ``labels`` (``torch.long``, or ``torch.float`` for STS-B).
+
+    GLUE's test labels are hidden, so the test and predict loaders serve the validation splits.
+    For MNLI, the validation loaders are a list: matched first, then mismatched.
+
+    Args:
+        task_name: One of ``cola``, ``sst2``, ``mrpc``, ``qqp``, ``stsb``, ``mnli``, ``qnli``,
+            ``rte`` (case, ``-`` and ``_`` are ignored: ``"SST-2"`` and ``"STS-B"`` work).
+        tokenizer: Hub name or local folder for ``AutoTokenizer.from_pretrained``; normally the
+            model's backbone. Required by :meth:`setup`.
+        data_dir: Folder with the GLUE TSV files, either the task folder itself or the GLUE root
+            holding it (``<data_dir>/CoLA/train.tsv`` ...). ``None`` loads from the hub.
+        max_seq_length: Longest tokenized input; longer inputs are truncated.
+        batch_size: Training batch size.
+        eval_batch_size: Batch size of the validation/test/predict loaders (default: ``batch_size``).
+        num_workers: Worker processes per ``DataLoader``.
+        max_train_samples: Keep only the first N training rows (for quick runs).
+        max_eval_samples: Keep only the first N rows of each validation split.
+        cache_dir: Cache folder for the hub download (``datasets``' default when ``None``).
+
+    Raises:
+        ValueError: Unknown task name, or a size that is not a positive integer
+            (``num_workers`` may be 0).
+    """
+
+    def __init__(
+        self,
+        task_name: str = "cola",
+        tokenizer: str | None = None,
+        data_dir: str | None = None,
+        max_seq_length: int = 128,
+        batch_size: int = 32,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        max_train_samples: int | None = None,
+        max_eval_samples: int | None = None,
+        cache_dir: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.task = get_glue_task(task_name)
+        _check_positive("max_seq_length", max_seq_length)
+        _check_positive("batch_size", batch_size)
+        _check_positive("eval_batch_size", eval_batch_size, allow_none=True)
+        _check_positive("max_train_samples", max_train_samples, allow_none=True)
+        _check_positive("max_eval_samples", max_eval_samples, allow_none=True)
+        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+            raise ValueError(f"num_workers must be a non-negative integer, got {num_workers!r}")
+        self.save_hyperparameters()
+        self.task_name = self.task.name
+        self.tokenizer_name = tokenizer
+        self.data_dir = data_dir
+        self.max_seq_length = max_seq_length
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.max_train_samples = max_train_samples
+        self.max_eval_samples = max_eval_samples
+        self.cache_dir = cache_dir
+        self.tokenizer = None
+        self.collator = None
+        self.datasets: dict[str, datasets.Dataset] = {}
+
+    # ---- task facts -------------------------------------------------------------------------
+
+    @property
+    def num_labels(self) -> int:
+        """Number of model outputs: classes, or 1 for STS-B."""
+        return self.task.num_labels
+
+    @property
+    def is_regression(self) -> bool:
+        """True for STS-B (a similarity score), False for the classification tasks."""
+        return self.task.is_regression
+
+    @property
+    def label_names(self) -> tuple[str, ...] | None:
+        """Class names in label-id order; ``None`` for STS-B."""
+        return self.task.label_names
+
+    @property
+    def val_split_names(self) -> tuple[str, ...]:
+        """Validation split names in loader order (two for MNLI: matched, mismatched)."""
+        return self.task.val_split_names
+
+    # ---- loading ----------------------------------------------------------------------------
+
+    def _load_hub(self) -> datasets.DatasetDict:
+        return datasets.load_dataset(HUB_DATASET, self.task.name, cache_dir=self.cache_dir)
+
+    def prepare_data(self) -> None:
+        """Download the hub dataset and the tokenizer (once per node); nothing to do for TSV files."""
+        if self.data_dir is None:
+            self._load_hub()
+        if self.tokenizer_name is not None:
+            self._load_tokenizer()
+
+    def _load_tokenizer(self):
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(self.tokenizer_name, cache_dir=self.cache_dir)
+
+    def _raw_splits(self, splits: list[str]) -> dict[str, datasets.Dataset]:
+        if self.data_dir is not None:
+            return {split: load_tsv_split(self.data_dir, self.task, split) for split in splits}
+        hub = self._load_hub()
+        missing = [split for split in splits if split not in hub]
+        if missing:
+            raise FileNotFoundError(f"hub dataset {HUB_DATASET}/{self.task.name} has no split(s) {missing}")
+        raw = {}
+        for split in splits:
+            dataset = hub[split]
+            if "idx" in dataset.column_names:  # hub-only row index; the TSV rows have none
+                dataset = dataset.remove_columns("idx")
+            raw[split] = dataset
+        return raw
+
+    def _tokenize(self, dataset: datasets.Dataset, limit: int | None) -> datasets.Dataset:
+        if limit is not None and limit < len(dataset):
+            dataset = dataset.select(range(limit))
+        text_columns = self.task.text_columns
+
+        def encode(batch: Mapping[str, list]) -> dict[str, list]:
+            texts = [batch[name] for name in text_columns]
+            encoded = self.tokenizer(*texts, truncation=True, max_length=self.max_seq_length)
+            return {**encoded, LABEL_COLUMN: batch["label"]}
+
+        return dataset.map(
+            encode, batched=True, remove_columns=dataset.column_names, desc=f"Tokenizing {self.task.name}"
+        )
+
+    def setup(self, stage: str | None = None) -> None:
+        """Read and tokenize the splits ``stage`` needs.
+
+        ``"fit"`` (and ``None``) needs train and validation; ``"validate"``, ``"test"`` and
+        ``"predict"`` need only the validation split(s). Splits already loaded are kept.
+
+        Raises:
+            ValueError: No tokenizer was given.
+            FileNotFoundError: A needed TSV file (or hub split) is missing; the message names it.
+        """
+        if self.tokenizer_name is None:
+            raise ValueError("GLUEDataModule needs `tokenizer` (a hub name or a local tokenizer folder)")
+        needed = list(self.val_split_names)
+        if stage in (None, "fit"):
+            needed.insert(0, "train")
+        needed = [split for split in needed if split not in self.datasets]
+        if not needed:
+            return
+        raw = self._raw_splits(needed)  # reads (and checks) every file before tokenizing any
+        if self.tokenizer is None:
+            from transformers import DataCollatorWithPadding
+
+            self.tokenizer = self._load_tokenizer()
+            self.collator = DataCollatorWithPadding(self.tokenizer)
+        for split, dataset in raw.items():
+            limit = self.max_train_samples if split == "train" else self.max_eval_samples
+            self.datasets[split] = self._tokenize(dataset, limit)
+
+    # ---- loaders ----------------------------------------------------------------------------
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        if split not in self.datasets:
+            raise RuntimeError(f"split {split!r} is not loaded; call setup() for the right stage first")
+        return DataLoader(
+            self.datasets[split],
+            batch_size=self.batch_size if split == "train" else self.eval_batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            collate_fn=self.collator,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def _eval_loaders(self) -> DataLoader | list[DataLoader]:
+        loaders = [self._loader(split, shuffle=False) for split in self.val_split_names]
+        return loaders if len(loaders) > 1 else loaders[0]
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader | list[DataLoader]:
+        return self._eval_loaders()
+
+    def test_dataloader(self) -> DataLoader | list[DataLoader]:
+        """The validation loaders: GLUE's test labels are not public."""
+        return self._eval_loaders()
+
+    def predict_dataloader(self) -> DataLoader | list[DataLoader]:
+        """The validation loaders, as for :meth:`test_dataloader`."""
+        return self._eval_loaders()
