@@ -1,0 +1,431 @@
+"""Abstractive summarization data (XSum, CNN/DailyMail, or local JSONL/CSV files) for seq2seq models."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+log = logging.getLogger(__name__)
+
+# name -> (hub id, hub config, text column, summary column)
+DATASETS: dict[str, tuple[str, str | None, str, str]] = {
+    "xsum": ("EdinburghNLP/xsum", None, "document", "summary"),
+    "cnn_dailymail": ("abisee/cnn_dailymail", "3.0.0", "article", "highlights"),
+}
+SPLITS = ("train", "validation", "test")
+_SPLIT_ALIASES = {"val": "validation", "valid": "validation", "dev": "validation"}
+_EXTENSIONS = (".jsonl", ".json", ".csv")
+ID_COLUMN = "id"
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """Rows of a JSON-lines file (one object per line, blank lines skipped).
+
+    A ``.json`` file whose content is a single JSON array of objects is accepted as well.
+    """
+    with path.open(encoding="utf-8") as f:
+        text = f.read()
+    if path.suffix == ".json" and text.lstrip().startswith("["):
+        rows = json.loads(text)
+    else:
+        rows = []
+        for line_no, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}: line {line_no} is not valid JSON ({err.msg})") from err
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}: record {i} is a {type(row).__name__}, expected a JSON object")
+    return rows
+
+
+def _read_csv(path: Path) -> list[dict[str, Any]]:
+    """Rows of a CSV file with a header line; quoted fields may span several lines."""
+    with path.open(encoding="utf-8-sig", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def read_records(path: str | Path) -> list[dict[str, Any]]:
+    """Read a ``.jsonl``/``.json`` (one JSON object per line) or ``.csv`` file into a list of dicts.
+
+    Raises:
+        FileNotFoundError: If the file does not exist.
+        ValueError: If the extension is not one of ``.jsonl``, ``.json``, ``.csv``.
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in _EXTENSIONS:
+        raise ValueError(
+            f"unsupported file extension {path.suffix!r} for {path}; expected one of {', '.join(_EXTENSIONS)}"
+        )
+    if not path.is_file():
+        raise FileNotFoundError(f"summarization data file not found: {path}")
+    return _read_csv(path) if suffix == ".csv" else _read_jsonl(path)
+
+
+def _as_text(value: Any) -> str:
+    return "" if value is None else str(value)
+
+
+class _Collator:
+    """``DataCollatorForSeq2Seq`` plus, for evaluation, an ``example_index`` long tensor."""
+
+    def __init__(self, seq2seq_collator: Any, keep_index: bool) -> None:
+        self.seq2seq_collator = seq2seq_collator
+        self.keep_index = keep_index
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        indices = [f["example_index"] for f in features]
+        batch = self.seq2seq_collator(
+            [{k: v for k, v in f.items() if k != "example_index"} for f in features]
+        )
+        batch = dict(batch)
+        if self.keep_index:
+            batch["example_index"] = torch.tensor(indices, dtype=torch.long)
+        return batch
+
+
+class SummarizationDataModule(L.LightningDataModule):
+    """Document/summary pairs tokenized for encoder-decoder models (XSum, CNN/DailyMail, local files).
+
+    Data comes either from the Hugging Face hub (``dataset`` set and no file given: XSum is
+    ``EdinburghNLP/xsum`` with columns ``document``/``summary``; CNN/DailyMail is
+    ``abisee/cnn_dailymail`` config ``3.0.0`` with columns ``article``/``highlights``) or from local
+    files (any of ``train_file``/``validation_file``/``test_file`` given; then only those splits
+    exist, and no download happens). Local files are ``.jsonl``/``.json`` (one JSON object per line)
+    or ``.csv`` with a header line (parsed with :mod:`csv`, so quoted fields may hold newlines).
+    Column names default from ``dataset`` and are overridden by ``text_column``/``summary_column``.
+    An ``id`` column is used for the example ids when present, else the row number.
+
+    Inputs are ``source_prefix + text`` truncated to ``max_source_length`` tokens; labels are the
+    summary tokenized with ``tokenizer(text_target=...)`` truncated to ``max_target_length``.
+    Batches come from :class:`transformers.DataCollatorForSeq2Seq`: ``input_ids``,
+    ``attention_mask`` and ``labels`` (padded with -100), plus ``decoder_input_ids`` if a model is
+    attached with :meth:`set_collator_model`. Validation and test batches also carry
+    ``example_index`` (long): the position of each example in its split, so
+    ``eval_references(split)[i]`` is the reference summary of ``example_index == i``. Remove it
+    before calling the model. Token type ids are never produced (seq2seq models do not take them).
+
+    Empty documents are kept, not dropped: real XSum has such rows, and dropping them would change
+    the evaluation set silently. They are encoded as the tokenizer's special tokens only (plus the
+    prefix, if any), and :meth:`setup` logs, per split, how many there are and their ids. Empty
+    summaries are kept and logged the same way. ``None`` values count as empty text.
+
+    Args:
+        dataset: ``"xsum"``, ``"cnn_dailymail"``, or ``None`` for local files with explicit columns.
+        tokenizer: Hub name or local folder for :class:`transformers.AutoTokenizer` (the CLI links it
+            to the model's backbone).
+        train_file: Local training file.
+        validation_file: Local validation file.
+        test_file: Local test file; when absent, testing uses the validation split.
+        text_column: Column holding the document (default from ``dataset``).
+        summary_column: Column holding the reference summary (default from ``dataset``).
+        source_prefix: String put before every document (e.g. ``"summarize: "`` for T5).
+        max_source_length: Maximum input length in tokens (longer inputs are truncated).
+        max_target_length: Maximum label length in tokens (longer labels are truncated).
+        batch_size: Training batch size.
+        eval_batch_size: Validation/test batch size (defaults to ``batch_size``).
+        num_workers: DataLoader worker processes.
+        max_train_samples: Keep only the first this many training examples.
+        max_eval_samples: Keep only the first this many validation and test examples.
+        cache_dir: Cache folder for hub datasets and tokenizers.
+
+    Raises:
+        ValueError: For an unknown ``dataset``, an unsupported file extension, no data source, or
+            missing column names; at :meth:`setup`, for a column missing from a file.
+        FileNotFoundError: For a data file that does not exist.
+    """
+
+    def __init__(
+        self,
+        dataset: str | None = "xsum",
+        tokenizer: str | None = None,
+        train_file: str | None = None,
+        validation_file: str | None = None,
+        test_file: str | None = None,
+        text_column: str | None = None,
+        summary_column: str | None = None,
+        source_prefix: str = "",
+        max_source_length: int = 1024,
+        max_target_length: int = 128,
+        batch_size: int = 8,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        max_train_samples: int | None = None,
+        max_eval_samples: int | None = None,
+        cache_dir: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        if dataset is not None and dataset not in DATASETS:
+            raise ValueError(
+                f"unknown summarization dataset {dataset!r}; expected one of {sorted(DATASETS)} or None"
+            )
+        self.files: dict[str, Path] = {
+            split: Path(f)
+            for split, f in zip(SPLITS, (train_file, validation_file, test_file), strict=True)
+            if f is not None
+        }
+        for path in self.files.values():
+            if path.suffix.lower() not in _EXTENSIONS:
+                raise ValueError(
+                    f"unsupported file extension {path.suffix!r} for {path}; "
+                    f"expected one of {', '.join(_EXTENSIONS)}"
+                )
+            if not path.is_file():
+                raise FileNotFoundError(f"summarization data file not found: {path}")
+        if dataset is None and not self.files:
+            raise ValueError(
+                "no summarization data: set dataset ('xsum' or 'cnn_dailymail') or give local files"
+            )
+        defaults = DATASETS[dataset][2:] if dataset is not None else (None, None)
+        self.text_column = text_column or defaults[0]
+        self.summary_column = summary_column or defaults[1]
+        if self.text_column is None or self.summary_column is None:
+            raise ValueError("dataset=None needs text_column and summary_column to name the file columns")
+        for name, value in (
+            ("max_source_length", max_source_length),
+            ("max_target_length", max_target_length),
+            ("batch_size", batch_size),
+        ):
+            if value < 1:
+                raise ValueError(f"{name} must be positive, got {value}")
+
+        self.dataset_name = dataset
+        self.tokenizer_name = tokenizer
+        self.source_prefix = source_prefix
+        self.max_source_length = max_source_length
+        self.max_target_length = max_target_length
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.max_train_samples = max_train_samples
+        self.max_eval_samples = max_eval_samples
+        self.cache_dir = cache_dir
+
+        self.tokenizer: Any = None  # a transformers tokenizer after setup()
+        self.collator_model: Any = None
+        self._raw: dict[str, dict[str, list[str]]] = {}  # split -> {"id", "text", "summary"}
+        self._tokenized: dict[str, Any] = {}  # split -> datasets.Dataset
+        self._hub: Any = None  # the hub DatasetDict, once loaded
+
+    # ------------------------------------------------------------------ sources
+    @property
+    def uses_local_files(self) -> bool:
+        return bool(self.files)
+
+    def available_splits(self) -> tuple[str, ...]:
+        """Splits with data: the hub's three, or those with a local file."""
+        return SPLITS if not self.uses_local_files else tuple(s for s in SPLITS if s in self.files)
+
+    def _resolve_split(self, split: str) -> str:
+        split = _SPLIT_ALIASES.get(split, split)
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+        if split == "test" and "test" not in self.available_splits():
+            split = "validation"  # no test file: test on the validation data
+        if split not in self.available_splits():
+            raise ValueError(f"no {split} data: pass {split}_file (local files given: {sorted(self.files)})")
+        return split
+
+    def _load_hub(self) -> Any:
+        from datasets import load_dataset
+
+        if self._hub is None:
+            hub_id, config, _, _ = DATASETS[self.dataset_name]
+            self._hub = load_dataset(hub_id, config, cache_dir=self.cache_dir)
+        return self._hub
+
+    def _columns_of(self, split: str) -> dict[str, list[str]]:
+        """``{"id", "text", "summary"}`` lists of one split, after ``max_*_samples``."""
+        limit = self.max_train_samples if split == "train" else self.max_eval_samples
+        if self.uses_local_files:
+            path = self.files[split]
+            rows = read_records(path)
+            if limit is not None:
+                rows = rows[:limit]
+            if not rows:
+                raise ValueError(f"{path}: the file has no examples")
+            for col in (self.text_column, self.summary_column):
+                bad = next((i for i, row in enumerate(rows) if col not in row), None)
+                if bad is not None:
+                    where = "" if bad == 0 else f" from record {bad}"
+                    raise ValueError(
+                        f"{path}: column {col!r} is missing{where} (columns: {list(rows[bad])}); "
+                        "set text_column/summary_column to the file's column names"
+                    )
+            ids = [_as_text(row.get(ID_COLUMN, i)) for i, row in enumerate(rows)]
+            texts = [_as_text(row[self.text_column]) for row in rows]
+            summaries = [_as_text(row[self.summary_column]) for row in rows]
+        else:
+            ds = self._load_hub()[split]
+            if limit is not None:
+                ds = ds.select(range(min(limit, len(ds))))
+            for col in (self.text_column, self.summary_column):
+                if col not in ds.column_names:
+                    raise ValueError(
+                        f"{DATASETS[self.dataset_name][0]} [{split}]: column {col!r} is missing "
+                        f"(columns: {ds.column_names})"
+                    )
+            n = len(ds)
+            ids = (
+                [_as_text(x) for x in ds[ID_COLUMN]]
+                if ID_COLUMN in ds.column_names
+                else [str(i) for i in range(n)]
+            )
+            texts = [_as_text(x) for x in ds[self.text_column]]
+            summaries = [_as_text(x) for x in ds[self.summary_column]]
+        for kind, values in (("documents", texts), ("summaries", summaries)):
+            empty = [ids[i] for i, v in enumerate(values) if not v.strip()]
+            if empty:
+                shown = ", ".join(empty[:20]) + (", ..." if len(empty) > 20 else "")
+                log.warning(
+                    "summarization %s: %d of %d %s are empty (ids: %s); kept, encoded as special tokens only",
+                    split,
+                    len(empty),
+                    len(values),
+                    kind,
+                    shown,
+                )
+        return {"id": ids, "text": texts, "summary": summaries}
+
+    # ------------------------------------------------------------------ lightning hooks
+    def prepare_data(self) -> None:
+        """Download the hub dataset and tokenizer into the cache (local files need nothing)."""
+        if self.tokenizer_name is not None:
+            self._load_tokenizer()
+        if not self.uses_local_files:
+            self._load_hub()
+
+    def _load_tokenizer(self) -> Any:
+        if self.tokenizer_name is None:
+            raise ValueError("SummarizationDataModule needs a tokenizer (hub name or local folder)")
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(self.tokenizer_name, cache_dir=self.cache_dir)
+
+    def setup(self, stage: str | None = None) -> None:
+        """Read and tokenize the splits ``stage`` needs (all available splits when ``stage`` is None)."""
+        if self.tokenizer is None:
+            self.tokenizer = self._load_tokenizer()
+        wanted = {
+            "fit": ("train", "validation"),
+            "validate": ("validation",),
+            "test": ("test",),
+            "predict": ("test",),
+        }.get(stage, SPLITS)
+        for split in wanted:
+            try:
+                self._resolve_split(split)
+            except ValueError:
+                continue  # this split has no data; its dataloader raises a clear error if asked for
+            self._ensure_split(split)
+
+    def _ensure_raw(self, split: str) -> str:
+        split = self._resolve_split(split)
+        if split not in self._raw:
+            self._raw[split] = self._columns_of(split)
+        return split
+
+    def _ensure_split(self, split: str) -> str:
+        split = self._ensure_raw(split)
+        if split not in self._tokenized:
+            if self.tokenizer is None:
+                self.tokenizer = self._load_tokenizer()
+            self._tokenized[split] = self._tokenize(self._raw[split])
+        return split
+
+    def _tokenize(self, columns: dict[str, list[str]]) -> Any:
+        from datasets import Dataset
+
+        ds = Dataset.from_dict(
+            {
+                "example_index": list(range(len(columns["id"]))),
+                "text": columns["text"],
+                "summary": columns["summary"],
+            }
+        )
+        tokenizer, prefix = self.tokenizer, self.source_prefix
+
+        def encode(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
+            model_inputs = tokenizer(
+                [prefix + text for text in batch["text"]],
+                max_length=self.max_source_length,
+                truncation=True,
+                return_token_type_ids=False,
+            )
+            labels = tokenizer(
+                text_target=batch["summary"],
+                max_length=self.max_target_length,
+                truncation=True,
+                return_token_type_ids=False,
+            )
+            return {
+                "input_ids": model_inputs["input_ids"],
+                "attention_mask": model_inputs["attention_mask"],
+                "labels": labels["input_ids"],
+            }
+
+        return ds.map(encode, batched=True, remove_columns=["text", "summary"], desc="Tokenizing")
+
+    # ------------------------------------------------------------------ access
+    def tokenized(self, split: str) -> Any:
+        """The tokenized ``datasets.Dataset`` of ``split``.
+
+        Columns: ``example_index``, ``input_ids``, ``attention_mask``, ``labels``.
+        """
+        return self._tokenized[self._ensure_split(split)]
+
+    def eval_references(self, split: str = "validation") -> list[str]:
+        """Reference summaries of ``split``, indexed by the batches' ``example_index``."""
+        return self._raw[self._ensure_raw(split)]["summary"]
+
+    def eval_documents(self, split: str = "validation") -> list[str]:
+        """Raw (un-prefixed, untruncated) documents of ``split``, indexed by ``example_index``."""
+        return self._raw[self._ensure_raw(split)]["text"]
+
+    def example_ids(self, split: str = "validation") -> list[str]:
+        """Example ids of ``split`` (the ``id`` column, or the row number as a string)."""
+        return self._raw[self._ensure_raw(split)]["id"]
+
+    def set_collator_model(self, model: Any) -> None:
+        """Give ``DataCollatorForSeq2Seq`` a model so batches carry ``decoder_input_ids`` (optional)."""
+        self.collator_model = model
+
+    def collator(self, keep_index: bool) -> _Collator:
+        from transformers import DataCollatorForSeq2Seq
+
+        if self.tokenizer is None:
+            self.tokenizer = self._load_tokenizer()
+        base = DataCollatorForSeq2Seq(self.tokenizer, model=self.collator_model, label_pad_token_id=-100)
+        return _Collator(base, keep_index=keep_index)
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        train = split == "train"
+        return DataLoader(
+            self.tokenized(split),
+            batch_size=self.batch_size if train else self.eval_batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            collate_fn=self.collator(keep_index=not train),
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("validation", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)

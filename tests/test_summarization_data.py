@@ -1,0 +1,384 @@
+"""Summarization data (XSum / CNN-DailyMail / local files) and the ROUGE wrapper."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+from adalora_pl.rouge import rouge_scores, split_sentences
+from datamodules.summarization import SummarizationDataModule, read_records
+
+XSUM = Path("summarization/xsum/validation.sample1000.jsonl")
+CNNDM = Path("summarization/cnn_dailymail/validation.first1000.csv")
+XSUM_EMPTY_ID = "32556640"
+
+
+@pytest.fixture
+def tok_dir(tiny_tokenizer, tmp_path) -> str:
+    return str(tmp_path / "tokenizer")  # where the conftest fixture saved it
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def write_csv(path: Path, rows: list[dict]) -> Path:
+    with path.open("w", encoding="utf-8", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+SMALL_ROWS = [
+    {"id": "a1", "document": "the cat sat on the mat .", "summary": "cat sat"},
+    {"id": "a2", "document": "the dog ran in the city river and the people said no", "summary": "dog ran"},
+    {"id": "a3", "document": "paris is the capital of france", "summary": "paris capital of france"},
+]
+
+
+# --------------------------------------------------------------------------- real files
+def test_real_xsum_reader_matches_json(real_data):
+    path = real_data / XSUM
+    rows = read_records(path)
+    with path.open(encoding="utf-8") as f:
+        direct = [json.loads(line) for line in f]
+    assert len(rows) == len(direct) == 1000
+    assert [r["id"] for r in rows] == [r["id"] for r in direct]
+    assert rows[0] == direct[0] and set(rows[0]) == {"id", "document", "summary"}
+    empty = [r["id"] for r in rows if not r["document"]]
+    assert empty == [XSUM_EMPTY_ID]
+
+
+def test_real_cnndm_reader_matches_csv(real_data):
+    path = real_data / CNNDM
+    rows = read_records(path)
+    with path.open(encoding="utf-8", newline="") as f:
+        direct = list(csv.DictReader(f))
+    assert len(rows) == len(direct) == 1000
+    assert list(rows[0]) == ["article", "highlights", "id"]
+    assert [r["id"] for r in rows] == [r["id"] for r in direct]
+    assert rows[0]["article"] == direct[0]["article"]
+    # the multi-line quoted highlights survive as one field each
+    assert all("\n" in r["highlights"] for r in rows[:20])
+    assert all(len(r["id"]) == 40 for r in rows)  # sha1 hex of the story URL: no row was split
+
+
+def test_real_xsum_empty_document_tokenizes_and_collates(real_data, tok_dir, caplog):
+    path = real_data / XSUM
+    with path.open(encoding="utf-8") as f:
+        direct = [json.loads(line) for line in f]
+    empty_at = next(i for i, r in enumerate(direct) if r["id"] == XSUM_EMPTY_ID)
+    n = empty_at + 1
+    dm = SummarizationDataModule(
+        dataset="xsum",
+        tokenizer=tok_dir,
+        validation_file=str(path),
+        max_source_length=32,
+        max_target_length=16,
+        eval_batch_size=4,
+        max_eval_samples=n,
+    )
+    with caplog.at_level(logging.WARNING, logger="datamodules.summarization"):
+        dm.setup("validate")
+    assert any(
+        "1 of" in rec.getMessage() and XSUM_EMPTY_ID in rec.getMessage() and "documents" in rec.getMessage()
+        for rec in caplog.records
+    )
+    assert dm.example_ids("validation") == [r["id"] for r in direct[:n]]
+    assert dm.eval_references("validation") == [r["summary"] for r in direct[:n]]
+    assert dm.eval_documents("validation")[0] == direct[0]["document"]
+    ds = dm.tokenized("validation")
+    assert len(ds) == n
+    tok = dm.tokenizer
+    assert ds[empty_at]["input_ids"] == [tok.cls_token_id, tok.sep_token_id]  # special tokens only
+
+    batches = list(dm.val_dataloader())
+    indices = torch.cat([b["example_index"] for b in batches])
+    assert indices.tolist() == list(range(n))  # in order, each example once
+    last = batches[-1]
+    row = (last["example_index"] == empty_at).nonzero().item()
+    assert last["attention_mask"][row].sum().item() == 2
+
+
+def test_real_cnndm_datamodule(real_data, tok_dir):
+    path = real_data / CNNDM
+    with path.open(encoding="utf-8", newline="") as f:
+        direct = list(csv.DictReader(f))
+    dm = SummarizationDataModule(
+        dataset="cnn_dailymail",
+        tokenizer=tok_dir,
+        validation_file=str(path),
+        max_source_length=64,
+        max_target_length=24,
+        eval_batch_size=3,
+        max_eval_samples=6,
+    )
+    dm.setup("validate")
+    assert dm.example_ids("validation") == [r["id"] for r in direct[:6]]
+    assert dm.eval_documents("validation")[0] == direct[0]["article"]
+    refs = dm.eval_references("validation")
+    assert refs == [r["highlights"] for r in direct[:6]] and "\n" in refs[0]
+    batch = next(iter(dm.val_dataloader()))
+    assert batch["input_ids"].shape == (3, 64)  # long articles: truncated to max_source_length
+    assert batch["labels"].shape[0] == 3 and batch["labels"].shape[1] <= 24
+    assert batch["example_index"].tolist() == [0, 1, 2]
+    # test falls back to validation when no test_file is given
+    assert dm.example_ids("test") == dm.example_ids("validation")
+
+
+# --------------------------------------------------------------------------- local files
+def test_jsonl_tokenization_prefix_truncation_and_collation(tmp_path, tok_dir):
+    train = write_jsonl(tmp_path / "train.jsonl", SMALL_ROWS)
+    val = write_jsonl(tmp_path / "val.jsonl", SMALL_ROWS)
+    dm = SummarizationDataModule(
+        dataset="xsum",
+        tokenizer=tok_dir,
+        train_file=str(train),
+        validation_file=str(val),
+        source_prefix="summary: ",
+        max_source_length=6,
+        max_target_length=4,
+        batch_size=3,
+    )
+    dm.setup("fit")
+    tok = dm.tokenizer
+    summary_id = tok.convert_tokens_to_ids("summary")
+    ds = dm.tokenized("validation")
+    assert set(ds.column_names) == {"example_index", "input_ids", "attention_mask", "labels"}
+    for row, src in zip(ds, SMALL_ROWS, strict=True):
+        assert row["input_ids"][:2] == [tok.cls_token_id, summary_id]  # prefix comes first
+        assert len(row["input_ids"]) == min(6, len(tok("summary: " + src["document"])["input_ids"]))
+        assert row["labels"] == tok(text_target=src["summary"], max_length=4, truncation=True)["input_ids"]
+
+    batch = next(iter(dm.val_dataloader()))
+    label_lens = [len(r["labels"]) for r in ds]
+    assert batch["labels"].shape == (3, max(label_lens))
+    for i, n in enumerate(label_lens):
+        assert (batch["labels"][i, n:] == -100).all() and (batch["labels"][i, :n] != -100).all()
+        n_in = len(ds[i]["input_ids"])
+        assert batch["attention_mask"][i].sum().item() == n_in
+        assert (batch["input_ids"][i, n_in:] == tok.pad_token_id).all()
+    assert batch["example_index"].dtype == torch.long
+    assert "token_type_ids" not in batch and "decoder_input_ids" not in batch
+
+    train_loader = dm.train_dataloader()
+    assert isinstance(train_loader.sampler, torch.utils.data.RandomSampler)
+    assert "example_index" not in next(iter(train_loader))
+
+
+def test_collator_model_adds_decoder_input_ids(tmp_path, tok_dir):
+    class ShiftModel:
+        def prepare_decoder_input_ids_from_labels(self, labels):
+            return torch.cat([torch.zeros_like(labels[:, :1]), labels[:, :-1].clamp(min=0)], dim=1)
+
+    val = write_jsonl(tmp_path / "val.jsonl", SMALL_ROWS)
+    dm = SummarizationDataModule(tokenizer=tok_dir, validation_file=str(val), eval_batch_size=3)
+    dm.set_collator_model(ShiftModel())
+    dm.setup("validate")
+    batch = next(iter(dm.val_dataloader()))
+    assert torch.equal(batch["decoder_input_ids"][:, 1:], batch["labels"][:, :-1].clamp(min=0))
+
+
+def test_csv_columns_override_and_quoted_newlines(tmp_path, tok_dir):
+    rows = [
+        {"key": "k0", "body": 'line one, "quoted"\nline two\n\nline four', "tldr": "first\nsecond"},
+        {"key": "k1", "body": "the cat sat", "tldr": "cat"},
+    ]
+    val = write_csv(tmp_path / "val.csv", rows)
+    test = write_csv(tmp_path / "test.csv", rows[::-1])
+    dm = SummarizationDataModule(
+        dataset=None,
+        tokenizer=tok_dir,
+        validation_file=str(val),
+        test_file=str(test),
+        text_column="body",
+        summary_column="tldr",
+    )
+    assert dm.eval_documents("validation") == [r["body"] for r in rows]
+    assert dm.eval_references("validation") == [r["tldr"] for r in rows]
+    assert dm.example_ids("validation") == ["0", "1"]  # no "id" column: row numbers
+    assert dm.eval_references("test") == ["cat", "first\nsecond"]  # test_file is used when given
+    dm.setup("test")
+    assert [b["example_index"].tolist() for b in dm.test_dataloader()] == [[0, 1]]
+    with pytest.raises(ValueError, match="no train data"):
+        dm.train_dataloader()
+
+
+def test_dataset_column_defaults_with_override(tmp_path, tok_dir):
+    rows = [{"id": "x", "article": "a text", "highlights": "h", "other": "o"}]
+    val = write_jsonl(tmp_path / "val.jsonl", rows)
+    dm = SummarizationDataModule(dataset="cnn_dailymail", tokenizer=tok_dir, validation_file=str(val))
+    assert (dm.text_column, dm.summary_column) == ("article", "highlights")
+    assert dm.eval_references("val") == ["h"]
+    dm = SummarizationDataModule(
+        dataset="cnn_dailymail", tokenizer=tok_dir, validation_file=str(val), summary_column="other"
+    )
+    assert dm.text_column == "article" and dm.eval_references("validation") == ["o"]
+
+
+def test_max_samples_keep_the_first_rows(tmp_path, tok_dir):
+    rows = [{"id": str(i), "document": f"doc {i}", "summary": f"sum {i}"} for i in range(10)]
+    f = write_jsonl(tmp_path / "d.jsonl", rows)
+    dm = SummarizationDataModule(
+        tokenizer=tok_dir, train_file=str(f), validation_file=str(f), max_train_samples=7, max_eval_samples=3
+    )
+    dm.setup("fit")
+    assert len(dm.tokenized("train")) == 7 and len(dm.tokenized("validation")) == 3
+    assert dm.example_ids("validation") == ["0", "1", "2"]
+    assert sum(len(b["input_ids"]) for b in dm.train_dataloader()) == 7
+
+
+def test_error_messages(tmp_path, tok_dir):
+    good = write_jsonl(tmp_path / "good.jsonl", SMALL_ROWS)
+    with pytest.raises(ValueError, match=r"'gigaword'.*\['cnn_dailymail', 'xsum'\]"):
+        SummarizationDataModule(dataset="gigaword")
+    missing = tmp_path / "nope.jsonl"
+    with pytest.raises(FileNotFoundError, match="nope.jsonl"):
+        SummarizationDataModule(validation_file=str(missing))
+    bad_ext = tmp_path / "data.txt"
+    bad_ext.write_text("x")
+    with pytest.raises(ValueError, match=r"'\.txt'.*\.jsonl, \.json, \.csv"):
+        SummarizationDataModule(validation_file=str(bad_ext))
+    with pytest.raises(ValueError, match="text_column and summary_column"):
+        SummarizationDataModule(dataset=None, validation_file=str(good))
+    with pytest.raises(ValueError, match="no summarization data"):
+        SummarizationDataModule(dataset=None)
+
+    dm = SummarizationDataModule(dataset="cnn_dailymail", tokenizer=tok_dir, validation_file=str(good))
+    with pytest.raises(ValueError, match=r"good\.jsonl.*'article'.*\['id', 'document', 'summary'\]"):
+        dm.setup("validate")
+    csv_file = write_csv(tmp_path / "cols.csv", [{"text": "t", "summary": "s"}])
+    dm = SummarizationDataModule(tokenizer=tok_dir, validation_file=str(csv_file))
+    with pytest.raises(ValueError, match=r"cols\.csv.*'document'.*\['text', 'summary'\]"):
+        dm.eval_references("validation")
+    with pytest.raises(ValueError, match="needs a tokenizer"):
+        SummarizationDataModule(validation_file=str(good)).setup("validate")
+
+
+def test_empty_rows_are_kept_and_logged(tmp_path, tok_dir, caplog):
+    rows = [
+        *SMALL_ROWS,
+        {"id": "e1", "document": "", "summary": "x"},
+        {"id": "e2", "document": None, "summary": ""},
+    ]
+    f = write_jsonl(tmp_path / "v.jsonl", rows)
+    dm = SummarizationDataModule(tokenizer=tok_dir, validation_file=str(f), eval_batch_size=5)
+    with caplog.at_level(logging.WARNING, logger="datamodules.summarization"):
+        dm.setup("validate")
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("2 of 5 documents are empty (ids: e1, e2)" in m for m in messages)
+    assert any("1 of 5 summaries are empty (ids: e2)" in m for m in messages)
+    batch = next(iter(dm.val_dataloader()))
+    assert batch["input_ids"].shape[0] == 5
+    assert batch["attention_mask"][3:].sum(dim=1).tolist() == [2, 2]
+    assert dm.eval_documents("validation")[4] == ""
+
+
+# --------------------------------------------------------------------------- ROUGE
+def _tokens(text: str) -> list[str]:
+    return "".join(c if c.isalnum() else " " for c in text.lower()).split()
+
+
+def _ngram_f1(pred: str, ref: str, n: int) -> float:
+    def grams(tokens):
+        return Counter(tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1))
+
+    p, r = grams(_tokens(pred)), grams(_tokens(ref))
+    overlap = sum((p & r).values())
+    if not overlap:
+        return 0.0
+    precision, recall = overlap / sum(p.values()), overlap / sum(r.values())
+    return 2 * precision * recall / (precision + recall)
+
+
+PAIRS = [
+    ("the cat sat on the mat", "the cat was on the mat"),
+    ("Police said: the river flooded the city!", "The city was flooded by the river, police said."),
+    ("a b a b a", "a b b a"),
+]
+
+
+def test_rouge_n_matches_counting_formula():
+    got = rouge_scores([p for p, _ in PAIRS], [r for _, r in PAIRS], use_stemmer=False)
+    for n in (1, 2):
+        expected = sum(_ngram_f1(p, r, n) for p, r in PAIRS) / len(PAIRS)
+        assert got[f"rouge{n}"] == pytest.approx(expected, abs=1e-6)
+    assert set(got) == {"rouge1", "rouge2", "rougeL"}
+
+
+def test_rouge_l_hand_lcs():
+    # LCS("the cat sat on the mat", "the cat was on the mat") = "the cat on the mat" = 5 of 6 words each
+    assert rouge_scores([PAIRS[0][0]], [PAIRS[0][1]], use_stemmer=False)["rougeL"] == pytest.approx(5 / 6)
+    # "a b a b a" vs "a b b a": LCS "a b b a" = 4; P = 4/5, R = 4/4
+    assert rouge_scores([PAIRS[2][0]], [PAIRS[2][1]], use_stemmer=False)["rougeL"] == pytest.approx(
+        2 * 0.8 * 1.0 / 1.8
+    )
+    # punctuation and case are ignored
+    assert rouge_scores(["Hello, World!"], ["hello world"], use_stemmer=False)["rougeL"] == pytest.approx(1.0)
+
+
+def test_rouge_stemming_changes_score():
+    pytest.importorskip("nltk")
+    pred, ref = "the cats were running", "the cat was running"
+    plain = rouge_scores([pred], [ref], use_stemmer=False)
+    stemmed = rouge_scores([pred], [ref], use_stemmer=True)
+    # unstemmed unigram matches: the, running (2 of 4); stemmed: the, cat(s), run(ning) (3 of 4)
+    assert plain["rouge1"] == pytest.approx(0.5) and stemmed["rouge1"] == pytest.approx(0.75)
+    # bigram "the cat" only matches after stemming "cats"
+    assert plain["rouge2"] == 0.0 and stemmed["rouge2"] == pytest.approx(1 / 3)
+
+
+def test_rouge_lsum_offline_newline_sentences(monkeypatch):
+    nltk = pytest.importorskip("nltk")
+    from torchmetrics.functional.text import rouge as tm_rouge
+
+    def no_punkt(*args, **kwargs):
+        raise AssertionError("punkt must not be used")
+
+    monkeypatch.setattr(nltk, "sent_tokenize", no_punkt)
+    original = tm_rouge._split_sentence
+    # same sentences, swapped order: summary-level LCS matches both (Lsum = 1), while the flat LCS
+    # of "the dog ran the cat sat" vs "the cat sat the dog ran" is only 3 of 6 words (L = 0.5)
+    got = rouge_scores(
+        ["The dog ran. The cat sat."], ["the cat sat\nthe dog ran"], use_stemmer=False, lsum=True
+    )
+    assert got["rougeLsum"] == pytest.approx(1.0) and got["rougeL"] == pytest.approx(0.5)
+    assert got["rouge1"] == pytest.approx(1.0)
+    assert tm_rouge._split_sentence is original  # the torchmetrics splitter is restored
+    # with a splitter that keeps each text whole, both sides are one sentence and Lsum equals L
+    got = rouge_scores(
+        ["The dog ran. The cat sat."],
+        ["the cat sat\nthe dog ran"],
+        use_stemmer=False,
+        lsum=True,
+        sentence_splitter=lambda text: [text],
+    )
+    assert got["rougeLsum"] == pytest.approx(0.5)
+
+
+def test_split_sentences():
+    assert split_sentences("first line.\n\nsecond line") == ["first line.", "second line"]
+    text = 'Mr. Smith flew to the U.S. Army base. He said "Stop!" Then 3 people left. it was late.'
+    assert split_sentences(text) == [
+        "Mr. Smith flew to the U.S. Army base.",
+        'He said "Stop!"',
+        "Then 3 people left. it was late.",
+    ]
+    assert split_sentences("   ") == []
+
+
+def test_rouge_edge_cases():
+    got = rouge_scores(["", "the cat"], ["the cat", "the cat"], use_stemmer=False)
+    assert got["rouge1"] == pytest.approx(0.5)  # empty prediction scores 0, the mean includes it
+    with pytest.raises(ValueError, match="2 predictions but 1 references"):
+        rouge_scores(["a", "b"], ["a"])
+    with pytest.raises(ValueError, match="no predictions"):
+        rouge_scores([], [])
