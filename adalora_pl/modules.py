@@ -1,0 +1,227 @@
+"""LightningModules that carry adapters: a shared base (method switch, optimizer, schedule) and GLUE.
+
+The module owns the adapters; :class:`~adalora_pl.callback.AdaLoRACallback` runs the schedule. A module
+built with ``method="adalora"`` supplies that callback itself (``configure_callbacks``), so it can never
+train with adapters whose budget is not being allocated.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForSequenceClassification
+
+from adalora_pl.callback import AdaLoRACallback
+from adalora_pl.importance import Importance
+from adalora_pl.injection import DEFAULT_TRAINABLE_MODULES, inject_adapters, preset_targets, set_trainable_modules
+
+log = logging.getLogger(__name__)
+
+METHODS = ("adalora", "lora", "full")
+
+
+class AdapterModule(pl.LightningModule):
+    """Base for task modules: builds the backbone, adds adapters per ``method``, sets up AdamW.
+
+    Args:
+        backbone: hub name or local folder of a pretrained transformers model.
+        method: ``"adalora"`` (SVD adapters + AdaLoRACallback), ``"lora"`` (uniform-rank LoRA with
+            r = ``init_r``) or ``"full"`` (full fine-tuning, no adapters).
+        target_modules: name suffixes of the linear layers to adapt; ``None`` takes the preset of the
+            backbone's model type.
+        trainable_modules: name suffixes of modules trained in full next to the adapters (task heads).
+        init_r: AdaLoRA's initial rank, or LoRA's rank.
+        target_r: AdaLoRA's average final rank.
+        lora_alpha: adapter scaling numerator.
+        lora_dropout: dropout on the adapter branch.
+        tinit: AdaLoRA warm-up (steps, or fraction of training if a float in (0, 1)).
+        tfinal: AdaLoRA final fine-tuning (steps or fraction).
+        delta_t: steps between mask events.
+        beta1: sensitivity EMA coefficient.
+        beta2: uncertainty EMA coefficient.
+        orth_reg_weight: weight of the orthogonal regularizer.
+        importance: importance variant (see :class:`~adalora_pl.allocator.RankAllocator`).
+        total_step: total optimizer steps; default from the Trainer.
+        learning_rate: AdamW learning rate of the adapters (of everything for ``full``).
+        head_learning_rate: learning rate of the trained heads; default ``learning_rate``.
+        weight_decay: AdamW weight decay.
+        warmup_steps: linear warm-up, in steps (int) or as a fraction of training (float in (0, 1));
+            then a linear decay to 0.
+    """
+
+    def __init__(
+        self,
+        backbone: str,
+        method: Literal["adalora", "lora", "full"] = "adalora",
+        target_modules: Sequence[str] | None = None,
+        trainable_modules: Sequence[str] = tuple(DEFAULT_TRAINABLE_MODULES),
+        init_r: int = 12,
+        target_r: int = 8,
+        lora_alpha: float = 32,
+        lora_dropout: float = 0.0,
+        tinit: int | float = 0,
+        tfinal: int | float = 0,
+        delta_t: int = 1,
+        beta1: float = 0.85,
+        beta2: float = 0.85,
+        orth_reg_weight: float = 0.1,
+        importance: Importance = "sensitivity_uncertainty",
+        total_step: int | None = None,
+        learning_rate: float = 5e-4,
+        head_learning_rate: float | None = None,
+        weight_decay: float = 0.0,
+        warmup_steps: int | float = 0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()  # collects the subclass's init arguments too (task_name, ...)
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}")
+        if learning_rate <= 0 or (head_learning_rate is not None and head_learning_rate <= 0):
+            raise ValueError(f"learning rates must be > 0, got {learning_rate} and {head_learning_rate}")
+        if isinstance(warmup_steps, float) and not 0.0 <= warmup_steps < 1.0:
+            raise ValueError(f"warmup_steps as a fraction must be in [0, 1), got {warmup_steps}")
+        if isinstance(warmup_steps, int) and warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+        self.backbone_name = backbone
+        self.method = method
+        # from_pretrained returns a model in eval mode; Lightning keeps module modes as they are.
+        self.model = self.build_backbone(backbone).train()
+        self.adapters: dict[str, nn.Module] = {}
+        if method == "adalora":
+            # Validates ranks/betas/schedule settings now, before any download or training.
+            self.adalora_callback()
+        if method in ("adalora", "lora"):
+            targets = list(target_modules) if target_modules else preset_targets(self.model)
+            self.adapters = inject_adapters(
+                self.model, targets, method=method, r=init_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                trainable_modules=trainable_modules,
+            )
+        else:
+            self.model.requires_grad_(True)
+
+    # Subclasses build their transformers model here.
+    def build_backbone(self, backbone: str) -> nn.Module:
+        raise NotImplementedError
+
+    def adalora_callback(self) -> AdaLoRACallback:
+        """The callback that runs this module's AdaLoRA schedule (it adopts the module's adapters)."""
+        keys = ("init_r", "target_r", "lora_alpha", "lora_dropout", "tinit", "tfinal", "delta_t", "beta1", "beta2",
+                "orth_reg_weight", "importance", "total_step")
+        return AdaLoRACallback(**{k: self.hparams[k] for k in keys})
+
+    def configure_callbacks(self) -> list[pl.Callback]:
+        # AdaLoRA adapters never train without their schedule: the module brings the callback along
+        # (it adopts the adapters the module already has).
+        return [self.adalora_callback()] if self.method == "adalora" else []
+
+    def trainable_parameter_count(self) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        h = self.hparams
+        adapter_params, head_params = [], []
+        for name, p in self.named_parameters():
+            if p.requires_grad:
+                (adapter_params if ".lora_" in name or self.method == "full" else head_params).append(p)
+        groups = [{"params": adapter_params, "lr": h.learning_rate}]
+        if head_params:
+            groups.append({"params": head_params, "lr": h.head_learning_rate or h.learning_rate})
+        optimizer = torch.optim.AdamW(groups, weight_decay=h.weight_decay)
+        total = h.total_step or int(self.trainer.estimated_stepping_batches)
+        warmup = h.warmup_steps if isinstance(h.warmup_steps, int) else int(round(h.warmup_steps * total))
+
+        def linear(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / (warmup + 1)
+            return max(0.0, (total - step) / max(1, total - warmup))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_fit_start(self) -> None:
+        log.info("%s with method=%s: %d trainable parameters", type(self.model).__name__, self.method,
+                 self.trainable_parameter_count())
+
+
+class GLUEClassifier(AdapterModule):
+    """Sequence classification (regression for STS-B) on a GLUE task with AdaLoRA, LoRA or full fine-tuning.
+
+    Args:
+        task_name: GLUE task (``cola``, ``sst2``, ``mrpc``, ``qqp``, ``stsb``, ``mnli``, ``qnli``, ``rte``);
+            fixes the number of labels and the metrics. Linked to ``--data.task_name`` in the CLI.
+        backbone: hub name or local folder (default: the paper's ``microsoft/deberta-v3-base``).
+        **kwargs: see :class:`AdapterModule`.
+    """
+
+    def __init__(self, task_name: str = "cola", backbone: str = "microsoft/deberta-v3-base", **kwargs: Any) -> None:
+        from datamodules.glue import get_glue_task
+
+        self.task = get_glue_task(task_name)
+        super().__init__(backbone=backbone, **kwargs)
+        from adalora_pl.metrics import glue_metrics, main_metric_name
+
+        self.main_metric = main_metric_name(self.task.name)
+        self.val_metrics = nn.ModuleList(glue_metrics(self.task.name) for _ in self.task.val_split_names)
+
+    def setup(self, stage: str) -> None:
+        data_task = getattr(getattr(self.trainer, "datamodule", None), "task_name", None)
+        if data_task is not None and data_task != self.task.name:
+            raise ValueError(
+                f"the model is set up for GLUE task {self.task.name!r} but the data is {data_task!r}; "
+                "set --model.task_name and --data.task_name to the same task"
+            )
+
+    def build_backbone(self, backbone: str) -> nn.Module:
+        config = AutoConfig.from_pretrained(backbone, num_labels=self.task.num_labels)
+        if self.task.is_regression:
+            config.problem_type = "regression"
+        # A backbone saved with another head (e.g. 2 labels, used for STS-B) gets a fresh head; transformers
+        # reports which weights were re-initialized.
+        return AutoModelForSequenceClassification.from_pretrained(backbone, config=config, ignore_mismatched_sizes=True)
+
+    def forward(self, **batch: torch.Tensor):
+        return self.model(**batch)
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = self.model(**batch).loss
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True)
+        return loss
+
+    def _eval_step(self, batch: dict[str, torch.Tensor], dataloader_idx: int, stage: str) -> None:
+        from adalora_pl.metrics import preds_from_logits
+
+        out = self.model(**batch)
+        split = self.task.val_split_names[dataloader_idx]
+        self.log(f"{stage}/loss_{split}", out.loss, add_dataloader_idx=False)
+        self.val_metrics[dataloader_idx].update(preds_from_logits(self.task.name, out.logits), batch["labels"])
+
+    def validation_step(self, batch, batch_idx, dataloader_idx: int = 0) -> None:
+        self._eval_step(batch, dataloader_idx, "val")
+
+    def test_step(self, batch, batch_idx, dataloader_idx: int = 0) -> None:
+        self._eval_step(batch, dataloader_idx, "test")
+
+    def _log_metrics(self, stage: str) -> None:
+        for split, metrics in zip(self.task.val_split_names, self.val_metrics, strict=True):
+            # "val/mcc" for single-validation tasks; "val/accuracy_validation_matched" for MNLI
+            suffix = "" if len(self.task.val_split_names) == 1 else f"_{split}"
+            values = {f"{stage}/{k}{suffix}": v for k, v in metrics.compute().items()}
+            self.log_dict(values, prog_bar=True, add_dataloader_idx=False)
+            metrics.reset()
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_metrics("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_metrics("test")
+
+    def predict_step(self, batch, batch_idx, dataloader_idx: int = 0) -> torch.Tensor:
+        from adalora_pl.metrics import preds_from_logits
+
+        batch = {k: v for k, v in batch.items() if k != "labels"}
+        return preds_from_logits(self.task.name, self.model(**batch).logits)
