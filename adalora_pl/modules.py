@@ -18,7 +18,7 @@ from transformers import AutoConfig, AutoModelForSequenceClassification
 
 from adalora_pl.callback import AdaLoRACallback
 from adalora_pl.importance import Importance
-from adalora_pl.injection import DEFAULT_TRAINABLE_MODULES, inject_adapters, preset_targets, set_trainable_modules
+from adalora_pl.injection import DEFAULT_TRAINABLE_MODULES, inject_adapters, preset_targets
 
 log = logging.getLogger(__name__)
 
