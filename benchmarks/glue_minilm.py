@@ -39,7 +39,7 @@ def run_one(method: str, task: str, seed: int, args) -> dict:
         "--model.tinit", "0.1", "--model.tfinal", "0.3", "--model.delta_t", "1",
         "--model.warmup_steps", "0.06", "--model.learning_rate", str(args.lr if method != "full" else args.full_lr),
         "--data.max_seq_length", "128", "--trainer.default_root_dir", str(Path(args.out) / f"{method}_{task}_{seed}"),
-        "--trainer.enable_progress_bar", "false", "--trainer.enable_checkpointing", "false",
+        "--trainer.enable_progress_bar", "false",
     ]
     if method == "lora":
         cli_args += ["--model.init_r", str(args.target_r)]
