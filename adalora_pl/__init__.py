@@ -2,6 +2,15 @@
 
 from adalora_pl.allocator import MaskEvent, RankAllocator
 from adalora_pl.callback import AdaLoRACallback
+from adalora_pl.export import (
+    compact_adapters,
+    count_adapter_parameters,
+    export_peft,
+    import_peft,
+    load_adapter,
+    merge_adapters,
+    save_adapter,
+)
 from adalora_pl.importance import IMPORTANCE_VARIANTS, mask_threshold, orthogonal_regularizer, triplet_scores
 from adalora_pl.injection import (
     DEFAULT_TRAINABLE_MODULES,
@@ -11,6 +20,7 @@ from adalora_pl.injection import (
     set_trainable_modules,
 )
 from adalora_pl.layers import LoRALinear, SVDLinear
+from adalora_pl.report import rank_table, save_budget_curve, save_rank_heatmap
 from adalora_pl.schedule import BudgetSchedule, budget_at
 
 __all__ = [
@@ -24,6 +34,16 @@ __all__ = [
     "RankAllocator",
     "SVDLinear",
     "budget_at",
+    "compact_adapters",
+    "count_adapter_parameters",
+    "export_peft",
+    "import_peft",
+    "load_adapter",
+    "merge_adapters",
+    "rank_table",
+    "save_adapter",
+    "save_budget_curve",
+    "save_rank_heatmap",
     "find_adapters",
     "inject_adapters",
     "mask_threshold",

@@ -81,6 +81,10 @@ class AdaLoRACallback(Callback):
         trainer.fit(my_module)
     """
 
+    # What the callback injects or adopts; subclasses for other prunable adapters change these.
+    adapter_method = "adalora"
+    adapter_class: type = SVDLinear
+
     def __init__(
         self,
         target_modules: Sequence[str] | None = None,
@@ -159,21 +163,21 @@ class AdaLoRACallback(Callback):
             adapters = inject_adapters(
                 pl_module,
                 targets,
-                method="adalora",
+                method=self.adapter_method,
                 r=self.init_r,
                 lora_alpha=self.lora_alpha,
                 lora_dropout=self.lora_dropout,
                 trainable_modules=self.trainable_modules,
             )
-            rank_zero_info(f"AdaLoRA: injected {len(adapters)} SVD adapters (init_r={self.init_r})")
+            rank_zero_info(f"AdaLoRA: injected {len(adapters)} {self.adapter_method} adapters (init_r={self.init_r})")
         else:
-            others = [n for n, m in adapters.items() if not isinstance(m, SVDLinear)]
+            others = [n for n, m in adapters.items() if not isinstance(m, self.adapter_class)]
             if others:
                 raise TypeError(
-                    f"AdaLoRACallback needs SVDLinear adapters; the module has LoRA layers ({others[:3]}...). "
-                    "Remove the callback for a LoRA run."
+                    f"{type(self).__name__} needs {self.adapter_class.__name__} adapters; the module has other "
+                    f"adapter layers ({others[:3]}...). Remove the callback for a plain LoRA or adapter run."
                 )
-            rank_zero_info(f"AdaLoRA: adopting the {len(adapters)} SVD adapters the module already has")
+            rank_zero_info(f"AdaLoRA: adopting the {len(adapters)} adapters the module already has")
         return adapters
 
     def _estimated_total_steps(self, trainer: pl.Trainer) -> int:
@@ -194,19 +198,8 @@ class AdaLoRACallback(Callback):
         tinit = resolve_steps("tinit", self.tinit, total_step)
         tfinal = resolve_steps("tfinal", self.tfinal, total_step)
         sync = self._broadcast_from_rank_zero(trainer) if trainer.world_size > 1 else None
-        self.allocator = RankAllocator(
-            adapters,
-            target_r=self.target_r,
-            tinit=tinit,
-            tfinal=tfinal,
-            total_step=total_step,
-            delta_t=self.delta_t,
-            beta1=self.beta1,
-            beta2=self.beta2,
-            importance=self.importance,
-            sync_keep=sync,
-        )
-        self._factors = [(m.lora_A, m.lora_B) for m in adapters.values()]
+        self.allocator = self._new_allocator(adapters, tinit, tfinal, total_step, self.delta_t, sync)
+        self._factors = [(m.lora_A, m.lora_B) for m in adapters.values()] if self.orth_reg_weight > 0 else []
         s = self.allocator.schedule
         self.budget = s.budget_at(0)
         rank_zero_info(
@@ -214,6 +207,12 @@ class AdaLoRACallback(Callback):
             f"T={s.total_step} optimizer steps, tinit={s.tinit}, tfinal={s.tfinal} (pattern frozen at step "
             f"{s.final_step}), delta_t={s.delta_t}, importance={self.importance}, "
             f"orth_reg_weight={self.orth_reg_weight}"
+        )
+
+    def _new_allocator(self, adapters, tinit: int, tfinal: int, total_step: int, delta_t: int, sync) -> RankAllocator:
+        return RankAllocator(
+            adapters, target_r=self.target_r, tinit=tinit, tfinal=tfinal, total_step=total_step, delta_t=delta_t,
+            beta1=self.beta1, beta2=self.beta2, importance=self.importance, sync_keep=sync,
         )
 
     @staticmethod
@@ -335,11 +334,9 @@ class AdaLoRACallback(Callback):
             )
             self.tinit, self.tfinal, self.delta_t = saved["tinit"], saved["tfinal"], saved["delta_t"]
             adapters = dict(zip(self.allocator.names, self.allocator.layers, strict=True))
-            sync = self.allocator.sync_keep
-            self.allocator = RankAllocator(
-                adapters, target_r=self.target_r, tinit=saved["tinit"], tfinal=saved["tfinal"],
-                total_step=saved["total_step"], delta_t=saved["delta_t"], beta1=self.beta1, beta2=self.beta2,
-                importance=self.importance, sync_keep=sync,
+            self.allocator = self._new_allocator(
+                adapters, saved["tinit"], saved["tfinal"], saved["total_step"], saved["delta_t"],
+                self.allocator.sync_keep,
             )
         self.allocator.load_state_dict(state["allocator"])
         self._last_global_step = state["last_global_step"]

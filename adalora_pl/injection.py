@@ -4,16 +4,21 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import Literal
 
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from adalora_pl.layers import ADAPTER_TYPES, LoRALinear, SVDLinear
+from adalora_pl.layers import AdapterLayer, LoRALinear, SVDLinear
 
 log = logging.getLogger(__name__)
 
-Method = Literal["adalora", "lora"]
+# Adapter layer class per method name; baselines register theirs (see adalora_pl.baselines).
+ADAPTER_CLASSES: dict[str, type[AdapterLayer]] = {"adalora": SVDLinear, "lora": LoRALinear}
+
+
+def register_adapter(method: str, cls: type[AdapterLayer]) -> None:
+    """Make ``method`` usable in :func:`inject_adapters`; ``cls(base_layer, r, lora_alpha, lora_dropout)``."""
+    ADAPTER_CLASSES[method] = cls
 
 # Linear layers adapted per transformer block, by model_type. Encoders: the paper's six matrices per layer
 # (query, key, value, attention output, FFN in, FFN out; spec §7). Suffixes match whole name components.
@@ -62,28 +67,28 @@ def linear_layer_suffixes(model: nn.Module) -> list[str]:
     ``attention.self.query``), to show in error messages which targets exist."""
     suffixes = set()
     for name, module in model.named_modules():
-        if is_linear(module) or isinstance(module, ADAPTER_TYPES):
+        if is_linear(module) or isinstance(module, AdapterLayer):
             parts = name.split(".")
             digits = [i for i, p in enumerate(parts) if p.isdigit()]
             suffixes.add(".".join(parts[digits[-1] + 1 :]) if digits else name)
     return sorted(suffixes)
 
 
-def find_adapters(model: nn.Module) -> dict[str, SVDLinear | LoRALinear]:
+def find_adapters(model: nn.Module) -> dict[str, AdapterLayer]:
     """All adapter layers in ``model``, by module path, in ``named_modules`` order."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, ADAPTER_TYPES)}
+    return {name: m for name, m in model.named_modules() if isinstance(m, AdapterLayer)}
 
 
 def inject_adapters(
     model: nn.Module,
     target_modules: Sequence[str] | None = None,
     *,
-    method: Method = "adalora",
+    method: str = "adalora",
     r: int = 12,
     lora_alpha: float = 32,
     lora_dropout: float = 0.0,
     trainable_modules: Sequence[str] = DEFAULT_TRAINABLE_MODULES,
-) -> dict[str, SVDLinear | LoRALinear]:
+) -> dict[str, AdapterLayer]:
     """Replace the target linear layers of ``model`` in place by adapters and freeze everything else.
 
     Args:
@@ -91,7 +96,8 @@ def inject_adapters(
         target_modules: name suffixes of the linear layers to adapt (``"query"`` matches
             ``encoder.layer.3.attention.self.query``). ``None`` takes the preset for
             ``model.config.model_type`` (see :data:`TARGET_MODULE_PRESETS`).
-        method: ``"adalora"`` (:class:`SVDLinear`, ``r`` is init_r) or ``"lora"`` (:class:`LoRALinear`).
+        method: ``"adalora"`` (:class:`SVDLinear`, ``r`` is init_r), ``"lora"`` (:class:`LoRALinear`), or a
+            method registered with :func:`register_adapter` (baselines: ``"prune_lora"``, ``"bottleneck"``).
         r: initial rank for AdaLoRA, rank for LoRA.
         lora_alpha: adapter scaling numerator.
         lora_dropout: dropout on the adapter branch.
@@ -105,8 +111,8 @@ def inject_adapters(
         ValueError: a target matches nothing, matches a layer that is not linear, or lies inside a
             trainable module; the message lists the linear layers the model has.
     """
-    if method not in ("adalora", "lora"):
-        raise ValueError(f"method must be 'adalora' or 'lora', got {method!r}")
+    if method not in ADAPTER_CLASSES:
+        raise ValueError(f"method must be one of {sorted(ADAPTER_CLASSES)}, got {method!r}")
     if find_adapters(model):
         raise ValueError("model already has adapters; use find_adapters(model) to adopt them")
     targets = list(target_modules) if target_modules is not None else preset_targets(model)
@@ -142,7 +148,7 @@ def inject_adapters(
             )
 
     model.requires_grad_(False)
-    layer_cls = SVDLinear if method == "adalora" else LoRALinear
+    layer_cls = ADAPTER_CLASSES[method]
     adapters = {}
     for name, module in matched.items():
         parent_name, _, child = name.rpartition(".")

@@ -181,3 +181,5 @@ class LoRALinear(_AdapterBase):
 
 
 ADAPTER_TYPES = (SVDLinear, LoRALinear)
+# Public name of the base class, for adapter layers defined elsewhere (baselines).
+AdapterLayer = _AdapterBase

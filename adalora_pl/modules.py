@@ -13,16 +13,27 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from transformers import AutoConfig, AutoModelForSequenceClassification
 
+from adalora_pl.baselines import (
+    PruneLoRACallback,
+    adapter_param_count,
+    bottleneck_targets,
+    linear_shapes,
+    match_budget,
+)
 from adalora_pl.callback import AdaLoRACallback
 from adalora_pl.importance import Importance
-from adalora_pl.injection import DEFAULT_TRAINABLE_MODULES, inject_adapters, preset_targets
+from adalora_pl.injection import DEFAULT_TRAINABLE_MODULES, inject_adapters, name_matches, preset_targets
 
 log = logging.getLogger(__name__)
 
-METHODS = ("adalora", "lora", "full")
+# adalora: the method. lora / full: the paper's main baselines. houlsby / pfeiffer: bottleneck adapters.
+# svd_lora (SVD adapters, no pruning) and prune_lora (LoRA doublets pruned without recovery): ablations.
+METHODS = ("adalora", "lora", "full", "houlsby", "pfeiffer", "svd_lora", "prune_lora")
+SCHEDULED_METHODS = ("adalora", "svd_lora", "prune_lora")
 
 
 class AdapterModule(pl.LightningModule):
@@ -31,7 +42,11 @@ class AdapterModule(pl.LightningModule):
     Args:
         backbone: hub name or local folder of a pretrained transformers model.
         method: ``"adalora"`` (SVD adapters + AdaLoRACallback), ``"lora"`` (uniform-rank LoRA with
-            r = ``init_r``) or ``"full"`` (full fine-tuning, no adapters).
+            r = ``init_r``), ``"full"`` (full fine-tuning, no adapters), ``"houlsby"`` / ``"pfeiffer"``
+            (bottleneck adapters after attention and FFN / after FFN), or the ablations ``"svd_lora"`` (SVD
+            adapters, no budget allocation) and ``"prune_lora"`` (LoRA doublets pruned on AdaLoRA's schedule,
+            without recovery). AdaLoRA without the regularizer: ``orth_reg_weight=0``; importance variants:
+            ``importance``.
         target_modules: name suffixes of the linear layers to adapt; ``None`` takes the preset of the
             backbone's model type.
         trainable_modules: name suffixes of modules trained in full next to the adapters (task heads).
@@ -52,12 +67,15 @@ class AdapterModule(pl.LightningModule):
         weight_decay: AdamW weight decay.
         warmup_steps: linear warm-up, in steps (int) or as a fraction of training (float in (0, 1));
             then a linear decay to 0.
+        bottleneck_size: bottleneck width of ``houlsby``/``pfeiffer`` adapters.
+        param_budget: target #Params (adapter parameters, heads excluded); when given, the LoRA rank or the
+            bottleneck size is chosen to match it (:func:`adalora_pl.baselines.match_budget`).
     """
 
     def __init__(
         self,
         backbone: str,
-        method: Literal["adalora", "lora", "full"] = "adalora",
+        method: Literal["adalora", "lora", "full", "houlsby", "pfeiffer", "svd_lora", "prune_lora"] = "adalora",
         target_modules: Sequence[str] | None = None,
         trainable_modules: Sequence[str] = tuple(DEFAULT_TRAINABLE_MODULES),
         init_r: int = 12,
@@ -76,6 +94,8 @@ class AdapterModule(pl.LightningModule):
         head_learning_rate: float | None = None,
         weight_decay: float = 0.0,
         warmup_steps: int | float = 0,
+        bottleneck_size: int = 64,
+        param_budget: int | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()  # collects the subclass's init arguments too (task_name, ...)
@@ -92,32 +112,52 @@ class AdapterModule(pl.LightningModule):
         # from_pretrained returns a model in eval mode; Lightning keeps module modes as they are.
         self.model = self.build_backbone(backbone).train()
         self.adapters: dict[str, nn.Module] = {}
-        if method == "adalora":
-            # Validates ranks/betas/schedule settings now, before any download or training.
+        if method in SCHEDULED_METHODS:
+            # Validates ranks/betas/schedule settings now, before any training.
             self.adalora_callback()
-        if method in ("adalora", "lora"):
-            targets = list(target_modules) if target_modules else preset_targets(self.model)
-            self.adapters = inject_adapters(
-                self.model, targets, method=method, r=init_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-                trainable_modules=trainable_modules,
-            )
-        else:
+        if method == "full":
             self.model.requires_grad_(True)
+            return
+        if method in ("houlsby", "pfeiffer"):
+            layer_method, targets = "bottleneck", bottleneck_targets(self.model, method)
+            r = bottleneck_size
+        else:
+            layer_method = {"svd_lora": "adalora"}.get(method, method)
+            targets = list(target_modules) if target_modules else preset_targets(self.model)
+            r = init_r
+        if param_budget is not None:
+            shapes = linear_shapes(self.model, [n for n, _ in self.model.named_modules()
+                                                if any(name_matches(n, t) for t in targets)])
+            r, actual = match_budget(shapes, {"prune_lora": "lora"}.get(layer_method, layer_method), param_budget)
+            log.info("param_budget %d -> r/bottleneck %d (%d params)", param_budget, r, actual)
+        self.adapters = inject_adapters(
+            self.model, targets, method=layer_method, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+            trainable_modules=trainable_modules,
+        )
 
     # Subclasses build their transformers model here.
     def build_backbone(self, backbone: str) -> nn.Module:
         raise NotImplementedError
 
     def adalora_callback(self) -> AdaLoRACallback:
-        """The callback that runs this module's AdaLoRA schedule (it adopts the module's adapters)."""
+        """The callback that runs this module's schedule (it adopts the module's adapters)."""
         keys = ("init_r", "target_r", "lora_alpha", "lora_dropout", "tinit", "tfinal", "delta_t", "beta1", "beta2",
                 "orth_reg_weight", "importance", "total_step")
-        return AdaLoRACallback(**{k: self.hparams[k] for k in keys})
+        settings = {k: self.hparams[k] for k in keys}
+        if self.hparams.method == "svd_lora":
+            settings["target_r"] = settings["init_r"]  # a constant budget: nothing is ever masked
+        if self.hparams.method == "prune_lora":
+            settings["orth_reg_weight"] = 0.0
+            return PruneLoRACallback(**settings)
+        return AdaLoRACallback(**settings)
 
     def configure_callbacks(self) -> list[pl.Callback]:
-        # AdaLoRA adapters never train without their schedule: the module brings the callback along
-        # (it adopts the adapters the module already has).
-        return [self.adalora_callback()] if self.method == "adalora" else []
+        # Adapters with a schedule never train without it: the module brings its callback along.
+        return [self.adalora_callback()] if self.hparams.method in SCHEDULED_METHODS else []
+
+    def adapter_param_count(self) -> int:
+        """#Params as the paper reports it (adapter parameters, kept ranks only; heads excluded)."""
+        return adapter_param_count(self.model)
 
     def trainable_parameter_count(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
@@ -125,9 +165,11 @@ class AdapterModule(pl.LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         h = self.hparams
         adapter_params, head_params = [], []
-        for name, p in self.named_parameters():
+        adapter_ids = {id(p) for m in self.adapters.values() for n, p in m.named_parameters()
+                       if not n.startswith("base_layer.")}
+        for p in self.parameters():
             if p.requires_grad:
-                (adapter_params if ".lora_" in name or self.method == "full" else head_params).append(p)
+                (adapter_params if id(p) in adapter_ids or self.method == "full" else head_params).append(p)
         groups = [{"params": adapter_params, "lr": h.learning_rate}]
         if head_params:
             groups.append({"params": head_params, "lr": h.head_learning_rate or h.learning_rate})
@@ -144,8 +186,12 @@ class AdapterModule(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_fit_start(self) -> None:
-        log.info("%s with method=%s: %d trainable parameters", type(self.model).__name__, self.method,
-                 self.trainable_parameter_count())
+        params = {"params/trainable": float(self.trainable_parameter_count()),
+                  "params/adapter": float(self.adapter_param_count())}
+        rank_zero_info(f"{type(self.model).__name__} with method={self.method}: {int(params['params/trainable'])} "
+                       f"trainable parameters, #Params (adapters) {int(params['params/adapter'])}")
+        if self.logger is not None:
+            self.logger.log_metrics(params, step=0)
 
 
 class GLUEClassifier(AdapterModule):
