@@ -1,0 +1,205 @@
+"""Pictures of a finished allocation: the rank heatmap of the paper's figure and the budget curve.
+
+Plots use matplotlib's object API with the Agg canvas (no pyplot, no display, no global backend change), so
+they work on headless machines and inside training processes.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+# A rank_pattern key may carry PEFT's parameter suffix: "<module path>.lora_E" (optionally ".<adapter name>").
+_PARAM_SUFFIX = re.compile(r"\.lora_E(?:\.[^.]+)?$")
+_PEFT_PREFIX = "base_model.model."
+
+RankValue = Sequence[bool] | int
+
+
+def _module_path(key: str) -> str:
+    return _PARAM_SUFFIX.sub("", key.removeprefix(_PEFT_PREFIX))
+
+
+def _rank_of(value: RankValue) -> int:
+    if isinstance(value, bool):
+        raise TypeError("a rank_pattern value is a list of booleans (or a kept rank as int), not a bool")
+    if isinstance(value, int):
+        return value
+    if hasattr(value, "tolist"):  # a tensor or array
+        value = value.tolist()
+    return sum(bool(v) for v in value)
+
+
+def _split(path: str) -> tuple[str, int | None, str]:
+    """``(stack prefix, layer index, module type)``: the layer index is the last integer path component."""
+    parts = path.split(".")
+    digits = [i for i, p in enumerate(parts) if p.isdigit()]
+    if not digits:
+        return "", None, path
+    i = digits[-1]
+    return ".".join(parts[:i]), int(parts[i]), ".".join(parts[i + 1 :]) or parts[i]
+
+
+def _stack_labels(prefixes: list[str]) -> dict[str, str]:
+    """Short names for the layer stacks: the prefixes with their common leading and trailing parts removed
+    (``model.encoder.layers`` / ``model.decoder.layers`` -> ``encoder`` / ``decoder``)."""
+    split = [p.split(".") if p else [] for p in prefixes]
+    lead = 0
+    while all(len(s) > lead for s in split) and len({s[lead] for s in split}) == 1:
+        lead += 1
+    trail = 0
+    while all(len(s) - lead > trail for s in split) and len({s[len(s) - 1 - trail] for s in split}) == 1:
+        trail += 1
+    labels = {}
+    for prefix, s in zip(prefixes, split, strict=True):
+        core = s[lead : len(s) - trail] or s or ["layers"]
+        labels[prefix] = ".".join(core)
+    return labels
+
+
+def rank_table(
+    rank_pattern: Mapping[str, RankValue],
+) -> tuple[list[int | str], list[str], list[list[int | None]]]:
+    """Arrange a rank pattern as a layers x module-types table of kept ranks.
+
+    Args:
+        rank_pattern: module path (our names, or PEFT's ``<path>.lora_E`` keys) -> one boolean per initial
+            triplet (True = kept), or directly the kept rank as an int.
+
+    Returns:
+        ``(layers, module_types, ranks)``:
+
+        - ``layers``: row labels. The layer index is the last integer component of the path
+          (``encoder.layer.3.attention.self.query`` -> 3). With one stack of layers these are ints; with
+          several (BART's encoder and decoder) they are strings ``"<stack>.<index>"`` such as
+          ``"encoder.0"`` and ``"decoder.0"``, stacks in order of first appearance. Paths without an
+          integer go to a last row ``"other"``.
+        - ``module_types``: column labels, the path after the layer index (``attention.self.query``), in
+          order of first appearance.
+        - ``ranks``: ``ranks[i][j]`` is the kept rank of module type j in layer i, None where that layer
+          has no such module (BART's encoder has no ``encoder_attn``).
+    """
+    cells: dict[tuple[str, int | None], dict[str, int]] = {}
+    prefixes: list[str] = []
+    types: list[str] = []
+    for key, value in rank_pattern.items():
+        prefix, index, module_type = _split(_module_path(key))
+        if index is not None and prefix not in prefixes:
+            prefixes.append(prefix)
+        if module_type not in types:
+            types.append(module_type)
+        row = cells.setdefault((prefix, index), {})
+        if module_type in row:
+            raise ValueError(f"rank_pattern has two entries for layer {index} module {module_type!r} ({key!r})")
+        row[module_type] = _rank_of(value)
+
+    rows = sorted(
+        (k for k in cells if k[1] is not None), key=lambda k: (prefixes.index(k[0]), k[1])
+    )
+    if len(prefixes) <= 1 and not any(k[1] is None for k in cells):
+        labels: list[int | str] = [k[1] for k in rows]
+    else:
+        names = _stack_labels(prefixes)
+        labels = [f"{names[k[0]]}.{k[1]}" if len(prefixes) > 1 else str(k[1]) for k in rows]
+    others = [k for k in cells if k[1] is None]
+    if others:
+        rows.append(others[0])
+        labels.append("other")
+        merged: dict[str, int] = {}
+        for k in others:
+            merged.update(cells[k])
+        cells[others[0]] = merged
+    ranks = [[cells[k].get(t) for t in types] for k in rows]
+    return labels, types, ranks
+
+
+def _new_figure(width: float, height: float):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(width, height))
+    FigureCanvasAgg(figure)
+    return figure
+
+
+def save_rank_heatmap(
+    rank_pattern: Mapping[str, RankValue],
+    path_png: str | Path,
+    title: str = "Final rank of each adapted matrix",
+    *,
+    cmap: str = "YlGnBu",
+    dpi: int = 150,
+) -> tuple[list[int | str], list[str], list[list[int | None]]]:
+    """Draw the kept ranks as a heatmap (rows = layers, columns = module types, value written in each cell),
+    in the manner of the AdaLoRA paper's rank-distribution figure, and save it as PNG.
+
+    Returns:
+        The table from :func:`rank_table` that was drawn.
+    """
+    import numpy as np
+
+    layers, types, ranks = rank_table(rank_pattern)
+    if not layers:
+        raise ValueError("rank_pattern is empty: nothing to draw")
+    data = np.ma.masked_invalid(np.array([[np.nan if v is None else v for v in row] for row in ranks], dtype=float))
+    vmax = max(1.0, float(data.max()))
+
+    width = 1.6 + 1.05 * len(types)
+    height = 1.4 + 0.42 * len(layers)
+    figure = _new_figure(width, height)
+    ax = figure.add_subplot(1, 1, 1)
+    import matplotlib
+
+    colormap = matplotlib.colormaps[cmap].with_extremes(bad="#eeeeee")  # cells without a module: light grey
+    image = ax.imshow(data, cmap=colormap, vmin=0, vmax=vmax, aspect="auto")
+    ax.set_xticks(range(len(types)))
+    ax.set_xticklabels(types, rotation=35, ha="right", fontsize=8)
+    ax.set_yticks(range(len(layers)))
+    ax.set_yticklabels([str(label) for label in layers], fontsize=8)
+    ax.set_xlabel("module")
+    ax.set_ylabel("layer")
+    ax.set_title(title, fontsize=10)
+    for i, row in enumerate(ranks):
+        for j, value in enumerate(row):
+            if value is None:
+                continue
+            dark = value > 0.6 * vmax
+            ax.text(j, i, str(value), ha="center", va="center", fontsize=8, color="white" if dark else "black")
+    figure.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="kept rank")
+    figure.tight_layout()
+    path_png = Path(path_png)
+    path_png.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path_png, dpi=dpi)
+    return layers, types, ranks
+
+
+def save_budget_curve(
+    steps: Sequence[int],
+    budgets: Sequence[float],
+    path_png: str | Path,
+    *,
+    title: str = "Total rank budget",
+    dpi: int = 150,
+) -> Path:
+    """Plot the total budget (kept triplets over all layers) against the optimizer step and save it as PNG."""
+    steps, budgets = list(steps), list(budgets)
+    if len(steps) != len(budgets):
+        raise ValueError(f"steps ({len(steps)}) and budgets ({len(budgets)}) differ in length")
+    if not steps:
+        raise ValueError("no budget values to plot")
+    figure = _new_figure(5.0, 3.2)
+    ax = figure.add_subplot(1, 1, 1)
+    ax.plot(steps, budgets, color="tab:blue", linewidth=1.5, drawstyle="steps-post")
+    ax.set_xlabel("step")
+    ax.set_ylabel("budget (kept triplets)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, alpha=0.3)
+    figure.tight_layout()
+    path_png = Path(path_png)
+    path_png.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path_png, dpi=dpi)
+    return path_png
+
+
+__all__ = ["rank_table", "save_budget_curve", "save_rank_heatmap"]
