@@ -3,9 +3,15 @@
 The YAML names the LightningModule and the DataModule (``class_path``) with their arguments; every
 argument can be overridden on the command line (``--model.backbone``, ``--data.data_dir``, ...).
 ``python cli.py fit --config configs/cola.yaml --print_config`` prints the complete, re-runnable config.
+
+``python cli.py export --ckpt_path CKPT --format {adapter,peft,merged} --output DIR`` turns a fit
+checkpoint into an adapter-only safetensors file, a PEFT adapter folder or a merged transformers model.
 """
 
 from __future__ import annotations
+
+import argparse
+import sys
 
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
@@ -17,7 +23,25 @@ class AdaLoRACLI(LightningCLI):
         parser.link_arguments("model.init_args.backbone", "data.init_args.tokenizer")
 
 
-def main(args: list[str] | None = None) -> AdaLoRACLI:
+def export_main(args: list[str]) -> None:
+    from adalora_pl.checkpoint import EXPORT_FORMATS, export_checkpoint
+
+    parser = argparse.ArgumentParser(prog="cli.py export", description="Export the adapters of a fit checkpoint.")
+    parser.add_argument("--ckpt_path", required=True, help="checkpoint written by `cli.py fit`")
+    parser.add_argument("--format", required=True, choices=EXPORT_FORMATS,
+                        help="adapter: safetensors + JSON; peft: PeftModel folder; merged: plain transformers model")
+    parser.add_argument("--output", required=True, help="output folder")
+    ns = parser.parse_args(args)
+    try:
+        export_checkpoint(ns.ckpt_path, ns.format, ns.output)
+    except (FileNotFoundError, ValueError) as err:
+        parser.exit(2, f"cli.py export: error: {err}\n")
+
+
+def main(args: list[str] | None = None) -> AdaLoRACLI | None:
+    argv = sys.argv[1:] if args is None else args
+    if argv and argv[0] == "export":
+        return export_main(argv[1:])
     return AdaLoRACLI(
         subclass_mode_model=True,
         subclass_mode_data=True,

@@ -130,7 +130,6 @@ class AdaLoRACallback(Callback):
         self._factors: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._last_global_step = 0
         self._pending_state: dict | None = None
-        self._budget_history: list[tuple[int, int]] = []
 
     @property
     def state_key(self) -> str:
@@ -265,7 +264,6 @@ class AdaLoRACallback(Callback):
     def _log_mask_event(self, trainer: pl.Trainer, event: MaskEvent) -> None:
         assert self.allocator is not None
         ranks = self.allocator.kept_ranks()
-        self._budget_history.append((event.step, sum(ranks.values())))
         if trainer.logger is None or not trainer.is_global_zero:
             return
         metrics = {
@@ -279,10 +277,10 @@ class AdaLoRACallback(Callback):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.allocator is not None:
             # trainer.log_dir is a collective under DDP: every rank asks, rank zero writes.
-            self._write_rank_pattern(trainer.log_dir or trainer.default_root_dir)
+            self._write_rank_pattern(trainer.log_dir or trainer.default_root_dir, trainer.logger)
 
     @rank_zero_only
-    def _write_rank_pattern(self, directory: str) -> None:
+    def _write_rank_pattern(self, directory: str, logger: Any = None) -> None:
         assert self.allocator is not None
         os.makedirs(directory, exist_ok=True)
         pattern = self.allocator.rank_pattern()
@@ -300,6 +298,27 @@ class AdaLoRACallback(Callback):
         with open(path, "w") as f:
             json.dump(payload, f, indent=1)
         rank_zero_info(f"AdaLoRA: final total rank {payload['total_rank']}; rank pattern written to {path}")
+        self._write_allocation_report(directory, pattern, logger)
+
+    def _write_allocation_report(self, directory: str, pattern: dict[str, list[bool]], logger: Any) -> None:
+        """The paper-style heatmap (layer x module type) and the planned budget curve, as PNG files next to
+        the rank pattern and, with a TensorBoard logger, as images."""
+        from adalora_pl.report import save_budget_curve, save_rank_heatmap
+
+        assert self.allocator is not None
+        s = self.allocator.schedule
+        heatmap = os.path.join(directory, "rank_heatmap.png")
+        curve = os.path.join(directory, "budget_curve.png")
+        save_rank_heatmap(pattern, heatmap, title=f"Final ranks (total {sum(map(sum, pattern.values()))})")
+        steps = list(range(s.total_step))
+        save_budget_curve(steps, [s.budget_at(t) for t in steps], curve)
+        experiment = getattr(logger, "experiment", None)
+        if hasattr(experiment, "add_image"):
+            import matplotlib.image
+
+            for tag, png in (("adalora/rank_heatmap", heatmap), ("adalora/budget_curve", curve)):
+                image = matplotlib.image.imread(png)[..., :3]
+                experiment.add_image(tag, image, dataformats="HWC")
 
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict[str, Any]:

@@ -25,6 +25,7 @@ from adalora_pl.baselines import (
     match_budget,
 )
 from adalora_pl.callback import AdaLoRACallback
+from adalora_pl.checkpoint import MODULE_CLASS_KEY
 from adalora_pl.importance import Importance
 from adalora_pl.injection import DEFAULT_TRAINABLE_MODULES, inject_adapters, name_matches, preset_targets
 
@@ -184,6 +185,10 @@ class AdapterModule(pl.LightningModule):
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Lets `cli.py export` rebuild this module from the checkpoint alone.
+        checkpoint[MODULE_CLASS_KEY] = f"{type(self).__module__}.{type(self).__qualname__}"
 
     def on_fit_start(self) -> None:
         params = {"params/trainable": float(self.trainable_parameter_count()),
