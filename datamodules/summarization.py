@@ -429,3 +429,7 @@ class SummarizationDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        """The test loader (generation over the test file, or the validation data without one)."""
+        return self.test_dataloader()

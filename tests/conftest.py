@@ -56,3 +56,14 @@ def make_tiny_tokenizer(directory: Path):
 @pytest.fixture
 def tiny_tokenizer(tmp_path):
     return make_tiny_tokenizer(tmp_path / "tokenizer")
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Tiny models run fastest on one thread; on a shared, busy CPU more threads mostly wait for each other."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

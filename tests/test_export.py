@@ -38,13 +38,7 @@ def peft_noise(test):
     return pytest.mark.filterwarnings("ignore:.*LoRA tensor\\(s\\) have invalid shape")(test)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny matrices: one intra-op thread is faster, and kinder to a shared machine.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_bart_classifier(seed: int = 0) -> BartForSequenceClassification:

@@ -1,0 +1,205 @@
+"""Abstractive summarization (XSum, CNN/DailyMail) on encoder-decoder models with AdaLoRA, LoRA or full fine-tuning.
+
+Training minimises the teacher-forced cross-entropy of the reference summary (the model's own loss on
+``labels``). Validation and test generate a summary for every document with beam search, decode it with
+the data module's tokenizer and score it against the reference with ROUGE-1/2/L (plus ROUGE-Lsum when
+asked, as for CNN/DailyMail); the summaries are also written to the log folder, one JSON object a line.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AutoModelForSeq2SeqLM
+
+from adalora_pl.modules import AdapterModule
+from adalora_pl.rouge import rouge_scores
+
+__all__ = ["Seq2SeqSummarizer"]
+
+log = logging.getLogger(__name__)
+
+# Keys of an evaluation batch that the model does not take.
+_NOT_MODEL_INPUTS = ("example_index",)
+_SPLIT_OF_STAGE = {"val": "validation", "test": "test"}
+
+
+class Seq2SeqSummarizer(AdapterModule):
+    """Summarization with an ``AutoModelForSeq2SeqLM`` backbone (BART, T5, ...).
+
+    Generation settings left at ``None`` fall back to the backbone's ``generation_config`` (for
+    ``facebook/bart-large`` that includes ``no_repeat_ngram_size=3``, which the authors' runs used).
+
+    ROUGE is logged in percent (``val/rouge1``, ``val/rouge2``, ``val/rougeL``, ``val/rougeLsum``), as
+    in the paper's tables, computed by :func:`adalora_pl.rouge.rouge_scores` with stemming.
+
+    Args:
+        backbone: hub name or local folder (default: the paper's ``facebook/bart-large``).
+        num_beams: beam width at validation/test.
+        max_new_tokens: most tokens generated per summary; ``None`` takes the data module's
+            ``max_target_length`` (the label length), else 128. (Named apart from the data module's
+            ``max_target_length``: Lightning refuses model and data hyperparameters that share a name but
+            not a value.)
+        min_new_tokens: fewest tokens generated per summary (``None``: the backbone's default).
+        length_penalty: beam-search length penalty (``None``: the backbone's default).
+        no_repeat_ngram_size: forbid repeating n-grams of this size (``None``: the backbone's default;
+            0 turns it off).
+        rouge_lsum: also compute ROUGE-Lsum (sentence-level LCS; the CNN/DailyMail convention).
+        write_predictions: write ``predictions_<stage>_epoch<N>.jsonl`` (``id``, ``prediction``,
+            ``reference``) into the log folder after every validation/test epoch.
+        trainable_modules: modules trained in full next to the adapters. Empty by default: BART's and
+            T5's ``lm_head`` share their weight with the input embeddings, so training it would
+            change the frozen embeddings too.
+        **kwargs: method, ranks, schedule and optimizer settings, see :class:`AdapterModule`.
+    """
+
+    def __init__(
+        self,
+        backbone: str = "facebook/bart-large",
+        num_beams: int = 4,
+        max_new_tokens: int | None = None,
+        min_new_tokens: int | None = None,
+        length_penalty: float | None = None,
+        no_repeat_ngram_size: int | None = None,
+        rouge_lsum: bool = False,
+        write_predictions: bool = True,
+        trainable_modules: Sequence[str] = (),
+        **kwargs: Any,
+    ) -> None:
+        if num_beams < 1:
+            raise ValueError(f"num_beams must be >= 1, got {num_beams}")
+        if max_new_tokens is not None and max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        super().__init__(backbone=backbone, trainable_modules=tuple(trainable_modules), **kwargs)
+        self._eval_outputs: list[tuple[int, str]] = []
+
+    def build_backbone(self, backbone: str) -> nn.Module:
+        return AutoModelForSeq2SeqLM.from_pretrained(backbone)
+
+    def forward(self, **batch: torch.Tensor):
+        return self.model(**batch)
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = self.model(**batch).loss  # the decoder inputs are the labels shifted right
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True)
+        return loss
+
+    # ------------------------------------------------------------------ generation
+
+    @property
+    def tokenizer(self):
+        """The data module's tokenizer (it tokenized the inputs), else the backbone's."""
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        tokenizer = getattr(datamodule, "tokenizer", None)
+        if tokenizer is None:
+            if getattr(self, "_own_tokenizer", None) is None:
+                from transformers import AutoTokenizer
+
+                self._own_tokenizer = AutoTokenizer.from_pretrained(self.backbone_name)
+            tokenizer = self._own_tokenizer
+        return tokenizer
+
+    def generation_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``generate``: beams, length and the optional settings that are set."""
+        h = self.hparams
+        max_new = h.max_new_tokens
+        if max_new is None:
+            datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+            max_new = getattr(datamodule, "max_target_length", None) or 128
+        kwargs: dict[str, Any] = {"num_beams": h.num_beams, "max_new_tokens": int(max_new)}
+        if h.num_beams > 1:
+            kwargs["early_stopping"] = True
+        for name, key in (("min_new_tokens", "min_new_tokens"), ("length_penalty", "length_penalty"),
+                          ("no_repeat_ngram_size", "no_repeat_ngram_size")):
+            if h[name] is not None:
+                kwargs[key] = h[name]
+        return kwargs
+
+    @torch.no_grad()
+    def generate_summaries(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> list[str]:
+        """Beam-search summaries of a batch of tokenized documents, decoded to text."""
+        tokens = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **self.generation_kwargs())
+        texts = self.tokenizer.batch_decode(tokens, skip_special_tokens=True, clean_up_tokenization_spaces=True)
+        return [t.strip() for t in texts]
+
+    # ------------------------------------------------------------------ evaluation
+
+    def _eval_step(self, batch: dict[str, torch.Tensor], stage: str) -> None:
+        inputs = {k: v for k, v in batch.items() if k not in _NOT_MODEL_INPUTS}
+        if "labels" in inputs:
+            loss = self.model(**inputs).loss
+            self.log(f"{stage}/loss", loss, batch_size=len(batch["input_ids"]), sync_dist=True)
+        predictions = self.generate_summaries(inputs["input_ids"], inputs.get("attention_mask"))
+        self._eval_outputs.extend(zip(batch["example_index"].tolist(), predictions, strict=True))
+
+    def on_validation_epoch_start(self) -> None:
+        self._eval_outputs = []
+
+    def on_test_epoch_start(self) -> None:
+        self._eval_outputs = []
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    def _gathered_outputs(self) -> dict[int, str]:
+        """``{example_index: prediction}`` from every process (duplicates of a padded sampler collapse)."""
+        outputs = self._eval_outputs
+        if self.trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            everyone: list[Any] = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(everyone, outputs)
+            outputs = [pair for part in everyone for pair in part]
+        return dict(sorted(outputs))
+
+    def _score(self, stage: str) -> None:
+        predictions = self._gathered_outputs()
+        self._eval_outputs = []
+        if not predictions:
+            return
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is None or not hasattr(datamodule, "eval_references"):
+            raise RuntimeError(
+                "Seq2SeqSummarizer reads the reference summaries from its data module's eval_references "
+                "(datamodules.summarization.SummarizationDataModule); pass it as `datamodule=` to the Trainer"
+            )
+        split = _SPLIT_OF_STAGE[stage]
+        references = datamodule.eval_references(split)
+        indices = list(predictions)
+        preds = [predictions[i] for i in indices]
+        refs = [references[i] for i in indices]
+        scores = rouge_scores(preds, refs, use_stemmer=True, lsum=self.hparams.rouge_lsum)
+        for name, value in scores.items():
+            self.log(f"{stage}/{name}", 100.0 * value, prog_bar=True)
+        if self.hparams.write_predictions and not self.trainer.sanity_checking:
+            ids = datamodule.example_ids(split) if hasattr(datamodule, "example_ids") else [str(i) for i in indices]
+            self._write_predictions(stage, [ids[i] for i in indices], preds, refs)
+
+    def _write_predictions(self, stage: str, ids: list[str], preds: list[str], refs: list[str]) -> None:
+        directory = self.trainer.log_dir or self.trainer.default_root_dir  # every rank asks (a collective)
+        if not self.trainer.is_global_zero:
+            return
+        path = Path(directory) / f"predictions_{stage}_epoch{self.current_epoch}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("w", encoding="utf-8") as f:
+            for example_id, prediction, reference in zip(ids, preds, refs, strict=True):
+                f.write(json.dumps({"id": example_id, "prediction": prediction, "reference": reference},
+                                   ensure_ascii=False) + "\n")
+        log.info("wrote %d %s summaries to %s", len(ids), stage, path)
+
+    def on_validation_epoch_end(self) -> None:
+        self._score("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._score("test")
+
+    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> list[str]:
+        """Generated summaries of the batch, as text."""
+        return self.generate_summaries(batch["input_ids"], batch.get("attention_mask"))
