@@ -33,8 +33,9 @@ def read_checkpoint(ckpt_path: str | Path) -> dict[str, Any]:
 def load_task_module(ckpt_path: str | Path):
     """Rebuild the task module a checkpoint was saved from (backbone from its saved hyperparameters)."""
     ckpt = read_checkpoint(ckpt_path)
-    class_path = ckpt.get(MODULE_CLASS_KEY)
     hparams = ckpt.get("hyper_parameters")
+    # Our key, or the one LightningCLI stores in subclass mode (checkpoints written before the key existed).
+    class_path = ckpt.get(MODULE_CLASS_KEY) or (hparams or {}).get("_class_path")
     if hparams is not None:  # LightningCLI adds private keys such as "_class_path" and "_instantiator"
         hparams = {k: v for k, v in hparams.items() if not k.startswith("_")}
     if class_path is None or hparams is None or "state_dict" not in ckpt:
