@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
@@ -42,18 +43,22 @@ def main(args: list[str] | None = None) -> AdaLoRACLI | None:
     argv = sys.argv[1:] if args is None else args
     if argv and argv[0] == "export":
         return export_main(argv[1:])
-    return AdaLoRACLI(
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        trainer_defaults={
-            "callbacks": [
-                ModelCheckpoint(save_last=True),
-                LearningRateMonitor(logging_interval="step"),
-            ],
-        },
-        save_config_kwargs={"overwrite": True},
-        args=args,
-    )
+    with warnings.catch_warnings():
+        # Called from Python (benchmarks, tests) with ``args``, sys.argv belongs to the caller: Lightning's
+        # warning about having both is noise there.
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+        return AdaLoRACLI(
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            trainer_defaults={
+                "callbacks": [
+                    ModelCheckpoint(save_last=True),
+                    LearningRateMonitor(logging_interval="step"),
+                ],
+            },
+            save_config_kwargs={"overwrite": True},
+            args=args,
+        )
 
 
 if __name__ == "__main__":

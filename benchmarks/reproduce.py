@@ -111,8 +111,8 @@ def table(results: list[dict], methods: list[str], tasks: list[str]) -> str:
         for task in tasks:
             values = [r["metric"] for r in results if r["method"] == method and r["task"] == task]
             mean = statistics.mean(values)
-            std = statistics.stdev(values) if len(values) > 1 else 0.0
-            cells.append(f"{mean:.2f}±{std:.2f}")
+            # One seed has no spread to show; "±0.00" would claim a measured zero.
+            cells.append(f"{mean:.2f}±{statistics.stdev(values):.2f}" if len(values) > 1 else f"{mean:.2f}")
             means.append(mean)
         params = statistics.mean(r["params"] for r in results if r["method"] == method)
         lines.append(f"| {method} | {params / 1e6:.3f}M | {' | '.join(cells)} | {statistics.mean(means):.2f} |")

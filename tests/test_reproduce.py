@@ -22,6 +22,22 @@ def test_sign_flip_test_exact_values():
     assert 0 < reproduce.sign_flip_test([0.5] * 20) < 0.01  # Monte Carlo branch
 
 
+def test_table_layout_mean_std_and_average():
+    results = [
+        {"method": "lora", "task": "cola", "seed": 1, "metric": 60.0, "params": 1_327_104},
+        {"method": "lora", "task": "cola", "seed": 2, "metric": 62.0, "params": 1_327_104},
+        {"method": "lora", "task": "rte", "seed": 1, "metric": 80.0, "params": 1_327_104},
+        {"method": "lora", "task": "rte", "seed": 2, "metric": 80.0, "params": 1_327_104},
+        {"method": "adalora", "task": "cola", "seed": 1, "metric": 70.0, "params": 1_000_000},
+        {"method": "adalora", "task": "rte", "seed": 1, "metric": 90.0, "params": 1_000_000},
+    ]
+    lines = reproduce.table(results, ["lora", "adalora"], ["cola", "rte"]).splitlines()
+    assert lines[0] == "| Method | #Params | cola | rte | Avg. |"
+    # sample std of (60, 62) is sqrt(2) = 1.41; the average is over task means
+    assert lines[2] == "| lora | 1.327M | 61.00±1.41 | 80.00±0.00 | 70.50 |"
+    assert lines[3] == "| adalora | 1.000M | 70.00 | 90.00 | 80.00 |"  # one seed: no spread shown
+
+
 @pytest.mark.slow
 def test_reproduce_smoke_writes_table_and_json(tmp_path, real_data):
     out = tmp_path / "out"
