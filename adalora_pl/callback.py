@@ -278,6 +278,9 @@ class AdaLoRACallback(Callback):
         if self.allocator is not None:
             # trainer.log_dir is a collective under DDP: every rank asks, rank zero writes.
             self._write_rank_pattern(trainer.log_dir or trainer.default_root_dir, trainer.logger)
+            # Ranks leave fit together: a gloo worker that exits while rank zero still writes the report can
+            # abort in its process-group teardown (SIGABRT, "terminate called without an active exception").
+            trainer.strategy.barrier("adalora_rank_pattern")
 
     @rank_zero_only
     def _write_rank_pattern(self, directory: str, logger: Any = None) -> None:
