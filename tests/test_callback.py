@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from adalora_pl import AdaLoRACallback
-from tests.callback_modules import MaskWriter, PlainClassifier, RandomTokens
+from tests.callback_modules import MaskWriter, OrderlyDistributedTeardown, PlainClassifier, RandomTokens
 from tests.helpers import BERT_TARGETS, max_adapter_diff, peft_layers, peft_twin
 
 TRAINABLE = ["classifier", "pooler"]
@@ -270,7 +270,8 @@ def test_ddp_two_processes_end_with_identical_masks(tmp_path):
                          tinit=2, tfinal=3, delta_t=1)
     trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", max_epochs=3, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         callbacks=[cb, MaskWriter(str(tmp_path))], default_root_dir=tmp_path)
+                         callbacks=[cb, MaskWriter(str(tmp_path)), OrderlyDistributedTeardown()],
+                         default_root_dir=tmp_path)
     trainer.fit(module)
     rank0 = json.loads((tmp_path / "masks_rank0.json").read_text())
     rank1 = json.loads((tmp_path / "masks_rank1.json").read_text())
