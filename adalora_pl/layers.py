@@ -17,6 +17,7 @@ from transformers.pytorch_utils import Conv1D
 RANKNUM_EPS = 1e-5
 
 _FUSED_DTYPES = (torch.float32, torch.float64)
+_ONE = {dtype: torch.ones(1, dtype=dtype) for dtype in _FUSED_DTYPES}  # the divisor of the LoRA form (CPU)
 # Set to False to always evaluate the unfused reference expressions (for benchmarks and debugging).
 FUSE_RESIDUAL_ADD = True
 
@@ -124,7 +125,7 @@ def add_scaled(result: torch.Tensor, update: torch.Tensor, scaling: float,
         return result
     divide = denom is not None
     if not divide:
-        denom = torch.ones(1, dtype=result.dtype)
+        denom = _ONE[result.dtype]  # x / 1 is exact, so addcdiv computes result + update * scaling
     # In place into ``update`` only in plain eager mode, on a tensor autograd lets us overwrite.
     into = (
         not _functorch_active()

@@ -59,6 +59,9 @@ from __future__ import annotations
 
 import argparse
 import copy
+import ctypes
+import ctypes.util
+import gc
 import json
 import math
 import resource
@@ -286,8 +289,6 @@ def time_variants(variants: list[Variant], steps: int, warmup: int, device: torc
 
     Python's cyclic garbage collector is run between rounds, not whenever it likes inside a timed step.
     """
-    import gc
-
     for v in variants:
         for _ in range(warmup):
             v.step()
@@ -306,8 +307,6 @@ def time_variants(variants: list[Variant], steps: int, warmup: int, device: torc
 
 def _timed_rounds(variants: list[Variant], steps: int, device: torch.device, wall: dict, cpu: dict,
                   progress: bool) -> None:
-    import gc
-
     for round_index in range(steps):
         gc.collect()
         shift = round_index % len(variants)
@@ -335,35 +334,34 @@ def _proc_status(key: str) -> int | None:
     return None
 
 
+def _libc() -> ctypes.CDLL | None:
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+
+
 def pin_glibc_malloc() -> bool:
     """Make freed large blocks go back to the system, so that the resident set follows live tensors.
 
     glibc raises its mmap threshold after the first free of a large block and then serves large blocks
     from a heap it seldom trims; pinning the threshold (and the trim threshold) turns that off.
     """
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        m_trim_threshold, m_mmap_threshold = -1, -3
-        ok = libc.mallopt(m_mmap_threshold, MMAP_THRESHOLD) == 1 and libc.mallopt(m_trim_threshold, MMAP_THRESHOLD) == 1
-        libc.malloc_trim(0)
-        return ok
-    except (OSError, AttributeError):
+    libc = _libc()
+    if libc is None or not hasattr(libc, "mallopt"):
         return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    ok = libc.mallopt(m_mmap_threshold, MMAP_THRESHOLD) == 1 and libc.mallopt(m_trim_threshold, MMAP_THRESHOLD) == 1
+    _trim()
+    return ok
 
 
 def _trim() -> None:
-    import ctypes
-    import ctypes.util
-    import gc
-
+    """Collect Python garbage, then hand glibc's free heap memory back to the system."""
     gc.collect()
-    try:
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
 
 
 def cpu_peak_delta(variant: Variant, steps: int) -> tuple[int, str]:

@@ -84,7 +84,7 @@ class OrderlyDistributedTeardown(pl.Callback):
 
     Left to Lightning's ``atexit`` handler, the gloo process group of a spawn worker is torn down at
     interpreter exit, and the worker sometimes aborts there ("terminate called without an active exception",
-    SIGABRT) after a fit that completed correctly: in 1 of 20 runs of the DDP test here even with
+    SIGABRT) after a fit that completed correctly: in 1 of 40 runs of the DDP test here even with
     AdaLoRACallback's fit-end barrier (6 of 20 without it); none in 50 runs with this callback.
     """
 
@@ -92,4 +92,3 @@ class OrderlyDistributedTeardown(pl.Callback):
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.barrier()
             torch.distributed.destroy_process_group()
-
