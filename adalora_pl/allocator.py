@@ -1,23 +1,28 @@
 """The state object of AdaLoRA: importance averages, the schedule and the rank pattern of a set of layers.
 
 :class:`RankAllocator` is called once per optimizer step, after ``optimizer.step()`` and before
-``zero_grad()``, with the 0-based step index (spec §6). It follows PEFT's ``update_and_allocate``:
+``zero_grad()``, with the 0-based step index (docs/method.md §6). It follows PEFT's ``update_and_allocate``:
 
 - ``step < total_step - tfinal``: update importance; mask to the cubic budget on multiples of delta_t.
 - ``step == total_step - tfinal``: mask to the target budget, freeze that pattern, drop the averages.
 - later steps: re-apply the frozen pattern.
 
 The parameters of all layers are gathered once, in a fixed order (A, E, B of each layer), so the
-per-step update is a handful of vectorized tensor ops on one flat float32 buffer.
+per-step update is a handful of vectorized tensor ops on one flat float32 buffer. That buffer follows the
+parameters wherever they move (Lightning moves the module to its device after the callback's ``setup``).
+
+A step without gradients (a ``training_step`` that returned None), with inf/NaN gradients, or that a
+GradScaler skipped (``applied`` False) leaves the averages unchanged.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from adalora_pl.importance import (
     Importance,
@@ -60,11 +65,17 @@ class RankAllocator:
             (s = Ibar) or ``"magnitude"`` (S_i = |E_i|), the variants of the paper's ablation (§5.2).
         sync_keep: optional function applied to the flat boolean keep-mask of all triplets before it is
             applied (e.g. a broadcast from rank 0 under DDP, so that every rank holds the same masks).
+
+    Subclasses that prune other factorizations (``adalora_pl.baselines.DoubletPruner``) set
+    :attr:`layer_type` and override :meth:`layer_params`, :meth:`layer_scores`, :meth:`magnitude_scores`,
+    :meth:`set_rank_masks` and :meth:`apply_rank_pattern`.
     """
+
+    layer_type: type[nn.Module] = SVDLinear
 
     def __init__(
         self,
-        adapters: Mapping[str, SVDLinear],
+        adapters: Mapping[str, nn.Module],
         *,
         target_r: int,
         tinit: int,
@@ -76,13 +87,13 @@ class RankAllocator:
         importance: Importance = "sensitivity_uncertainty",
         sync_keep: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
+        kind = self.layer_type.__name__
         if not adapters:
-            raise ValueError("RankAllocator needs at least one SVDLinear layer")
-        not_svd = [n for n, m in adapters.items() if not isinstance(m, SVDLinear)]
-        if not_svd:
-            raise TypeError(f"RankAllocator works on SVDLinear layers; these are not: {not_svd[:5]}")
-        init_rs = {m.r for m in adapters.values()}
-        validate_ranks(min(init_rs), target_r)
+            raise ValueError(f"{type(self).__name__} needs at least one {kind} layer")
+        wrong = [n for n, m in adapters.items() if not isinstance(m, self.layer_type)]
+        if wrong:
+            raise TypeError(f"{type(self).__name__} works on {kind} layers; these are not: {wrong[:5]}")
+        validate_ranks(min(m.r for m in adapters.values()), target_r)
         validate_betas(beta1, beta2)
         validate_importance(importance)
         self.names = list(adapters)
@@ -97,7 +108,6 @@ class RankAllocator:
             total_step=total_step,
             delta_t=delta_t,
         )
-        self.params = [p for m in self.layers for p in (m.lora_A, m.lora_E, m.lora_B)]
         self.numels = [p.numel() for p in self.params]
         device = self.params[0].device
         numel = sum(self.numels)
@@ -108,25 +118,44 @@ class RankAllocator:
         self.frozen = False
         self.last_finite: torch.Tensor | None = None
 
+    @staticmethod
+    def layer_params(layer: nn.Module) -> tuple[torch.Tensor, ...]:
+        """The parameters of one layer that importance is tracked for, in buffer order."""
+        return layer.lora_A, layer.lora_E, layer.lora_B
+
+    @property
+    def params(self) -> list[torch.Tensor]:
+        """The tracked parameters of all layers, looked up on the layers each time: moving a module may replace
+        its parameter objects (``Module.to`` does between incompatible tensor types, e.g. to ``meta``)."""
+        return [p for m in self.layers for p in self.layer_params(m)]
+
     # ------------------------------------------------------------------ per-step entry point
     @torch.no_grad()
-    def update_and_allocate(self, step: int) -> MaskEvent:
-        """Run the allocator for the optimizer step ``step`` (0-based) just taken; see module docstring."""
+    def update_and_allocate(self, step: int, applied: torch.Tensor | None = None) -> MaskEvent:
+        """Run the allocator for the optimizer step ``step`` (0-based) just taken; see module docstring.
+
+        Args:
+            step: 0-based index of the optimizer step just taken.
+            applied: optional 0-dim bool tensor, False when the optimizer step was skipped (GradScaler found
+                inf/NaN in some gradient): the averages are then left unchanged.
+        """
+        self.follow_parameters()
         schedule = self.schedule
         final_step = schedule.final_step
         phase = schedule.phase_at(step)
+        first_call = self.last_step is None
         self.last_step = step
         if step < final_step:
-            self.update_importance()
+            self.update_importance(applied)
             budget = schedule.budget_at(step)
             if schedule.is_mask_step(step):
                 return MaskEvent(step, phase, budget, True, self.mask_to_budget(budget))
             return MaskEvent(step, phase, budget, False)
         if step == final_step or not self.frozen:
-            if step > final_step:
-                log.warning("allocator first called at step %d, past total_step - tfinal; fixing the pattern now",
-                            step)
-            threshold = self.mask_to_budget(schedule.target_budget)
+            if step > final_step and first_call:
+                threshold = self._fix_pattern_without_importance(step)
+            else:
+                threshold = self.mask_to_budget(schedule.target_budget)
             self.frozen = True
             self.exp_avg_ipt.zero_()
             self.exp_avg_unc.zero_()
@@ -134,19 +163,50 @@ class RankAllocator:
         self.apply_rank_pattern()
         return MaskEvent(step, phase, schedule.target_budget, False)
 
+    def follow_parameters(self) -> None:
+        """Move the averages to the parameters' device (a no-op when they are already there)."""
+        device = self.params[0].device
+        if self.exp_avg_ipt.device != device:
+            self.exp_avg_ipt = self.exp_avg_ipt.to(device)
+            self.exp_avg_unc = self.exp_avg_unc.to(device)
+
+    def _fix_pattern_without_importance(self, step: int) -> torch.Tensor | None:
+        """First call past ``total_step - tfinal``: no importance was ever collected, so scores would all tie
+        at zero and mask every triplet. Keep the pattern the layers carry (e.g. from a weights-only
+        checkpoint); without one, keep the ``target_budget`` triplets of largest magnitude."""
+        if not all(bool(m.rank_mask.all()) for m in self.layers):
+            log.warning("allocator first called at step %d, past total_step - tfinal: keeping the rank pattern the "
+                        "layers carry", step)
+            self.apply_rank_pattern()
+            return None
+        log.warning("allocator first called at step %d, past total_step - tfinal, with no importance collected: "
+                    "keeping the %d triplets of largest magnitude", step, self.schedule.target_budget)
+        scores = torch.cat(self.magnitude_scores())
+        keep = torch.zeros_like(scores, dtype=torch.bool)
+        keep[torch.topk(scores, self.schedule.target_budget).indices] = True
+        self._apply_keep(keep)
+        return None
+
     # ------------------------------------------------------------------ importance
     @torch.no_grad()
-    def update_importance(self) -> None:
-        """One EMA step from the current weights and the gradients still in ``.grad``."""
+    def update_importance(self, applied: torch.Tensor | None = None) -> None:
+        """One EMA step from the current weights and the gradients still in ``.grad``.
+
+        Nothing changes when no parameter has a gradient (no backward ran for this step).
+        """
         if self.importance == "magnitude":
             return
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
-        ipt = elementwise_importance([p.detach() for p in self.params], grads)
+        params = self.params
+        if all(p.grad is None for p in params):
+            return
+        self.follow_parameters()
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        ipt = elementwise_importance([p.detach() for p in params], grads)
         unc = self.exp_avg_unc if self.importance == "sensitivity_uncertainty" else None
-        self.last_finite = update_importance_(self.exp_avg_ipt, unc, ipt, self.beta1, self.beta2)
+        self.last_finite = update_importance_(self.exp_avg_ipt, unc, ipt, self.beta1, self.beta2, applied)
 
     def element_scores(self) -> list[torch.Tensor]:
-        """Per-element scores s, one tensor per parameter (A, E, B of each layer), shaped like it."""
+        """Per-element scores s, one tensor per tracked parameter, shaped like it."""
         if self.importance == "sensitivity_uncertainty":
             flat = self.exp_avg_ipt * self.exp_avg_unc
         else:
@@ -156,30 +216,42 @@ class RankAllocator:
     def layer_scores(self) -> list[torch.Tensor]:
         """The triplet scores S of every layer, one (r,) tensor per layer."""
         if self.importance == "magnitude":
-            return [m.lora_E.detach().float().abs().view(-1) for m in self.layers]
+            return self.magnitude_scores()
         scores = self.element_scores()
         return [triplet_scores(scores[3 * i + 1], scores[3 * i], scores[3 * i + 2]) for i in range(len(self.layers))]
+
+    def magnitude_scores(self) -> list[torch.Tensor]:
+        """|E_i| of every layer, one (r,) float32 tensor per layer."""
+        return [m.lora_E.detach().float().abs().view(-1) for m in self.layers]
 
     # ------------------------------------------------------------------ masking
     @torch.no_grad()
     def mask_to_budget(self, budget: int) -> torch.Tensor | None:
-        """Keep the ``budget`` best triplets across all layers; zero E of the others (spec §5).
+        """Keep the ``budget`` best triplets across all layers; zero E of the others (docs/method.md §5).
 
-        Returns the threshold (0-dim tensor) or ``None`` when the budget keeps everything.
+        Ties at the threshold are all masked, as in the reference. Returns the threshold (0-dim tensor) or
+        ``None`` when the budget keeps everything.
         """
-        per_layer = self.layer_scores()
-        all_scores = torch.cat(per_layer)
+        all_scores = torch.cat(self.layer_scores())
         threshold = mask_threshold(all_scores, self.schedule.init_budget - budget)
         if threshold is None:
             keep = torch.ones_like(all_scores, dtype=torch.bool)
         else:
             keep = ~(all_scores <= threshold)
+        self._apply_keep(keep)
+        return threshold
+
+    def _apply_keep(self, keep: torch.Tensor) -> None:
         if self.sync_keep is not None:
             keep = self.sync_keep(keep)
-        for layer, layer_keep in zip(self.layers, keep.split([m.r for m in self.layers]), strict=True):
-            layer.rank_mask.copy_(layer_keep)
+        self.set_rank_masks(keep.split([m.r for m in self.layers]))
         self.apply_rank_pattern()
-        return threshold
+
+    @torch.no_grad()
+    def set_rank_masks(self, keeps: Sequence[torch.Tensor]) -> None:
+        """Store each layer's new keep-mask in its ``rank_mask`` (AdaLoRA: a masked triplet may come back)."""
+        for layer, layer_keep in zip(self.layers, keeps, strict=True):
+            layer.rank_mask.copy_(layer_keep)
 
     @torch.no_grad()
     def apply_rank_pattern(self) -> None:
@@ -218,6 +290,7 @@ class RankAllocator:
             )
         if state["importance"] != self.importance:
             raise ValueError(f"allocator state is for importance={state['importance']!r}, not {self.importance!r}")
+        self.follow_parameters()
         self.exp_avg_ipt.copy_(state["exp_avg_ipt"])
         self.exp_avg_unc.copy_(state["exp_avg_unc"])
         self.last_step = state["last_step"]

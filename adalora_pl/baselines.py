@@ -18,11 +18,10 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import nn
 
+from adalora_pl.allocator import MaskEvent, RankAllocator
 from adalora_pl.callback import AdaLoRACallback
-from adalora_pl.importance import elementwise_importance, mask_threshold, update_importance_
 from adalora_pl.injection import is_linear, name_matches, register_adapter
 from adalora_pl.layers import AdapterLayer, LoRALinear, linear_shape
-from adalora_pl.schedule import BudgetSchedule, validate_betas, validate_ranks
 
 # --------------------------------------------------------------------------- bottleneck adapters
 
@@ -40,13 +39,16 @@ class BottleneckAdapter(AdapterLayer):
         lora_dropout: dropout on the adapter's input.
     """
 
-    def __init__(self, base_layer: nn.Module, r: int, lora_alpha: float = 1.0, lora_dropout: float = 0.0) -> None:
+    def __init__(
+        self, base_layer: nn.Module, r: int, lora_alpha: float = 1.0, lora_dropout: float = 0.0,
+        autocast_adapter_dtype: bool = True,
+    ) -> None:
         if r <= 0:
             raise ValueError(f"bottleneck size must be > 0, got {r}")
-        super().__init__(base_layer, r, lora_alpha, lora_dropout)
-        weight = base_layer.weight
-        self.adapter_down = nn.Linear(self.out_features, r, device=weight.device, dtype=weight.dtype)
-        self.adapter_up = nn.Linear(r, self.out_features, device=weight.device, dtype=weight.dtype)
+        super().__init__(base_layer, r, lora_alpha, lora_dropout, autocast_adapter_dtype)
+        factory = self.adapter_factory()
+        self.adapter_down = nn.Linear(self.out_features, r, **factory)
+        self.adapter_up = nn.Linear(r, self.out_features, **factory)
         nn.init.normal_(self.adapter_down.weight, std=0.02)
         nn.init.zeros_(self.adapter_down.bias)
         nn.init.zeros_(self.adapter_up.weight)  # starts as the identity: the model equals the base model
@@ -99,8 +101,11 @@ class PrunableLoRALinear(LoRALinear):
     stays at zero (the pruner also re-zeroes it after every optimizer step, against momentum).
     """
 
-    def __init__(self, base_layer: nn.Module, r: int, lora_alpha: float, lora_dropout: float = 0.0) -> None:
-        super().__init__(base_layer, r, lora_alpha, lora_dropout)
+    def __init__(
+        self, base_layer: nn.Module, r: int, lora_alpha: float, lora_dropout: float = 0.0,
+        autocast_adapter_dtype: bool = True,
+    ) -> None:
+        super().__init__(base_layer, r, lora_alpha, lora_dropout, autocast_adapter_dtype)
         self.register_buffer("rank_mask", torch.ones(r, dtype=torch.bool, device=self.lora_A.device))
         self.lora_A.register_hook(lambda g: g * self.rank_mask.view(-1, 1).to(g.dtype))
         self.lora_B.register_hook(lambda g: g * self.rank_mask.view(1, -1).to(g.dtype))
@@ -119,86 +124,54 @@ register_adapter("prune_lora", PrunableLoRALinear)
 register_adapter("bottleneck", BottleneckAdapter)
 
 
-class DoubletPruner:
+class DoubletPruner(RankAllocator):
     """AdaLoRA's schedule and importance applied to LoRA doublets, without recovery.
 
-    Score of doublet i: mean_j s(A[i, j]) + mean_j s(B[j, i]) with s = Ibar * U (spec §3). Pruned doublets
-    score -inf at later events, so they count against the budget and never come back. Same interface as
-    :class:`~adalora_pl.allocator.RankAllocator` (``update_and_allocate``, ``state_dict``), so the
-    callback can drive it.
+    Score of doublet i: mean_j s(A[i, j]) + mean_j s(B[j, i]) with s = Ibar * U (docs/method.md §3). Pruned doublets
+    score -inf at later events, so they count against the budget and never come back. Everything else
+    (schedule, averages, DDP mask broadcast, device following, state and its checks) is
+    :class:`~adalora_pl.allocator.RankAllocator`'s; ``importance`` is always sensitivity x uncertainty.
     """
 
-    def __init__(self, adapters: Mapping[str, PrunableLoRALinear], *, target_r: int, tinit: int, tfinal: int,
-                 total_step: int, delta_t: int = 1, beta1: float = 0.85, beta2: float = 0.85) -> None:
-        validate_ranks(min(m.r for m in adapters.values()), target_r)
-        validate_betas(beta1, beta2)
-        self.names = list(adapters)
-        self.layers = list(adapters.values())
-        self.beta1, self.beta2 = beta1, beta2
-        self.schedule = BudgetSchedule(
-            init_budget=sum(m.r for m in self.layers), target_budget=target_r * len(self.layers),
-            tinit=tinit, tfinal=tfinal, total_step=total_step, delta_t=delta_t,
-        )
-        self.params = [p for m in self.layers for p in (m.lora_A, m.lora_B)]
-        self.numels = [p.numel() for p in self.params]
-        self.exp_avg_ipt = torch.zeros(sum(self.numels), device=self.params[0].device)
-        self.exp_avg_unc = torch.zeros_like(self.exp_avg_ipt)
-        self.last_step: int | None = None
-        self.frozen = False
-        self.sync_keep = None
+    layer_type = PrunableLoRALinear
+
+    def __init__(self, adapters: Mapping[str, PrunableLoRALinear], **kwargs) -> None:
+        importance = kwargs.pop("importance", "sensitivity_uncertainty")
+        if importance != "sensitivity_uncertainty":
+            raise ValueError(f"DoubletPruner scores doublets by sensitivity x uncertainty, got {importance!r}")
+        super().__init__(adapters, importance=importance, **kwargs)
+
+    @staticmethod
+    def layer_params(layer: nn.Module) -> tuple[torch.Tensor, ...]:
+        return layer.lora_A, layer.lora_B
 
     @torch.no_grad()
-    def update_and_allocate(self, step: int):
-        from adalora_pl.allocator import MaskEvent
-
-        s = self.schedule
-        self.last_step = step
-        if step < s.final_step:
-            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
-            ipt = elementwise_importance([p.detach() for p in self.params], grads)
-            update_importance_(self.exp_avg_ipt, self.exp_avg_unc, ipt, self.beta1, self.beta2)
-        budget = s.budget_at(step)
-        masked = s.is_mask_step(step) or (step >= s.final_step and not self.frozen)
-        threshold = self.mask_to_budget(budget) if masked else None
-        if step >= s.final_step:
-            self.frozen = True
-        for layer in self.layers:
-            layer.apply_rank_mask()
-        return MaskEvent(step, s.phase_at(step), budget, masked, threshold)
+    def update_and_allocate(self, step: int, applied: torch.Tensor | None = None) -> MaskEvent:
+        event = super().update_and_allocate(step, applied)
+        self.apply_rank_pattern()  # against momentum: a pruned doublet stays exactly zero
+        return event
 
     def layer_scores(self) -> list[torch.Tensor]:
-        flat = self.exp_avg_ipt * self.exp_avg_unc
-        scores = [t.view_as(p) for t, p in zip(flat.split(self.numels), self.params, strict=True)]
+        scores = self.element_scores()
         out = []
         for i, layer in enumerate(self.layers):
             score = scores[2 * i].mean(dim=1) + scores[2 * i + 1].mean(dim=0)
             out.append(score.masked_fill(~layer.rank_mask, float("-inf")))
         return out
 
-    def mask_to_budget(self, budget: int) -> torch.Tensor | None:
-        all_scores = torch.cat(self.layer_scores())
-        threshold = mask_threshold(all_scores, self.schedule.init_budget - budget)
-        if threshold is None:
-            return None
-        keep = all_scores > threshold
-        for layer, layer_keep in zip(self.layers, keep.split([m.r for m in self.layers]), strict=True):
-            layer.rank_mask &= layer_keep
-        return threshold
+    def magnitude_scores(self) -> list[torch.Tensor]:
+        """||A_i|| * ||B_:,i|| of every doublet."""
+        return [(m.lora_A.detach().float().norm(dim=1) * m.lora_B.detach().float().norm(dim=0)) for m in self.layers]
 
-    def kept_ranks(self) -> dict[str, int]:
-        return {n: m.kept_rank for n, m in zip(self.names, self.layers, strict=True)}
+    @torch.no_grad()
+    def set_rank_masks(self, keeps) -> None:
+        for layer, layer_keep in zip(self.layers, keeps, strict=True):
+            layer.rank_mask &= layer_keep  # no recovery
 
-    def rank_pattern(self) -> dict[str, list[bool]]:
-        return {n: m.rank_mask.tolist() for n, m in zip(self.names, self.layers, strict=True)}
-
-    def state_dict(self) -> dict:
-        return {"exp_avg_ipt": self.exp_avg_ipt.clone(), "exp_avg_unc": self.exp_avg_unc.clone(),
-                "last_step": self.last_step, "frozen": self.frozen}
-
-    def load_state_dict(self, state: Mapping) -> None:
-        self.exp_avg_ipt.copy_(state["exp_avg_ipt"])
-        self.exp_avg_unc.copy_(state["exp_avg_unc"])
-        self.last_step, self.frozen = state["last_step"], bool(state["frozen"])
+    @torch.no_grad()
+    def apply_rank_pattern(self) -> None:
+        for layer in self.layers:
+            layer.apply_rank_mask()
 
 
 # --------------------------------------------------------------------------- budget helper
@@ -259,6 +232,7 @@ class PruneLoRACallback(AdaLoRACallback):
 
     adapter_method = "prune_lora"
     adapter_class = PrunableLoRALinear
+    allocator_class = DoubletPruner
 
     def __init__(self, *args, **kwargs) -> None:
         kwargs.setdefault("orth_reg_weight", 0.0)
@@ -267,7 +241,3 @@ class PruneLoRACallback(AdaLoRACallback):
             raise ValueError(
                 f"PruneLoRACallback scores doublets by sensitivity x uncertainty, got {self.importance!r}"
             )
-
-    def _new_allocator(self, adapters, tinit, tfinal, total_step, delta_t, sync) -> DoubletPruner:
-        return DoubletPruner(adapters, target_r=self.target_r, tinit=tinit, tfinal=tfinal, total_step=total_step,
-                             delta_t=delta_t, beta1=self.beta1, beta2=self.beta2)

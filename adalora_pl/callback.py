@@ -11,14 +11,20 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
+from lightning.pytorch.utilities.model_helpers import is_overridden
 
 from adalora_pl.allocator import MaskEvent, RankAllocator
 from adalora_pl.importance import Importance, orthogonal_regularizer, validate_importance
 from adalora_pl.injection import DEFAULT_TRAINABLE_MODULES, find_adapters, inject_adapters, preset_targets
 from adalora_pl.layers import SVDLinear
 from adalora_pl.schedule import validate_betas, validate_ranks
+
+# Strategies that shard parameters: importance needs every rank to hold whole adapters and their gradients.
+SHARDING_STRATEGIES = (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +50,26 @@ def _find_model_for_preset(module: torch.nn.Module) -> torch.nn.Module:
     return module
 
 
+def broadcast_keep_mask(keep: torch.Tensor) -> torch.Tensor:
+    """Rank 0's boolean keep-mask on every rank: one ``torch.distributed.broadcast`` of a uint8 tensor on the
+    process group's device (CUDA for NCCL, CPU otherwise); nothing is pickled."""
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    buffer = keep.to(device=device, dtype=torch.uint8)
+    dist.broadcast(buffer, src=0)
+    return buffer.to(device=keep.device, dtype=torch.bool)
+
+
+def _grad_scaler(trainer: pl.Trainer) -> torch.amp.GradScaler | None:
+    """The GradScaler of a "16-mixed" run (None for other precisions)."""
+    return getattr(trainer.precision_plugin, "scaler", None)
+
+
+def _current_scale(scaler: torch.amp.GradScaler) -> torch.Tensor:
+    """The loss scale as a 0-dim tensor; the live ``_scale`` tensor avoids the host sync of ``get_scale()``."""
+    scale = getattr(scaler, "_scale", None)
+    return scale.detach().clone() if isinstance(scale, torch.Tensor) else torch.tensor(scaler.get_scale())
+
+
 class AdaLoRACallback(Callback):
     r"""Run AdaLoRA (Zhang et al., ICLR 2023) on a LightningModule: adapters, regularizer, pruning.
 
@@ -51,7 +77,7 @@ class AdaLoRACallback(Callback):
     freezes everything else except the ``trainable_modules``, and fixes the schedule in optimizer steps.
     At every optimizer step it adds the orthogonal regularizer's gradient, updates the importance
     averages from the gradients just applied, and masks singular values to the current budget
-    (the call order of the reference training loop, spec §6).
+    (the call order of the reference training loop, docs/method.md §6).
 
     Args:
         target_modules: name suffixes of the linear layers to adapt (``"query"`` matches
@@ -61,7 +87,7 @@ class AdaLoRACallback(Callback):
             ``pooler``, ``qa_outputs``).
         init_r: initial rank of every adapter.
         target_r: average final rank; the final budget is ``target_r`` times the number of adapters.
-        lora_alpha: adapter scaling numerator (scaling = lora_alpha / init_r, fixed).
+        lora_alpha: adapter scaling numerator (scaling = lora_alpha / (init_r + 1e-5), fixed as ranks are masked).
         lora_dropout: dropout on the adapter branch.
         tinit: warm-up before pruning, in optimizer steps (int) or as a fraction of training (float).
         tfinal: final fine-tuning with the frozen pattern, in steps (int) or as a fraction (float).
@@ -73,6 +99,17 @@ class AdaLoRACallback(Callback):
         importance: ``"sensitivity_uncertainty"`` (default), ``"sensitivity"`` or ``"magnitude"``.
         total_step: total optimizer steps T. Default: ``trainer.estimated_stepping_batches``.
         rank_pattern_file: file name written into the log dir at the end of fit.
+        autocast_adapter_dtype: adapters of a float16/bfloat16 model are kept in float32 (default, as PEFT),
+            also when a "bf16-true"/"16-true" Trainer converts the module. False: the model's dtype.
+
+    Adapters are injected (or adopted) for every stage, so ``trainer.validate/test/predict(module,
+    ckpt_path=...)`` restore a checkpoint of a fit with the callback; the allocator exists only for fit.
+    Under "16-mixed" the regularizer and the importance see unscaled gradients with every optimizer
+    (the callback unscales for optimizers that would unscale inside their own step, such as fused AdamW),
+    and a step the GradScaler skips leaves the importance averages unchanged. At the end of training the
+    masked triplets are zeroed, so the returned model has exactly the ranks of ``rank_pattern.json``.
+    A module that builds its model in ``configure_model`` gets it called once earlier, inside the same
+    contexts as Lightning's call; like Lightning, the callback expects that hook to be idempotent.
 
     Example::
 
@@ -84,6 +121,7 @@ class AdaLoRACallback(Callback):
     # What the callback injects or adopts; subclasses for other prunable adapters change these.
     adapter_method = "adalora"
     adapter_class: type = SVDLinear
+    allocator_class: type[RankAllocator] = RankAllocator
 
     def __init__(
         self,
@@ -102,6 +140,7 @@ class AdaLoRACallback(Callback):
         importance: Importance = "sensitivity_uncertainty",
         total_step: int | None = None,
         rank_pattern_file: str = "rank_pattern.json",
+        autocast_adapter_dtype: bool = True,
     ) -> None:
         validate_ranks(init_r, target_r)
         validate_betas(beta1, beta2)
@@ -124,12 +163,14 @@ class AdaLoRACallback(Callback):
         self.importance = importance
         self.total_step = total_step
         self.rank_pattern_file = rank_pattern_file
+        self.autocast_adapter_dtype = autocast_adapter_dtype
 
         self.allocator: RankAllocator | None = None
         self.budget: int | None = None
-        self._factors: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._adapters: dict[str, torch.nn.Module] = {}
         self._last_global_step = 0
         self._pending_state: dict | None = None
+        self._scale_before_step: torch.Tensor | None = None
 
     @property
     def state_key(self) -> str:
@@ -137,28 +178,46 @@ class AdaLoRACallback(Callback):
 
     # ------------------------------------------------------------------ setup
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage != "fit":
-            return
         self._refuse_unsupported_strategy(trainer)
-        adapters = self._adapters(pl_module)
+        self._build_model_first(trainer, pl_module)
+        self._adapters = self._inject_or_adopt(pl_module)
+        if stage != "fit":
+            return  # validate/test/predict: the adapters must exist to load a checkpoint, nothing is allocated
         total_step = self.total_step or self._estimated_total_steps(trainer)
-        self._build_allocator(adapters, total_step, trainer)
+        self._build_allocator(self._adapters, total_step, trainer)
         if self._pending_state is not None:
             self._load_allocator_state(self._pending_state, trainer)
             self._pending_state = None
 
-    def _refuse_unsupported_strategy(self, trainer: pl.Trainer) -> None:
-        name = type(trainer.strategy).__name__
-        if "FSDP" in name or "DeepSpeed" in name:
+    @staticmethod
+    def _refuse_unsupported_strategy(trainer: pl.Trainer) -> None:
+        if isinstance(trainer.strategy, SHARDING_STRATEGIES):
             raise RuntimeError(
-                f"AdaLoRACallback does not support {name}: importance needs every rank to hold full "
-                "adapter parameters and gradients. Use strategy='ddp' (adapters are small)."
+                f"AdaLoRACallback does not support {type(trainer.strategy).__name__}: importance needs every rank "
+                "to hold full adapter parameters and gradients. Use strategy='ddp' (adapters are small)."
             )
 
-    def _adapters(self, pl_module: pl.LightningModule) -> dict[str, SVDLinear]:
+    @staticmethod
+    def _build_model_first(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Call the module's ``configure_model`` now, in the contexts Lightning uses for it.
+
+        Lightning runs ``Callback.setup`` before ``configure_model``, but the adapters must be in the module
+        before the optimizer is configured; Lightning's own later call must then find the model built.
+        """
+        if not is_overridden("configure_model", pl_module, pl.LightningModule):
+            return
+        with (
+            trainer.strategy.tensor_init_context(),
+            trainer.strategy.model_sharded_context(),
+            trainer.precision_plugin.module_init_context(),
+        ):
+            pl_module.configure_model()
+
+    def _inject_or_adopt(self, pl_module: pl.LightningModule) -> dict[str, torch.nn.Module]:
+        """The module's adapters: the ones it has, or new ones injected into the target layers."""
         adapters = find_adapters(pl_module)
         if not adapters:
-            targets = self.target_modules or preset_targets(_find_model_for_preset(pl_module))
+            targets = self.target_modules or preset_targets(_find_model_for_preset(pl_module), self.trainable_modules)
             adapters = inject_adapters(
                 pl_module,
                 targets,
@@ -167,6 +226,7 @@ class AdaLoRACallback(Callback):
                 lora_alpha=self.lora_alpha,
                 lora_dropout=self.lora_dropout,
                 trainable_modules=self.trainable_modules,
+                autocast_adapter_dtype=self.autocast_adapter_dtype,
             )
             rank_zero_info(f"AdaLoRA: injected {len(adapters)} {self.adapter_method} adapters (init_r={self.init_r})")
         else:
@@ -196,9 +256,9 @@ class AdaLoRACallback(Callback):
     def _build_allocator(self, adapters: dict[str, SVDLinear], total_step: int, trainer: pl.Trainer) -> None:
         tinit = resolve_steps("tinit", self.tinit, total_step)
         tfinal = resolve_steps("tfinal", self.tfinal, total_step)
-        sync = self._broadcast_from_rank_zero(trainer) if trainer.world_size > 1 else None
+        sync = broadcast_keep_mask if trainer.world_size > 1 else None
         self.allocator = self._new_allocator(adapters, tinit, tfinal, total_step, self.delta_t, sync)
-        self._factors = [(m.lora_A, m.lora_B) for m in adapters.values()] if self.orth_reg_weight > 0 else []
+
         s = self.allocator.schedule
         self.budget = s.budget_at(0)
         rank_zero_info(
@@ -209,39 +269,61 @@ class AdaLoRACallback(Callback):
         )
 
     def _new_allocator(self, adapters, tinit: int, tfinal: int, total_step: int, delta_t: int, sync) -> RankAllocator:
-        return RankAllocator(
+        # Under DDP every rank computes the same mask from all-reduced gradients; the broadcast from rank 0
+        # (at mask events only) makes that a guarantee rather than an assumption.
+        return self.allocator_class(
             adapters, target_r=self.target_r, tinit=tinit, tfinal=tfinal, total_step=total_step, delta_t=delta_t,
             beta1=self.beta1, beta2=self.beta2, importance=self.importance, sync_keep=sync,
         )
 
-    @staticmethod
-    def _broadcast_from_rank_zero(trainer: pl.Trainer):
-        def sync(keep: torch.Tensor) -> torch.Tensor:
-            # Every rank computes the same mask from all-reduced gradients; the broadcast makes that a
-            # guarantee rather than an assumption (it runs at mask events only).
-            return trainer.strategy.broadcast(keep, src=0).to(keep.device)
-
-        return sync
-
     # ------------------------------------------------------------------ per step
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        current = find_adapters(pl_module)
+        if any(current.get(name) is not layer for name, layer in self._adapters.items()):
+            raise RuntimeError(
+                f"the adapters injected at setup are no longer in {type(pl_module).__name__}: its configure_model "
+                "rebuilt the model. Make configure_model idempotent (build the model only if it does not exist yet)."
+            )
+        # A "bf16-true"/"16-true" Trainer converted the whole module after setup; adapters go back to float32
+        # before the first optimizer step creates their state.
+        upcast = [name for name, layer in self._adapters.items() if layer.restore_adapter_dtype()]
+        if upcast:
+            rank_zero_info(f"AdaLoRA: {len(upcast)} adapters kept in float32 (autocast_adapter_dtype=True)")
+        scaler = _grad_scaler(trainer)
+        if scaler is not None and scaler.is_enabled() and not scaler.get_backoff_factor() < 1.0:
+            raise ValueError("AdaLoRACallback detects skipped fp16 steps by a falling loss scale: the GradScaler's "
+                             f"backoff_factor must be < 1, got {scaler.get_backoff_factor()}")
+
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._last_global_step = trainer.global_step
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        # Gradients are complete here (all micro-batches, all-reduced, unscaled under AMP) and
-        # clipping has not run yet, so the regularizer enters exactly as in loss + w * R.
-        if self.orth_reg_weight == 0 or not self._factors:
+        # Gradients are complete here (all micro-batches, all-reduced) and clipping has not run yet, so the
+        # regularizer enters exactly as in loss + w * R.
+        self._scale_before_step = None
+        if self.allocator is None:
             return
-        params = [p for pair in self._factors for p in pair]
+        params = self.allocator.params
         if all(p.grad is None for p in params):
-            return  # the training step was skipped: nothing to regularize
+            return  # the training step was skipped: nothing to regularize or unscale
+        scaler = _grad_scaler(trainer)
+        if scaler is not None and scaler.is_enabled():
+            if getattr(optimizer, "_step_supports_amp_scaling", False):
+                # Lightning leaves unscaling to such optimizers' own step (fused AdamW); the regularizer and the
+                # importance need true gradients. scaler.step() then knows they are unscaled already.
+                scaler.unscale_(optimizer)
+            self._scale_before_step = _current_scale(scaler)
+        if self.orth_reg_weight == 0 or not isinstance(self.allocator.layers[0], SVDLinear):
+            return  # the regularizer applies to singular vectors, not to LoRA factors
+        factors = [(m.lora_A, m.lora_B) for m in self.allocator.layers]
+        factor_params = [p for pair in factors for p in pair]
         with torch.enable_grad():
-            reg = orthogonal_regularizer(self._factors)
-            grads = torch.autograd.grad(reg * self.orth_reg_weight, params)
+            reg = orthogonal_regularizer(factors)
+            grads = torch.autograd.grad(reg * self.orth_reg_weight, factor_params)
         with torch.no_grad():
-            for p, g in zip(params, grads, strict=True):
+            for p, g in zip(factor_params, grads, strict=True):
                 if p.grad is None:
                     p.grad = g
                 else:
@@ -255,7 +337,17 @@ class AdaLoRACallback(Callback):
             return  # accumulating gradients: no optimizer step on this batch
         step = trainer.global_step - 1  # 0-based index of the optimizer step just taken
         self._last_global_step = trainer.global_step
-        event = self.allocator.update_and_allocate(step)
+        applied = None
+        scaler = _grad_scaler(trainer)
+        if self._scale_before_step is not None and scaler is not None:
+            # GradScaler.update() lowers the scale exactly when it skipped the step (inf/NaN in any gradient).
+            applied = _current_scale(scaler).to(self._scale_before_step.device) >= self._scale_before_step
+        event = self.allocator.update_and_allocate(step, applied)
+        if step == self.allocator.schedule.total_step - 1:
+            # Between mask events a masked triplet keeps training (it may come back at the next event); with
+            # tfinal = 0 the last event may lie steps before the end. The last step leaves the ranks of the last
+            # mask, before any end-of-training checkpoint is written, as rank_pattern.json and exports say.
+            self.allocator.apply_rank_pattern()
         self.budget = event.budget
         pl_module.log("adalora/budget", float(event.budget), on_step=True, on_epoch=False, prog_bar=True)
         if event.masked:
@@ -274,12 +366,21 @@ class AdaLoRACallback(Callback):
         trainer.logger.log_metrics(metrics, step=trainer.global_step)
 
     # ------------------------------------------------------------------ end of fit
-    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.allocator is not None:
+            # Also when training stops before total_step (early stopping, max_time): the model fit returns has
+            # the ranks of the last mask.
+            self.allocator.apply_rank_pattern()
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.allocator is None:
+            return
+        try:
             # trainer.log_dir is a collective under DDP: every rank asks, rank zero writes.
             self._write_rank_pattern(trainer.log_dir or trainer.default_root_dir, trainer.logger)
-            # Ranks leave fit together: a gloo worker that exits while rank zero still writes the report can
-            # abort in its process-group teardown (SIGABRT, "terminate called without an active exception").
+        finally:
+            # Ranks leave fit together, also when rank zero failed to write: a gloo worker that exits while rank
+            # zero still writes can abort in its process-group teardown, and a rank left alone would hang.
             trainer.strategy.barrier("adalora_rank_pattern")
 
     @rank_zero_only
@@ -301,7 +402,11 @@ class AdaLoRACallback(Callback):
         with open(path, "w") as f:
             json.dump(payload, f, indent=1)
         rank_zero_info(f"AdaLoRA: final total rank {payload['total_rank']}; rank pattern written to {path}")
-        self._write_allocation_report(directory, pattern, logger)
+        try:
+            self._write_allocation_report(directory, pattern, logger)
+        except Exception as err:  # a picture is never worth a failed fit: the pattern is already on disk
+            rank_zero_warn(f"AdaLoRA: could not draw the allocation report ({type(err).__name__}: {err}); "
+                           f"the rank pattern is in {path}")
 
     def _write_allocation_report(self, directory: str, pattern: dict[str, list[bool]], logger: Any) -> None:
         """The paper-style heatmap (layer x module type) and the planned budget curve, as PNG files next to

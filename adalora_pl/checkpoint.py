@@ -5,12 +5,14 @@ from __future__ import annotations
 import importlib
 import logging
 import pickle
+import zipfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 
-from adalora_pl.export import export_peft, merge_adapters, save_adapter
+from adalora_pl.export import check_pruned_triplets, export_peft, merge_adapters, save_adapter
 from adalora_pl.injection import find_adapters
 
 log = logging.getLogger(__name__)
@@ -19,15 +21,58 @@ MODULE_CLASS_KEY = "adalora_pl_module_class"
 EXPORT_FORMATS = ("adapter", "peft", "merged")
 
 
+def torch_archive_problem(path: Path) -> str | None:
+    """Why ``path`` is not a ``torch.save`` zip archive (None when it is one), read without unpickling.
+
+    Every checkpoint Lightning writes is such an archive: one top-level folder holding ``data.pkl``.
+    """
+    if not zipfile.is_zipfile(path):
+        return "not a zip archive, as torch.save writes"
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError) as err:
+        return f"a damaged zip archive ({err})"
+    if not any(name.count("/") == 1 and name.endswith("/data.pkl") for name in names):
+        return "a zip archive without the data.pkl entry torch.save writes"
+    return None
+
+
+def _first_line(err: BaseException) -> str:
+    # torch's unpickling errors span many lines (and suggest weights_only=False): keep the CLI's one line.
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[0] if lines else type(err).__name__
+
+
 def read_checkpoint(ckpt_path: str | Path) -> dict[str, Any]:
-    """Load a Lightning checkpoint without unpickling arbitrary objects (``weights_only=True``)."""
+    """Load a Lightning checkpoint on CPU without unpickling arbitrary objects.
+
+    The file must be a ``torch.save`` zip archive (checked from its directory, before anything is read as a
+    pickle), and it is then loaded with ``weights_only=True``, so a file that is not a checkpoint (a README,
+    a pickle of arbitrary objects) fails with one clear line instead of being unpickled.
+
+    Raises:
+        FileNotFoundError: no file at ``ckpt_path``.
+        ValueError: the file is not a Lightning checkpoint.
+    """
     path = Path(ckpt_path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a directory, not a Lightning checkpoint file (pass the .ckpt file)")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    problem = torch_archive_problem(path)
+    if problem is not None:
+        raise ValueError(f"{path} is not a Lightning checkpoint: {problem}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as err:
-        raise ValueError(f"{path} is not a readable Lightning checkpoint (or holds non-tensor objects): {err}") from err
+        raise ValueError(
+            f"{path} is not a Lightning checkpoint this tool can read safely (weights-only loading failed: "
+            f"{_first_line(err)})"
+        ) from err
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"{path} is not a Lightning checkpoint: it holds a {type(ckpt).__name__}, not a dict")
+    return ckpt
 
 
 def load_task_module(ckpt_path: str | Path):
@@ -61,26 +106,62 @@ def load_task_module(ckpt_path: str | Path):
     return module, ckpt
 
 
-def export_checkpoint(ckpt_path: str | Path, fmt: Literal["adapter", "peft", "merged"], output: str | Path) -> Path:
+def peft_schedule_fields(hparams: Mapping[str, Any], ckpt: dict[str, Any], ckpt_path: str | Path) -> dict[str, Any]:
+    """The AdaLoRA settings of a fit checkpoint as :func:`export_peft` keyword arguments.
+
+    The schedule comes from the callback's state (tinit / tfinal resolved to steps, the real total_step); the
+    rest from ``hparams`` (the rebuilt module's, so defaults are filled in), with the override the module's
+    callback applies (``svd_lora`` keeps a constant budget: ``target_r = init_r``). ``init_r`` (ranknum),
+    ``lora_alpha``, ``lora_dropout``, ``target_modules`` and ``modules_to_save`` are read by
+    :func:`export_peft` from the adapters and trained heads themselves, so they describe what was trained.
+    """
+    callbacks = ckpt.get("callbacks") or {}
+    schedule = next((s["schedule"] for s in callbacks.values() if isinstance(s, dict) and "schedule" in s), None)
+    if schedule is None:
+        raise ValueError(f"{ckpt_path} has no AdaLoRA schedule state; PEFT export needs an AdaLoRA run")
+    missing = [k for k in ("method", "init_r", "target_r", "beta1", "beta2", "orth_reg_weight") if k not in hparams]
+    if missing:
+        raise ValueError(f"{ckpt_path}: the module's hyperparameters lack {missing}; PEFT export needs an AdaLoRA run")
+    target_r = hparams["init_r"] if hparams["method"] == "svd_lora" else hparams["target_r"]
+    return {
+        "total_step": schedule["total_step"],
+        "tinit": schedule["tinit"],
+        "tfinal": schedule["tfinal"],
+        "delta_t": schedule["delta_t"],
+        "target_r": target_r,
+        "beta1": float(hparams["beta1"]),
+        "beta2": float(hparams["beta2"]),
+        "orth_reg_weight": float(hparams["orth_reg_weight"]),
+    }
+
+
+def export_checkpoint(
+    ckpt_path: str | Path, fmt: Literal["adapter", "peft", "merged"], output: str | Path, *, zero_masked: bool = False
+) -> Path:
     """Write the adapters of a fit checkpoint as ``adapter`` (safetensors + JSON), ``peft`` (a folder
-    ``PeftModel.from_pretrained`` loads) or ``merged`` (a plain transformers model, adapters folded in)."""
+    ``PeftModel.from_pretrained`` loads) or ``merged`` (a plain transformers model, adapters folded in).
+
+    Every format holds the model its rank pattern describes: a checkpoint whose pruned triplets
+    (``rank_mask`` False) still have a nonzero ``lora_E`` is refused, unless ``zero_masked=True`` zeroes them
+    first (see :func:`adalora_pl.export.check_pruned_triplets`).
+
+    Raises:
+        FileNotFoundError: no file at ``ckpt_path``.
+        ValueError: not a checkpoint of ``cli.py fit``, or one that cannot be exported in ``fmt``.
+    """
     if fmt not in EXPORT_FORMATS:
         raise ValueError(f"format must be one of {list(EXPORT_FORMATS)}, got {fmt!r}")
     module, ckpt = load_task_module(ckpt_path)
     model, h = module.model, dict(ckpt["hyper_parameters"])
     if not find_adapters(model) and fmt != "merged":
         raise ValueError(f"{ckpt_path} has no adapters (method={h.get('method')!r}); use --format merged")
+    check_pruned_triplets(model, f"{ckpt_path}", zero_masked=zero_masked)
     output = Path(output)
     if fmt == "adapter":
         save_adapter(model, output, config={**h, "backbone": h.get("backbone")})
     elif fmt == "peft":
-        allocator = (ckpt.get("callbacks") or {})
-        schedule = next((s["schedule"] for s in allocator.values() if isinstance(s, dict) and "schedule" in s), None)
-        if schedule is None:
-            raise ValueError(f"{ckpt_path} has no AdaLoRA schedule state; PEFT export needs an AdaLoRA run")
-        export_peft(model, output, base_model_name_or_path=h.get("backbone"), total_step=schedule["total_step"],
-                    tinit=schedule["tinit"], tfinal=schedule["tfinal"], target_r=h.get("target_r"),
-                    delta_t=schedule["delta_t"], orth_reg_weight=h.get("orth_reg_weight", 0.1))
+        export_peft(model, output, base_model_name_or_path=h.get("backbone"),
+                    **peft_schedule_fields(module.hparams, ckpt, ckpt_path))
     else:
         merged = merge_adapters(model)
         merged.save_pretrained(output)

@@ -6,11 +6,15 @@ Four independent tools, all working on a model that carries our adapters (:func:
   holding only the adapter tensors and the trained heads; ``load_adapter`` rebuilds the adapters on a fresh
   base model. Tensors are read with safetensors only, never unpickled.
 - :func:`export_peft` / :func:`import_peft`: the folder layout of PEFT's ``save_pretrained`` for AdaLoRA
-  (spec §8), so ``peft.PeftModel.from_pretrained(base, folder)`` gives the same outputs, and back.
+  (docs/method.md §8), so ``peft.PeftModel.from_pretrained(base, folder)`` gives the same outputs, and back.
 - :func:`merge_adapters`: fold every adapter into its base weight and put the plain layer back, leaving an
   ordinary transformers model for ``save_pretrained``.
 - :func:`compact_adapters`: physically drop pruned triplets (rank_mask False) from every :class:`SVDLinear`,
   optionally rewriting an optimizer's parameters and state so training can go on.
+
+``export_peft`` and ``compact_adapters`` drop pruned triplets, which only preserves the outputs when their
+singular values are zero; both refuse (ValueError) a pruned triplet whose ``lora_E`` is not zero, unless
+called with ``zero_masked=True``. ``save_adapter`` keeps every triplet and ``rank_mask``, so it needs no check.
 
 PEFT format, as read from peft 0.21 and checked by the tests:
 
@@ -170,6 +174,91 @@ def _json_safe(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
 
 
+def _masked_nonzero(adapter: SVDLinear) -> int:
+    """How many triplets ``rank_mask`` marks as pruned still carry a nonzero singular value."""
+    pruned = ~adapter.rank_mask.view(-1, 1).to(adapter.lora_E.device)
+    return int((pruned & (adapter.lora_E != 0)).sum())
+
+
+@torch.no_grad()
+def check_pruned_triplets(
+    model: nn.Module | Mapping[str, nn.Module], action: str, *, zero_masked: bool = False
+) -> None:
+    """Refuse a model whose pruned triplets (``rank_mask`` False) do not all have ``lora_E == 0``.
+
+    Slicing by ``rank_mask`` (:func:`export_peft`, :func:`compact_adapters`) only preserves the outputs when
+    every pruned triplet has E = 0. That holds while the allocator re-applies its pattern after every step,
+    but not, e.g., when triplets masked at the last mask event trained back (``tfinal=0`` with
+    ``delta_t > 1``): the slice would then silently change the model.
+
+    Args:
+        model: a model with adapters (only :class:`SVDLinear` layers are looked at), or the mapping of
+            its adapters by path.
+        action: how the error message starts (the operation refused).
+        zero_masked: instead of refusing, zero such triplets in ``model`` (in place), as the allocator's
+            ``apply_rank_pattern()`` would; a merged adapter is still refused. Nothing is changed before
+            every layer has been checked.
+
+    Raises:
+        ValueError: naming the layers and the number of such triplets in each.
+    """
+    adapters = model if isinstance(model, Mapping) else find_adapters(model)
+    offenders = {path: n for path, a in adapters.items() if isinstance(a, SVDLinear) and (n := _masked_nonzero(a))}
+    if not offenders:
+        return
+    listed = ", ".join(f"{path} ({n})" for path, n in list(offenders.items())[:5])
+    more = f" and {len(offenders) - 5} more layers" if len(offenders) > 5 else ""
+    total = sum(offenders.values())
+    if not zero_masked:
+        raise ValueError(
+            f"{action}: {total} triplets pruned by rank_mask still have a nonzero lora_E, in {listed}{more}; "
+            "leaving them out would change the model's outputs. Apply the rank pattern first "
+            "(RankAllocator.apply_rank_pattern(), or re-run with the AdaLoRA callback, which leaves pruned "
+            "triplets at zero), or pass zero_masked=True to zero them in the model"
+        )
+    merged = [path for path in offenders if adapters[path].merged]
+    if merged:  # its weight holds the old delta: zeroing E now would make a later unmerge wrong
+        raise ValueError(f"{action}: adapter {merged[0]!r} is merged; unmerge it before zero_masked=True")
+    log.warning("%s: zeroing %d pruned triplets with a nonzero lora_E in %s%s", action, total, listed, more)
+    for path in offenders:
+        adapter = adapters[path]
+        adapter.lora_E.masked_fill_(~adapter.rank_mask.view(-1, 1).to(adapter.lora_E.device), 0.0)
+
+
+@torch.no_grad()
+def _cast_adapter_tensor(adapter: nn.Module, name: str, dtype: torch.dtype) -> None:
+    """Give the adapter's own parameter or buffer ``name`` (a state-dict key) the dtype ``dtype``.
+
+    Replaces the tensor object (as PEFT's autocast does), so only use it before an optimizer holds it.
+    """
+    owner_name, _, attr = name.rpartition(".")
+    owner = adapter.get_submodule(owner_name) if owner_name else adapter
+    current = getattr(owner, attr)
+    if current.dtype == dtype or not current.is_floating_point():
+        return
+    if isinstance(current, nn.Parameter):
+        setattr(owner, attr, nn.Parameter(current.detach().to(dtype), requires_grad=current.requires_grad))
+    else:
+        setattr(owner, attr, current.to(dtype))  # a registered buffer stays registered under its name
+
+
+# Files of torch.save / pickle that an adapter folder may hold instead of safetensors; never loaded here.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+
+
+def _refuse_pickles(directory: Path, weights_path: Path, reader: str) -> None:
+    """A clear refusal when ``weights_path`` is missing but pickled weights sit next to it."""
+    if weights_path.is_file():
+        return
+    pickles = sorted(p.name for p in directory.iterdir() if p.is_file() and p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise ValueError(
+            f"{directory}: no {weights_path.name}, only pickled weights ({', '.join(pickles[:3])}); {reader} reads "
+            "safetensors only and never unpickles a file. Re-save the adapter with safetensors (PEFT: "
+            "save_pretrained(..., safe_serialization=True)) from an environment you trust"
+        )
+
+
 # ====================================================================== adapter-only checkpoint
 def save_adapter(
     model: nn.Module,
@@ -304,6 +393,17 @@ def _base_key(key: str, adapter_paths: Iterable[str]) -> str:
     return key
 
 
+def _saved_with_autocast(
+    tensors: Mapping[str, torch.Tensor], path: str, base: nn.Module, heads: Iterable[str]
+) -> bool:
+    """Whether the adapter at ``path`` was saved with ``autocast_adapter_dtype`` (the default): False only
+    when its own saved tensors (not trained heads such as a bias) are in its half-precision base's dtype."""
+    weight_dtype, heads = base.weight.dtype, set(heads)
+    saved = {t.dtype for k, t in tensors.items()
+             if k.startswith(path + ".") and k not in heads and t.is_floating_point()}
+    return not (weight_dtype in (torch.float16, torch.bfloat16) and weight_dtype in saved)
+
+
 def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
     """Rebuild the adapters saved by :func:`save_adapter` on ``model`` (a fresh base model) and load them.
 
@@ -315,10 +415,14 @@ def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
     Returns:
         ``model``, modified in place.
 
+    Adapter tensors come back in the dtype they were saved in (float32 adapters of a bfloat16 base stay
+    float32); head tensors take the model's dtype.
+
     Raises:
         FileNotFoundError: a file of the folder is missing.
-        ValueError: a corrupted file, an adapter path missing from the model, a shape mismatch (the message
-            names the tensor and both shapes), or a model that already has adapters.
+        ValueError: only pickled weights (``*.bin``, ``*.pt``: never unpickled), a corrupted file, an adapter
+            path missing from the model, a shape mismatch (the message names the tensor and both shapes), or a
+            model that already has adapters.
     """
     directory = Path(directory)
     config_path, weights_path = directory / ADAPTER_CONFIG_NAME, directory / ADAPTER_WEIGHTS_NAME
@@ -338,6 +442,7 @@ def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
     heads = list(meta.get("head_tensors", []))
     if find_adapters(model):
         raise ValueError(f"{type(model).__name__} already has adapters; load_adapter expects a fresh base model")
+    _refuse_pickles(directory, weights_path, "load_adapter")
     tensors = _read_safetensors(weights_path)
 
     # ---- validate everything against the base model before attaching anything. Building an adapter freezes
@@ -355,6 +460,7 @@ def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
                 r=int(_require(entry, "r", config_path)),
                 lora_alpha=entry.get("lora_alpha", meta.get("lora_alpha")),
                 lora_dropout=float(entry.get("lora_dropout", meta.get("lora_dropout", 0.0))),
+                autocast_adapter_dtype=_saved_with_autocast(tensors, path, base, heads),
             )
             for name, value in _adapter_state(built[path]).items():
                 expected[f"{path}.{name}"] = tuple(value.shape)
@@ -388,6 +494,11 @@ def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
     # ---- attach and load
     model.requires_grad_(False)
     for path, adapter in built.items():
+        # Adapters come back in the dtype they were saved in (e.g. float32 adapters of a bfloat16 base).
+        for name in _adapter_state(adapter):
+            stored = tensors[f"{path}.{name}"]
+            if stored.is_floating_point():
+                _cast_adapter_tensor(adapter, name, stored.dtype)
         adapter.requires_grad_(True)
         adapter.base_layer.requires_grad_(False)
         _replace_module(model, path, adapter)
@@ -444,6 +555,7 @@ def export_peft(
     beta2: float = 0.85,
     orth_reg_weight: float = 0.1,
     head_modules: Iterable[str] | None = None,
+    zero_masked: bool = False,
 ) -> Path:
     """Write ``model``'s AdaLoRA adapters as a PEFT adapter folder (``adapter_config.json`` +
     ``adapter_model.safetensors``) that ``peft.PeftModel.from_pretrained(base, directory)`` loads.
@@ -465,9 +577,20 @@ def export_peft(
             the mean kept rank.
         head_modules: module names saved under ``modules_to_save``; by default the modules owning the
             trainable parameters that are not adapter tensors.
+        zero_masked: a pruned triplet (``rank_mask`` False) with a nonzero ``lora_E`` is an error by default,
+            because leaving it out of the folder would change the outputs; True zeroes such triplets in
+            ``model`` (in place) first, so that the model and the export agree.
+
+    Tensors keep their dtype (float32 adapters of a bfloat16 base stay float32, as PEFT keeps them).
 
     Returns:
         The directory.
+
+    Raises:
+        ValueError: no :class:`SVDLinear` adapters, a merged adapter, settings PEFT cannot represent (several
+            ranknum / lora_alpha / lora_dropout values, lora_alpha <= 0, total_step <= tinit + tfinal), a
+            trained head that overlaps an adapter, or pruned triplets with a nonzero ``lora_E``. Nothing is
+            written then.
     """
     adapters = find_adapters(model)
     if not adapters:
@@ -495,22 +618,9 @@ def export_peft(
         raise ValueError(f"total_step ({total_step}) must exceed tinit + tfinal ({tinit} + {tfinal})")
     if task_type is None:
         task_type = infer_peft_task_type(model)
-
-    tensors: dict[str, torch.Tensor] = {}
-    rank_pattern: dict[str, list[bool]] = {}
-    kept_total = 0
-    for path, adapter in adapters.items():
-        if adapter.merged:
-            raise ValueError(f"adapter {path!r} is merged into its base weight; unmerge it before export_peft")
-        keep = adapter.rank_mask.nonzero().view(-1)
-        kept_total += keep.numel()
-        rank_pattern[f"{path}.lora_E"] = adapter.rank_mask.tolist() + [False] * (init_r - adapter.r)
-        prefix = f"{PEFT_PREFIX}{path}"
-        tensors[f"{prefix}.lora_A"] = _cpu_copy(adapter.lora_A[keep])
-        tensors[f"{prefix}.lora_E"] = _cpu_copy(adapter.lora_E[keep])
-        tensors[f"{prefix}.lora_B"] = _cpu_copy(adapter.lora_B[:, keep])
-    if target_r is None:
-        target_r = round(kept_total / len(adapters))
+    merged = [p for p, a in adapters.items() if a.merged]
+    if merged:
+        raise ValueError(f"adapter {merged[0]!r} is merged into its base weight; unmerge it before export_peft")
 
     # modules_to_save: the heads, plus whatever PEFT's suffix rule (and the task type) will wrap on load.
     heads = head_tensor_names(model, head_modules)
@@ -525,6 +635,23 @@ def export_peft(
             raise ValueError(
                 f"module {name!r} would be a PEFT modules_to_save entry but overlaps adapter {clash[0]!r}"
             )
+    # Last check, as with zero_masked=True it changes the model.
+    check_pruned_triplets(adapters, "export_peft", zero_masked=zero_masked)
+
+    tensors: dict[str, torch.Tensor] = {}
+    rank_pattern: dict[str, list[bool]] = {}
+    kept_total = 0
+    for path, adapter in adapters.items():
+        keep = adapter.rank_mask.nonzero().view(-1)
+        kept_total += keep.numel()
+        rank_pattern[f"{path}.lora_E"] = adapter.rank_mask.tolist() + [False] * (init_r - adapter.r)
+        prefix = f"{PEFT_PREFIX}{path}"
+        tensors[f"{prefix}.lora_A"] = _cpu_copy(adapter.lora_A[keep])
+        tensors[f"{prefix}.lora_E"] = _cpu_copy(adapter.lora_E[keep])
+        tensors[f"{prefix}.lora_B"] = _cpu_copy(adapter.lora_B[:, keep])
+    if target_r is None:
+        target_r = round(kept_total / len(adapters))
+    for name in wrapped:
         for key, value in model.get_submodule(name).state_dict().items():
             tensors[f"{PEFT_PREFIX}{name}.{key}"] = _cpu_copy(value)
 
@@ -583,9 +710,17 @@ def import_peft(model: nn.Module, directory: str | Path) -> nn.Module:
     the stored triplets go to the positions the rank pattern keeps, the pruned rows of A, E and B are zero
     and ``rank_mask`` is the pattern. ``modules_to_save`` tensors are copied into the model and made
     trainable. The adapter layers are found from the tensor names, so regex ``target_modules`` work too.
+    As in PEFT (``autocast_adapter_dtype=True``), adapters of a float16 / bfloat16 base are float32.
 
     Returns:
         ``model``, modified in place.
+
+    Raises:
+        FileNotFoundError: the folder or its ``adapter_config.json`` / ``adapter_model.safetensors`` is missing.
+        ValueError: another ``peft_type``, only pickled weights (``adapter_model.bin``: never unpickled), an
+            unreadable file, a module the model lacks, a shape mismatch (the message names the tensor and both
+            shapes), a rank pattern of the wrong length, or a model that already has adapters. The model is
+            not changed then.
     """
     directory = Path(directory)
     if not directory.is_dir():
@@ -595,8 +730,7 @@ def import_peft(model: nn.Module, directory: str | Path) -> nn.Module:
     peft_type = str(config.get("peft_type", "")).upper()
     if peft_type != "ADALORA":
         raise ValueError(f"{config_path}: peft_type is {config.get('peft_type')!r}, import_peft reads ADALORA")
-    if not weights_path.is_file() and (directory / "adapter_model.bin").is_file():
-        raise ValueError(f"{directory}: only adapter_model.bin (pickle) found; import_peft reads safetensors only")
+    _refuse_pickles(directory, weights_path, "import_peft")
     init_r = int(_require(config, "init_r", config_path))
     lora_alpha = _require(config, "lora_alpha", config_path)
     if lora_alpha <= 0:  # PEFT's rule: scaling = lora_alpha if lora_alpha > 0 else r
@@ -657,7 +791,9 @@ def import_peft(model: nn.Module, directory: str | Path) -> nn.Module:
     model.requires_grad_(False)
     with torch.no_grad():
         for path, parts in adapter_parts.items():
-            adapter = SVDLinear(bases[path], r=init_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout)
+            # As PEFT loads it (autocast_adapter_dtype=True, its default): float32 adapters on a half base.
+            adapter = SVDLinear(bases[path], r=init_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                                autocast_adapter_dtype=True)
             keep = keeps[path].to(adapter.rank_mask.device)
             if parts["lora_E"].shape[0] == init_r:
                 a, e, b = parts["lora_A"], parts["lora_E"] * keep.view(-1, 1).to(parts["lora_E"]), parts["lora_B"]
@@ -695,6 +831,10 @@ def merge_adapters(model: nn.Module) -> nn.Module:
     ``save_pretrained``) whose outputs equal the adapted model's within float rounding. The
     ``requires_grad`` flags of the base layers are left as they were (frozen after injection).
 
+    Adapters in another dtype than their base weight (float32 adapters of a bfloat16 model) are added in
+    the wider dtype and rounded once to the weight's: ``(W.float() + delta).to(W.dtype)``, as PEFT's
+    ``merge_and_unload`` does. Already merged adapters are only unwrapped.
+
     Returns:
         ``model``, modified in place.
     """
@@ -707,20 +847,41 @@ def merge_adapters(model: nn.Module) -> nn.Module:
     # Deepest paths first, so that replacing a module never invalidates a path still to come.
     for path in sorted(adapters, key=lambda p: p.count("."), reverse=True):
         adapter = adapters[path]
-        adapter.merge()
+        if not adapter.merged:
+            _fold_delta(adapter)
         _replace_module(model, path, adapter.base_layer)
     log.info("merged %d adapters into %s", len(adapters), type(model).__name__)
     return model
 
 
+def _fold_delta(adapter: nn.Module) -> None:
+    """``base_layer.weight`` += the adapter's delta, computed in the wider of both dtypes and rounded once.
+
+    Casting a float32 delta to a bfloat16 weight before adding would round twice; PEFT's
+    ``weight.data += delta`` promotes instead, and merged weights should equal PEFT's bit for bit.
+    """
+    weight = adapter.base_layer.weight
+    delta = adapter.delta_weight()
+    delta = delta.T if adapter.fan_in_fan_out else delta  # Conv1D stores its weight as (in, out)
+    wide = torch.promote_types(weight.dtype, delta.dtype)
+    weight.copy_(weight.to(wide) + delta.to(device=weight.device, dtype=wide))
+
+
 # ====================================================================== compaction
 @torch.no_grad()
-def compact_adapters(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict[str, int]:
+def compact_adapters(
+    model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *, zero_masked: bool = False
+) -> dict[str, int]:
     """Physically drop the pruned triplets (``rank_mask`` False) of every :class:`SVDLinear` of ``model``.
 
     Slices the rows of ``lora_A`` and ``lora_E``, the columns of ``lora_B`` and ``rank_mask`` (then all True),
     sets ``r`` to the kept rank and keeps ``ranknum`` (so the scaling, and hence the outputs, do not change:
-    a pruned triplet has E = 0). A layer compacted to rank 0 returns its base layer's output.
+    a pruned triplet has E = 0). A layer compacted to rank 0 returns its base layer's output. The new
+    parameters keep the adapters' dtype and device (which may differ from the base layer's).
+
+    A pruned triplet whose ``lora_E`` is not zero (it trained back after its last mask) would change the
+    outputs when dropped: that is a ValueError naming the layers, raised before anything changes, unless
+    ``zero_masked=True``, which zeroes such triplets first.
 
     With ``optimizer``, the new parameter objects replace the old ones in its param groups and every state
     tensor shaped like the parameter (Adam's ``exp_avg`` / ``exp_avg_sq``, SGD's momentum) is sliced the
@@ -735,27 +896,25 @@ def compact_adapters(model: nn.Module, optimizer: torch.optim.Optimizer | None =
     Returns:
         The new rank of every :class:`SVDLinear`, by module path.
     """
+    adapters = {p: a for p, a in find_adapters(model).items() if isinstance(a, SVDLinear)}
+    check_pruned_triplets(adapters, "compact_adapters", zero_masked=zero_masked)
     replacements: dict[int, tuple[nn.Parameter, nn.Parameter, int, torch.Tensor]] = {}
     ranks: dict[str, int] = {}
-    for path, adapter in find_adapters(model).items():
-        if not isinstance(adapter, SVDLinear):
-            continue
-        keep = adapter.rank_mask.nonzero().view(-1)
+    for path, adapter in adapters.items():
+        keep = adapter.rank_mask.nonzero().view(-1).to(adapter.lora_A.device)
         if keep.numel() == adapter.r:
             ranks[path] = adapter.r
             continue
-        was_merged = adapter.merged
-        if was_merged:
-            adapter.unmerge()
+        # A merged adapter stays merged as it is: the dropped triplets have E = 0, so its delta does not
+        # change, and an unmerge / merge round trip would only add rounding (in bfloat16, a lot of it).
         for name, dim in (("lora_A", 0), ("lora_E", 0), ("lora_B", 1)):
             old = getattr(adapter, name)
+            # index_select keeps old's dtype and device: float32 adapters of a bfloat16 base stay float32.
             new = nn.Parameter(old.detach().index_select(dim, keep).clone(), requires_grad=old.requires_grad)
             setattr(adapter, name, new)
             replacements[id(old)] = (old, new, dim, keep)
-        adapter.rank_mask = adapter.rank_mask[keep].clone()
+        adapter.rank_mask = adapter.rank_mask[keep.to(adapter.rank_mask.device)].clone()
         adapter.r = int(keep.numel())
-        if was_merged:
-            adapter.merge()
         ranks[path] = adapter.r
     if optimizer is not None and replacements:
         _rebind_optimizer(optimizer, replacements)
@@ -793,6 +952,7 @@ def count_adapter_parameters(model: nn.Module) -> int:
 
 
 __all__ = [
+    "check_pruned_triplets",
     "compact_adapters",
     "count_adapter_parameters",
     "export_peft",

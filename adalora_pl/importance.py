@@ -1,5 +1,5 @@
 """AdaLoRA's math as small pure functions: orthogonal regularizer, importance EMAs, triplet scores,
-and the global threshold that masks to a budget (spec §2, §3, §5).
+and the global threshold that masks to a budget (docs/method.md §2, §3, §5).
 
 Each expression keeps the reference's operation order so that results match PEFT bitwise.
 """
@@ -21,7 +21,7 @@ def validate_importance(importance: str) -> None:
 
 
 def orthogonal_regularizer(factors: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-    """Mean over all A and B of ``||A A^T - I||_F`` and ``||B^T B - I||_F`` (not squared; spec §2).
+    """Mean over all A and B of ``||A A^T - I||_F`` and ``||B^T B - I||_F`` (not squared; docs/method.md §2).
 
     Args:
         factors: ``(lora_A, lora_B)`` pairs, A of shape (r, in) and B of shape (out, r).
@@ -55,14 +55,18 @@ def update_importance_(
     ipt: torch.Tensor,
     beta1: float,
     beta2: float,
+    applied: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One EMA step of sensitivity (``exp_avg_ipt``) and uncertainty (``exp_avg_unc``), in place.
 
-    ``Ibar = b1 Ibar + (1 - b1) I``; ``U = b2 U + (1 - b2) |I - Ibar|`` with the updated Ibar (spec §3).
-    A step whose ``ipt`` holds inf or NaN leaves both averages unchanged. Returns that verdict as a
-    0-dim bool tensor on the device, without a host synchronization.
+    ``Ibar = b1 Ibar + (1 - b1) I``; ``U = b2 U + (1 - b2) |I - Ibar|`` with the updated Ibar (docs/method.md §3).
+    A step whose ``ipt`` holds inf or NaN, or whose ``applied`` (0-dim bool tensor) is False, leaves both
+    averages unchanged. Returns whether the step entered the averages, as a 0-dim bool tensor on the
+    device, without a host synchronization.
     """
     finite = torch.isfinite(ipt).all()
+    if applied is not None:
+        finite = finite & applied.to(finite.device)
     new_avg = beta1 * exp_avg_ipt + (1 - beta1) * ipt
     exp_avg_ipt.copy_(torch.where(finite, new_avg, exp_avg_ipt))
     if exp_avg_unc is not None:
@@ -72,7 +76,7 @@ def update_importance_(
 
 
 def triplet_scores(score_E: torch.Tensor, score_A: torch.Tensor, score_B: torch.Tensor) -> torch.Tensor:
-    """S_i = s(E_i) + mean_j s(A[i, j]) + mean_j s(B[j, i]) for one layer, shape (r,) (spec §3).
+    """S_i = s(E_i) + mean_j s(A[i, j]) + mean_j s(B[j, i]) for one layer, shape (r,) (docs/method.md §3).
 
     Args:
         score_E: (r, 1) element scores of E.

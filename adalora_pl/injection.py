@@ -20,25 +20,37 @@ def register_adapter(method: str, cls: type[AdapterLayer]) -> None:
     """Make ``method`` usable in :func:`inject_adapters`; ``cls(base_layer, r, lora_alpha, lora_dropout)``."""
     ADAPTER_CLASSES[method] = cls
 
+
+# One entry of a preset: a name suffix, or a tuple of alternative suffixes that fill the same role in
+# different members of a model family (at least one of them must exist; see :func:`preset_targets`).
+PresetEntry = str | tuple[str, ...]
+
 # Linear layers adapted per transformer block, by model_type. Encoders: the paper's six matrices per layer
-# (query, key, value, attention output, FFN in, FFN out; spec §7). Suffixes match whole name components.
-TARGET_MODULE_PRESETS: dict[str, list[str]] = {
+# (query, key, value, attention output, FFN in, FFN out; docs/method.md §7). Suffixes match whole name components.
+# Names are qualified where a bare name would also match a task head (BART's ``out_proj`` is also
+# ``classification_head.out_proj``), so that ``preset_targets(model)`` can be passed on as explicit targets.
+TARGET_MODULE_PRESETS: dict[str, list[PresetEntry]] = {
     "deberta-v2": [
         "query_proj", "key_proj", "value_proj", "attention.output.dense", "intermediate.dense", "output.dense",
     ],
     "bert": ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"],
     "roberta": ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"],
     "mpnet": ["attn.q", "attn.k", "attn.v", "attn.o", "intermediate.dense", "output.dense"],
-    "bart": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
-    "t5": ["q", "k", "v", "o", "wi", "wi_0", "wi_1", "wo"],
+    "bart": ["q_proj", "k_proj", "v_proj", "self_attn.out_proj", "encoder_attn.out_proj", "fc1", "fc2"],
+    # T5 v1.0 has one FFN input ``wi``; T5 v1.1 / flan-t5 (gated FFN) have ``wi_0`` and ``wi_1`` instead.
+    "t5": ["q", "k", "v", "o", ("wi", "wi_0", "wi_1"), "wo"],
     "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
     "mistral": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
     "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
     "gpt2": ["c_attn", "attn.c_proj", "c_fc", "mlp.c_proj"],
 }
 
-# Task heads trained in full next to the adapters, as the authors do (spec §7: classifier and pooler).
-DEFAULT_TRAINABLE_MODULES = ["classifier", "pooler", "qa_outputs", "score"]
+# Task heads trained in full next to the adapters, as the authors do (docs/method.md §7: classifier and pooler). They
+# cover the heads of the auto classes: ``classifier`` (BERT/RoBERTa/DeBERTa/MPNet sequence and token
+# classification; a module with ``dense`` and ``out_proj`` in RoBERTa and MPNet), ``pooler`` (BERT, DeBERTa),
+# ``classification_head`` (BART, T5), ``qa_outputs`` (question answering), ``score`` (Llama, Mistral, Qwen2,
+# GPT-2). A language model's ``lm_head`` is left out: many models tie it to the input embeddings.
+DEFAULT_TRAINABLE_MODULES = ["classifier", "pooler", "classification_head", "qa_outputs", "score"]
 
 
 def is_linear(module: nn.Module) -> bool:
@@ -50,8 +62,18 @@ def name_matches(name: str, suffix: str) -> bool:
     return name == suffix or name.endswith("." + suffix)
 
 
-def preset_targets(model: nn.Module) -> list[str]:
-    """The preset target names for ``model.config.model_type``; a clear error for unknown types."""
+def preset_targets(model: nn.Module, trainable_modules: Sequence[str] = DEFAULT_TRAINABLE_MODULES) -> list[str]:
+    """The preset for ``model.config.model_type``, resolved against ``model``: the names it has.
+
+    A plain preset entry is required; a tuple entry lists alternatives of which the model has at least one
+    (T5's ``("wi", "wi_0", "wi_1")``) and keeps those it has. Modules inside ``trainable_modules`` are not
+    looked at: they are trained in full, not adapted. The result is a list of suffixes that can be passed
+    on as ``target_modules`` (to :func:`inject_adapters`, or to PEFT).
+
+    Raises:
+        ValueError: no preset for the model type (or no config), or a required entry (or every alternative
+            of a tuple entry) matches no module of ``model``; the message lists the linear layers it has.
+    """
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type not in TARGET_MODULE_PRESETS:
         raise ValueError(
@@ -59,7 +81,33 @@ def preset_targets(model: nn.Module) -> list[str]:
             f"Presets exist for: {sorted(TARGET_MODULE_PRESETS)}. "
             f"Linear layers of this model: {linear_layer_suffixes(model)}"
         )
-    return TARGET_MODULE_PRESETS[model_type]
+    heads = trainable_module_names(model, trainable_modules)
+    names = [n for n, _ in model.named_modules() if n and not inside_any(n, heads)]
+    targets: list[str] = []
+    missing: list[PresetEntry] = []
+    for entry in TARGET_MODULE_PRESETS[model_type]:
+        alternatives = (entry,) if isinstance(entry, str) else entry
+        present = [t for t in alternatives if any(name_matches(n, t) for n in names)]
+        if not present:
+            missing.append(entry)
+        targets.extend(present)
+    if missing:
+        raise ValueError(
+            f"the {model_type!r} preset entries {missing} match no module of {type(model).__name__} outside "
+            f"the trainable modules {list(trainable_modules)}; pass target_modules explicitly. "
+            f"Linear layers of this model: {linear_layer_suffixes(model)}"
+        )
+    return targets
+
+
+def trainable_module_names(model: nn.Module, trainable_modules: Sequence[str]) -> list[str]:
+    """Paths of the modules of ``model`` whose names end in one of ``trainable_modules``."""
+    return [n for n, _ in model.named_modules() if n and any(name_matches(n, t) for t in trainable_modules)]
+
+
+def inside_any(name: str, parents: Sequence[str]) -> str | None:
+    """The first of ``parents`` that is ``name`` or contains it, else ``None``."""
+    return next((p for p in parents if name == p or name.startswith(p + ".")), None)
 
 
 def linear_layer_suffixes(model: nn.Module) -> list[str]:
@@ -88,14 +136,17 @@ def inject_adapters(
     lora_alpha: float = 32,
     lora_dropout: float = 0.0,
     trainable_modules: Sequence[str] = DEFAULT_TRAINABLE_MODULES,
+    autocast_adapter_dtype: bool = True,
 ) -> dict[str, AdapterLayer]:
     """Replace the target linear layers of ``model`` in place by adapters and freeze everything else.
 
     Args:
         model: any ``nn.Module`` (usually a transformers model).
         target_modules: name suffixes of the linear layers to adapt (``"query"`` matches
-            ``encoder.layer.3.attention.self.query``). ``None`` takes the preset for
-            ``model.config.model_type`` (see :data:`TARGET_MODULE_PRESETS`).
+            ``encoder.layer.3.attention.self.query``); each must match at least one module. ``None`` takes
+            the preset for ``model.config.model_type`` resolved against the model (see
+            :func:`preset_targets`): alternatives the model lacks are dropped, and modules inside
+            ``trainable_modules`` are left to be trained in full instead of adapted.
         method: ``"adalora"`` (:class:`SVDLinear`, ``r`` is init_r), ``"lora"`` (:class:`LoRALinear`), or a
             method registered with :func:`register_adapter` (baselines: ``"prune_lora"``, ``"bottleneck"``).
         r: initial rank for AdaLoRA, rank for LoRA.
@@ -103,25 +154,63 @@ def inject_adapters(
         lora_dropout: dropout on the adapter branch.
         trainable_modules: name suffixes of modules trained in full (task heads). Names that match
             nothing are allowed (a model without a pooler); they are logged.
+        autocast_adapter_dtype: float32 adapters on a float16/bfloat16 model (default, as PEFT); False keeps
+            the model's dtype.
 
     Returns:
         The adapters by module path.
 
     Raises:
-        ValueError: a target matches nothing, matches a layer that is not linear, or lies inside a
-            trainable module; the message lists the linear layers the model has.
+        ValueError: an explicit target matches nothing, or lies inside a trainable module; a target matches
+            a layer that is not linear; the preset misses a required entry (see :func:`preset_targets`). The
+            message lists the linear layers the model has.
     """
     if method not in ADAPTER_CLASSES:
         raise ValueError(f"method must be one of {sorted(ADAPTER_CLASSES)}, got {method!r}")
     if find_adapters(model):
         raise ValueError("model already has adapters; use find_adapters(model) to adopt them")
-    targets = list(target_modules) if target_modules is not None else preset_targets(model)
+    from_preset = target_modules is None
+    targets = preset_targets(model, trainable_modules) if from_preset else list(target_modules)
     if not targets:
         raise ValueError("target_modules is empty: name at least one linear layer to adapt")
+    heads = trainable_module_names(model, trainable_modules)
+    # A preset is a convenience: where one of its names also matches inside a head, the head wins. An
+    # explicit target is what the user asked for, so an adapter it would put inside a head is an error.
+    matched = match_targets(model, targets, skip=heads if from_preset else ())
+    for name in matched:
+        head = inside_any(name, heads)
+        if head is not None:
+            raise ValueError(
+                f"adapter target {name!r} lies inside trainable module {head!r}; "
+                "narrow target_modules or trainable_modules"
+            )
 
+    model.requires_grad_(False)
+    layer_cls = ADAPTER_CLASSES[method]
+    adapters = {}
+    for name, module in matched.items():
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        adapter = layer_cls(module, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                            autocast_adapter_dtype=autocast_adapter_dtype)
+        setattr(parent, child, adapter)
+        adapters[name] = adapter
+    set_trainable_modules(model, trainable_modules)
+    log.info("injected %d %s adapters (r=%d) into %s", len(adapters), method, r, type(model).__name__)
+    return adapters
+
+
+def match_targets(model: nn.Module, targets: Sequence[str], skip: Sequence[str] = ()) -> dict[str, nn.Module]:
+    """The linear layers of ``model`` that ``targets`` name, by path; modules inside ``skip`` are passed over.
+
+    Raises:
+        ValueError: a target matches a module that is not linear, or matches nothing (outside ``skip``).
+    """
     matched: dict[str, nn.Module] = {}
     hits = dict.fromkeys(targets, 0)
     for name, module in model.named_modules():
+        if inside_any(name, skip) is not None:
+            continue
         for target in targets:
             if name_matches(name, target):
                 hits[target] += 1
@@ -137,28 +226,7 @@ def inject_adapters(
             f"target_modules {missing} match no module of {type(model).__name__}. "
             f"Linear layers of this model: {linear_layer_suffixes(model)}"
         )
-
-    heads = [n for n, _ in model.named_modules() if n and any(name_matches(n, t) for t in trainable_modules)]
-    for name in matched:
-        inside = [h for h in heads if name == h or name.startswith(h + ".")]
-        if inside:
-            raise ValueError(
-                f"adapter target {name!r} lies inside trainable module {inside[0]!r}; "
-                "narrow target_modules or trainable_modules"
-            )
-
-    model.requires_grad_(False)
-    layer_cls = ADAPTER_CLASSES[method]
-    adapters = {}
-    for name, module in matched.items():
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        adapter = layer_cls(module, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout)
-        setattr(parent, child, adapter)
-        adapters[name] = adapter
-    set_trainable_modules(model, trainable_modules)
-    log.info("injected %d %s adapters (r=%d) into %s", len(adapters), method, r, type(model).__name__)
-    return adapters
+    return matched
 
 
 def set_trainable_modules(model: nn.Module, trainable_modules: Sequence[str]) -> list[str]:

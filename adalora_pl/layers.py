@@ -2,7 +2,7 @@
 
 Both wrap a frozen linear layer (``nn.Linear`` or GPT-2's ``Conv1D``) kept as ``base_layer`` and add a
 low-rank branch. The arithmetic of :class:`SVDLinear` follows the reference implementations operation
-for operation (spec §1), so that masks and parameters can be compared with PEFT bitwise.
+for operation (docs/method.md §1), so that masks and parameters can be compared with PEFT bitwise.
 """
 
 from __future__ import annotations
@@ -155,13 +155,39 @@ def linear_shape(base_layer: nn.Module) -> tuple[int, int, bool]:
     )
 
 
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def adapter_dtype(base_dtype: torch.dtype, autocast_adapter_dtype: bool = True) -> torch.dtype:
+    """The dtype of an adapter's parameters on a base layer of ``base_dtype``.
+
+    float32 for float16/bfloat16 base weights unless ``autocast_adapter_dtype`` is False (PEFT's default too):
+    late in a decayed schedule AdamW's updates of a half-precision adapter round away to nothing.
+    """
+    if autocast_adapter_dtype and base_dtype in HALF_DTYPES:
+        return torch.float32
+    return base_dtype
+
+
 class AdapterLayer(nn.Module):
     """Base of every adapter layer: frozen base layer, dropout, merge/unmerge bookkeeping.
 
-    Subclasses (here and in :mod:`adalora_pl.baselines`) define ``forward`` and ``delta_weight``.
+    Subclasses (here and in :mod:`adalora_pl.baselines`) define ``forward`` and ``delta_weight``, and create
+    their parameters with :meth:`adapter_factory`.
+
+    Args:
+        base_layer: the ``nn.Linear`` (or GPT-2 ``Conv1D``) to adapt; its parameters are frozen.
+        r: rank (bottleneck size for bottleneck adapters).
+        lora_alpha: scaling numerator.
+        lora_dropout: dropout probability on the adapter branch only.
+        autocast_adapter_dtype: keep the adapter's parameters in float32 when the base layer is float16 or
+            bfloat16 (default, as PEFT). False: the base layer's dtype.
     """
 
-    def __init__(self, base_layer: nn.Module, r: int, lora_alpha: float, lora_dropout: float) -> None:
+    def __init__(
+        self, base_layer: nn.Module, r: int, lora_alpha: float, lora_dropout: float,
+        autocast_adapter_dtype: bool = True,
+    ) -> None:
         super().__init__()
         if r < 0:
             raise ValueError(f"adapter rank r must be >= 0, got {r}")
@@ -174,7 +200,44 @@ class AdapterLayer(nn.Module):
         self.r = r
         self.lora_alpha = lora_alpha
         self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
+        self.autocast_adapter_dtype = autocast_adapter_dtype
         self.merged = False
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base layer's weight: model code that reads ``layer.weight`` (T5's FFN checks its dtype) sees it."""
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
+    def adapter_factory(self) -> dict:
+        """``device``/``dtype`` keyword arguments for the adapter's own tensors."""
+        weight = self.base_layer.weight
+        return {"device": weight.device, "dtype": adapter_dtype(weight.dtype, self.autocast_adapter_dtype)}
+
+    def adapter_parameters(self) -> list[nn.Parameter]:
+        """The adapter's own parameters (everything but the base layer's)."""
+        return [p for n, p in self.named_parameters() if not n.startswith("base_layer.")]
+
+    @torch.no_grad()
+    def restore_adapter_dtype(self) -> bool:
+        """Upcast half-precision adapter tensors back to float32 (``autocast_adapter_dtype``); True if any was.
+
+        A "bf16-true"/"16-true" Trainer converts the whole module after the adapters exist; this undoes that for
+        the adapter alone, in place (``.data``), so optimizers keep the same parameter objects.
+        """
+        if not self.autocast_adapter_dtype:
+            return False
+        changed = False
+        tensors = [*self.adapter_parameters()]
+        tensors += [b for n, b in self.named_buffers() if not n.startswith("base_layer.")]
+        for t in tensors:
+            if t.dtype in HALF_DTYPES:
+                t.data = t.data.float()
+                changed = True
+        return changed
 
     def delta_weight(self) -> torch.Tensor:
         raise NotImplementedError
@@ -189,7 +252,7 @@ class AdapterLayer(nn.Module):
         if self.merged:
             return
         weight = self.base_layer.weight
-        weight += self._orient(self.delta_weight()).to(weight.dtype)
+        weight += self._orient(self.delta_weight())  # in the wider dtype, rounded once into the weight
         self.merged = True
 
     @torch.no_grad()
@@ -198,7 +261,7 @@ class AdapterLayer(nn.Module):
         if not self.merged:
             return
         weight = self.base_layer.weight
-        weight -= self._orient(self.delta_weight()).to(weight.dtype)
+        weight -= self._orient(self.delta_weight())
         self.merged = False
 
     def extra_repr(self) -> str:
@@ -216,6 +279,7 @@ class SVDLinear(AdapterLayer):
             values in ``lora_E`` but never changes the scaling.
         lora_alpha: scaling numerator (the reference divides by ranknum, not by r).
         lora_dropout: dropout probability on the adapter branch only.
+        autocast_adapter_dtype: float32 adapter tensors on a float16/bfloat16 base layer (default).
 
     Attributes:
         lora_A: (r, in) right singular vectors, N(0, 0.02).
@@ -226,10 +290,12 @@ class SVDLinear(AdapterLayer):
             It travels with a weights-only checkpoint, so the final rank pattern is never lost.
     """
 
-    def __init__(self, base_layer: nn.Module, r: int, lora_alpha: float, lora_dropout: float = 0.0) -> None:
-        super().__init__(base_layer, r, lora_alpha, lora_dropout)
-        weight = base_layer.weight
-        factory = {"device": weight.device, "dtype": weight.dtype if weight.is_floating_point() else None}
+    def __init__(
+        self, base_layer: nn.Module, r: int, lora_alpha: float, lora_dropout: float = 0.0,
+        autocast_adapter_dtype: bool = True,
+    ) -> None:
+        super().__init__(base_layer, r, lora_alpha, lora_dropout, autocast_adapter_dtype)
+        factory = self.adapter_factory()
         self.lora_A = nn.Parameter(torch.empty(r, self.in_features, **factory))
         self.lora_E = nn.Parameter(torch.zeros(r, 1, **factory))
         self.lora_B = nn.Parameter(torch.empty(self.out_features, r, **factory))
@@ -237,7 +303,7 @@ class SVDLinear(AdapterLayer):
         nn.init.normal_(self.lora_B, mean=0.0, std=0.02)
         # A (1,)-tensor as in the reference: dividing by it (not by a Python float) keeps bitwise parity.
         self.register_buffer("ranknum", torch.full((1,), float(r), **factory))
-        self.register_buffer("rank_mask", torch.ones(r, dtype=torch.bool, device=weight.device))
+        self.register_buffer("rank_mask", torch.ones(r, dtype=torch.bool, device=factory["device"]))
 
     @property
     def scaling(self) -> float:
@@ -260,6 +326,7 @@ class SVDLinear(AdapterLayer):
         # Same operation order as the reference, so results match PEFT bitwise:
         # result += update * scaling / (ranknum + 1e-5), fused into one pass where that is exact.
         update = self.lora_dropout(x) @ (self.lora_A * self.lora_E).T @ self.lora_B.T
+        # A float32 adapter on a half-precision base adds into the base output in place, rounding once (PEFT).
         return add_scaled(result, update, self.scaling, self.ranknum + RANKNUM_EPS)
 
 
@@ -279,12 +346,14 @@ class LoRALinear(AdapterLayer):
         lora_B: (out, r), zeros, so the layer starts equal to ``base_layer``.
     """
 
-    def __init__(self, base_layer: nn.Module, r: int, lora_alpha: float, lora_dropout: float = 0.0) -> None:
+    def __init__(
+        self, base_layer: nn.Module, r: int, lora_alpha: float, lora_dropout: float = 0.0,
+        autocast_adapter_dtype: bool = True,
+    ) -> None:
         if r <= 0:
             raise ValueError(f"LoRA rank r must be > 0, got {r}")
-        super().__init__(base_layer, r, lora_alpha, lora_dropout)
-        weight = base_layer.weight
-        factory = {"device": weight.device, "dtype": weight.dtype}
+        super().__init__(base_layer, r, lora_alpha, lora_dropout, autocast_adapter_dtype)
+        factory = self.adapter_factory()
         self.lora_A = nn.Parameter(torch.empty(r, self.in_features, **factory))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, **factory))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
@@ -302,8 +371,9 @@ class LoRALinear(AdapterLayer):
         if self.merged:
             return result
         x = x.to(self.lora_A.dtype)
+        update = self.lora_dropout(x) @ self.lora_A.T @ self.lora_B.T
+        if update.dtype != result.dtype:  # float32 adapter on a half-precision base: add, then round once
+            return (result + update * self.scaling).to(result.dtype)
         # result + update * scaling, fused into one pass where that is exact.
-        return add_scaled(result, self.lora_dropout(x) @ self.lora_A.T @ self.lora_B.T, self.scaling)
+        return add_scaled(result, update, self.scaling)
 
-
-ADAPTER_TYPES = (SVDLinear, LoRALinear)

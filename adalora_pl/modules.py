@@ -124,7 +124,7 @@ class AdapterModule(pl.LightningModule):
             r = bottleneck_size
         else:
             layer_method = {"svd_lora": "adalora"}.get(method, method)
-            targets = list(target_modules) if target_modules else preset_targets(self.model)
+            targets = list(target_modules) if target_modules else preset_targets(self.model, trainable_modules)
             r = init_r
         if param_budget is not None:
             shapes = linear_shapes(self.model, [n for n, _ in self.model.named_modules()
@@ -228,12 +228,16 @@ class GLUEClassifier(AdapterModule):
             )
 
     def build_backbone(self, backbone: str) -> nn.Module:
-        config = AutoConfig.from_pretrained(backbone, num_labels=self.task.num_labels)
+        from adalora_pl.backbone import check_backbone, load_pretrained
+
+        backbone = check_backbone(backbone)  # a mistyped folder says so, not "Repo id must use alphanumeric chars"
+        config = load_pretrained(AutoConfig.from_pretrained, backbone, num_labels=self.task.num_labels)
         if self.task.is_regression:
             config.problem_type = "regression"
         # A backbone saved with another head (e.g. 2 labels, used for STS-B) gets a fresh head; transformers
         # reports which weights were re-initialized.
-        return AutoModelForSequenceClassification.from_pretrained(backbone, config=config, ignore_mismatched_sizes=True)
+        return load_pretrained(AutoModelForSequenceClassification.from_pretrained, backbone, config=config,
+                               ignore_mismatched_sizes=True)
 
     def forward(self, **batch: torch.Tensor):
         return self.model(**batch)

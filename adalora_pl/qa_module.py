@@ -57,7 +57,9 @@ class QuestionAnswering(AdapterModule):
         self._eval_rows: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
 
     def build_backbone(self, backbone: str) -> nn.Module:
-        return AutoModelForQuestionAnswering.from_pretrained(backbone)
+        from adalora_pl.backbone import check_backbone, load_pretrained
+
+        return load_pretrained(AutoModelForQuestionAnswering.from_pretrained, check_backbone(backbone))
 
     def setup(self, stage: str) -> None:
         data_v2 = getattr(getattr(self.trainer, "datamodule", None), "version_2", None)

@@ -1,4 +1,4 @@
-"""The cubic budget schedule of AdaLoRA (spec §4) and the validation of its settings.
+"""The cubic budget schedule of AdaLoRA (docs/method.md §4) and the validation of its settings.
 
 ``step`` is always the 0-based count of optimizer steps already taken when the allocator runs.
 """
@@ -44,7 +44,7 @@ def validate_schedule(tinit: int, tfinal: int, total_step: int, delta_t: int) ->
 
 
 def budget_at(step: int, *, init_budget: int, target_budget: int, tinit: int, tfinal: int, total_step: int) -> int:
-    """Total rank budget after ``step`` optimizer steps (spec §4).
+    """Total rank budget after ``step`` optimizer steps (docs/method.md §4).
 
     ``init_budget`` until ``tinit``, a cubic decrease to ``target_budget`` at ``total_step - tfinal``,
     ``target_budget`` afterwards. The expression mirrors the reference so budgets agree exactly.

@@ -80,7 +80,9 @@ class Seq2SeqSummarizer(AdapterModule):
         self._eval_outputs: list[tuple[int, str]] = []
 
     def build_backbone(self, backbone: str) -> nn.Module:
-        return AutoModelForSeq2SeqLM.from_pretrained(backbone)
+        from adalora_pl.backbone import check_backbone, load_pretrained
+
+        return load_pretrained(AutoModelForSeq2SeqLM.from_pretrained, check_backbone(backbone))
 
     def forward(self, **batch: torch.Tensor):
         return self.model(**batch)

@@ -9,6 +9,7 @@ is shared: tokenization with ``Dataset.map`` (truncation only) and dynamic paddi
 from __future__ import annotations
 
 import csv
+import logging
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -19,8 +20,13 @@ import datasets
 import lightning as L
 from torch.utils.data import DataLoader
 
+from adalora_pl.backbone import LoadError, check_tokenizer, load_pretrained
+
+log = logging.getLogger(__name__)
+
 HUB_DATASET = "nyu-mll/glue"
 LABEL_COLUMN = "labels"
+_TRUNCATED = "_truncated"  # transient column: whether max_seq_length cut the example
 STSB_SCORE_RANGE = (0.0, 5.0)
 
 
@@ -204,6 +210,25 @@ def _parse_label(task: GlueTask, raw: str, where: str) -> int | float:
     return score
 
 
+def utf8_error(path: Path, err: UnicodeDecodeError) -> ValueError:
+    """A ValueError naming ``path`` and the 1-based line of its first bytes that are not UTF-8.
+
+    The decoder's offset counts from its last buffer, not from the file start, so the line is found again by
+    decoding the file line by line (``\\n`` is never part of a multi-byte UTF-8 character).
+    """
+    with path.open("rb") as handle:
+        for line_no, raw in enumerate(handle, start=1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as line_err:
+                bad = raw[line_err.start : line_err.end]
+                return ValueError(
+                    f"{path}, line {line_no}: bytes {bad!r} are not valid UTF-8 ({line_err.reason}); "
+                    "convert the file to UTF-8 (e.g. iconv -f latin1 -t utf-8)"
+                )
+    return ValueError(f"{path}: not valid UTF-8 ({err}); convert the file to UTF-8")
+
+
 def read_glue_tsv(path: str | Path, task: GlueTask | str) -> dict[str, list[Any]]:
     """Read one GLUE TSV file into columns: the task's hub text columns plus ``"label"``.
 
@@ -221,20 +246,35 @@ def read_glue_tsv(path: str | Path, task: GlueTask | str) -> dict[str, list[Any]
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
-        ValueError: A required column is missing from the header, a line has the wrong number of
-            fields, or a label is outside the task's label set (or an STS-B score is not a number in
-            [0, 5]). The message names the file, the 1-based line number and the offending value.
+        ValueError: The file has no examples (empty, or a header only), is not UTF-8, a required
+            column is missing from the header, a line has the wrong number of fields, or a label is
+            outside the task's label set (or an STS-B score is not a number in [0, 5]). The message
+            names the file, the 1-based line number and the offending value.
     """
     task = task if isinstance(task, GlueTask) else get_glue_task(task)
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"GLUE {task.name} file not found: {path}")
+    try:
+        columns = _read_tsv_columns(path, task)
+    except UnicodeDecodeError as err:
+        raise utf8_error(path, err) from None
+    if not columns["label"]:
+        # Zero rows would only surface much later, as a scheduler without steps ("pass total_step=").
+        what = "the file is empty" if path.stat().st_size == 0 else "it holds no line after the header"
+        raise ValueError(f"{path} has no examples ({what}); GLUE {task.name} needs one example per line")
+    return columns
+
+
+def _read_tsv_columns(path: Path, task: GlueTask) -> dict[str, list[Any]]:
     columns: dict[str, list[Any]] = {name: [] for name in (*task.text_columns, "label")}
     with path.open(encoding="utf-8-sig", newline="") as handle:
         reader = csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE)
         fieldnames = task.tsv_fieldnames
         if fieldnames is None:
             fieldnames = tuple(next(reader, ()))
+            if not fieldnames:
+                return columns  # an empty file: read_glue_tsv says so
             wanted = (*task.tsv_text_columns, task.tsv_label_column)
             missing = [name for name in wanted if name not in fieldnames]
             if missing:
@@ -317,7 +357,8 @@ class GLUEDataModule(L.LightningDataModule):
             model's backbone. Required by :meth:`setup`.
         data_dir: Folder with the GLUE TSV files, either the task folder itself or the GLUE root
             holding it (``<data_dir>/CoLA/train.tsv`` ...). ``None`` loads from the hub.
-        max_seq_length: Longest tokenized input; longer inputs are truncated.
+        max_seq_length: Longest tokenized input; longer inputs are truncated, and :meth:`setup` logs the share
+            of truncated examples per split. Below the special tokens plus one token per text it is refused.
         batch_size: Training batch size.
         eval_batch_size: Batch size of the validation/test/predict loaders (default: ``batch_size``).
         num_workers: Worker processes per ``DataLoader``.
@@ -392,7 +433,13 @@ class GLUEDataModule(L.LightningDataModule):
     # ---- loading ----------------------------------------------------------------------------
 
     def _load_hub(self) -> datasets.DatasetDict:
-        return datasets.load_dataset(HUB_DATASET, self.task.name, cache_dir=self.cache_dir)
+        try:
+            return datasets.load_dataset(HUB_DATASET, self.task.name, cache_dir=self.cache_dir)
+        except OSError as err:  # ConnectionError offline / HF_HUB_OFFLINE=1; DatasetNotFoundError
+            raise LoadError(
+                f"could not load GLUE {self.task.name} from the Hugging Face hub ({HUB_DATASET}): {err}; "
+                f"without network, pass the GLUE TSV files: --data.data_dir /path/to/glue/{self.task.folder}"
+            ) from err
 
     def prepare_data(self) -> None:
         """Download the hub dataset and the tokenizer (once per node); nothing to do for TSV files."""
@@ -404,7 +451,21 @@ class GLUEDataModule(L.LightningDataModule):
     def _load_tokenizer(self):
         from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(self.tokenizer_name, cache_dir=self.cache_dir)
+        name = check_tokenizer(self.tokenizer_name)
+        return load_pretrained(AutoTokenizer.from_pretrained, name, what="tokenizer", cache_dir=self.cache_dir)
+
+    def _check_max_seq_length(self) -> None:
+        """Refuse a length that leaves no token for some text once the special tokens are in."""
+        pair = len(self.task.text_columns) == 2
+        special = self.tokenizer.num_special_tokens_to_add(pair=pair)
+        needed = special + len(self.task.text_columns)
+        if self.max_seq_length < needed:
+            raise ValueError(
+                f"max_seq_length={self.max_seq_length} cannot hold a GLUE {self.task.name} input: the tokenizer "
+                f"adds {special} special tokens, which leaves {max(0, self.max_seq_length - special)} for "
+                f"{len(self.task.text_columns)} text(s); set --data.max_seq_length to at least {needed} "
+                "(128 keeps most GLUE examples whole)"
+            )
 
     def _raw_splits(self, splits: list[str]) -> dict[str, datasets.Dataset]:
         if self.data_dir is not None:
@@ -421,7 +482,7 @@ class GLUEDataModule(L.LightningDataModule):
             raw[split] = dataset
         return raw
 
-    def _tokenize(self, dataset: datasets.Dataset, limit: int | None) -> datasets.Dataset:
+    def _tokenize(self, dataset: datasets.Dataset, split: str, limit: int | None) -> datasets.Dataset:
         if limit is not None and limit < len(dataset):
             dataset = dataset.select(range(limit))
         text_columns = self.task.text_columns
@@ -429,11 +490,26 @@ class GLUEDataModule(L.LightningDataModule):
         def encode(batch: Mapping[str, list]) -> dict[str, list]:
             texts = [batch[name] for name in text_columns]
             encoded = self.tokenizer(*texts, truncation=True, max_length=self.max_seq_length)
-            return {**encoded, LABEL_COLUMN: batch["label"]}
+            # Tokenized again without truncation only to count what truncation cut (verbose=False: no
+            # "longer than the model's maximum" warning for that count).
+            full = self.tokenizer(*texts, verbose=False)["input_ids"]
+            truncated = [len(ids) > self.max_seq_length for ids in full]
+            return {**encoded, LABEL_COLUMN: batch["label"], _TRUNCATED: truncated}
 
-        return dataset.map(
+        encoded = dataset.map(
             encode, batched=True, remove_columns=dataset.column_names, desc=f"Tokenizing {self.task.name}"
         )
+        self._warn_truncated(split, sum(encoded[_TRUNCATED]), len(encoded))
+        return encoded.remove_columns(_TRUNCATED)
+
+    def _warn_truncated(self, split: str, truncated: int, total: int) -> None:
+        # Truncation at a reasonable length is expected (long MNLI/QNLI pairs), but never silent.
+        if truncated:
+            log.warning(
+                "GLUE %s %s: %d of %d examples (%.1f%%) are longer than max_seq_length=%d tokens and were "
+                "truncated; raise --data.max_seq_length to keep them whole",
+                self.task.name, split, truncated, total, 100.0 * truncated / total, self.max_seq_length,
+            )
 
     def setup(self, stage: str | None = None) -> None:
         """Read and tokenize the splits ``stage`` needs.
@@ -441,9 +517,13 @@ class GLUEDataModule(L.LightningDataModule):
         ``"fit"`` (and ``None``) needs train and validation; ``"validate"``, ``"test"`` and
         ``"predict"`` need only the validation split(s). Splits already loaded are kept.
 
+        Logs a warning per split with the share of examples that ``max_seq_length`` truncates.
+
         Raises:
-            ValueError: No tokenizer was given.
+            ValueError: No tokenizer was given, ``max_seq_length`` cannot hold the special tokens and one
+                token per text, or a TSV file is empty or malformed (see :func:`read_glue_tsv`).
             FileNotFoundError: A needed TSV file (or hub split) is missing; the message names it.
+            adalora_pl.backbone.LoadError: The tokenizer folder does not exist, or the hub cannot be reached.
         """
         if self.tokenizer_name is None:
             raise ValueError("GLUEDataModule needs `tokenizer` (a hub name or a local tokenizer folder)")
@@ -459,9 +539,10 @@ class GLUEDataModule(L.LightningDataModule):
 
             self.tokenizer = self._load_tokenizer()
             self.collator = DataCollatorWithPadding(self.tokenizer)
+        self._check_max_seq_length()
         for split, dataset in raw.items():
             limit = self.max_train_samples if split == "train" else self.max_eval_samples
-            self.datasets[split] = self._tokenize(dataset, limit)
+            self.datasets[split] = self._tokenize(dataset, split, limit)
 
     # ---- loaders ----------------------------------------------------------------------------
 

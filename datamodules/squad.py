@@ -28,7 +28,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from adalora_pl.backbone import LoadError, check_tokenizer, load_pretrained
 from adalora_pl.qa import postprocess_qa_predictions, squad_metrics
+from datamodules.glue import utf8_error
 
 __all__ = ["SquadDataModule", "read_squad_json", "SQUAD_FEATURES", "HUB_DATASETS"]
 
@@ -80,14 +82,15 @@ def read_squad_json(path: str | Path, *, allow_unanswerable: bool = True) -> dat
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
-        ValueError: An answer's text differs from the context at its ``answer_start``, a question
-            marked ``is_impossible`` has answers, or (v1.1) a question has no answer.
+        ValueError: The file is not UTF-8 or not valid JSON (the message gives the line and column; a
+            truncated download ends like this), has no questions, an answer's text differs from the
+            context at its ``answer_start``, a question marked ``is_impossible`` has answers, or (v1.1) a
+            question has no answer.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"SQuAD file not found: {path}")
-    with path.open(encoding="utf-8") as handle:
-        payload = json.load(handle)
+    payload = _load_json(path)
     if not isinstance(payload, dict) or not isinstance(payload.get("data"), list):
         raise ValueError(f"{path}: not a SQuAD JSON file (expected a top-level 'data' list)")
 
@@ -121,7 +124,23 @@ def read_squad_json(path: str | Path, *, allow_unanswerable: bool = True) -> dat
                 rows["context"].append(context)
                 rows["question"].append(qa["question"])
                 rows["answers"].append({"text": texts, "answer_start": starts})
+    if not rows["id"]:
+        raise ValueError(f"{path} has no examples (no question in 'data'); SQuAD needs at least one question")
     return datasets.Dataset.from_dict(rows, features=SQUAD_FEATURES)
+
+
+def _load_json(path: Path) -> Any:
+    """The parsed JSON of ``path``; decoding and syntax errors become ValueErrors naming file and line."""
+    try:
+        with path.open(encoding="utf-8") as handle:
+            return json.load(handle)
+    except UnicodeDecodeError as err:
+        raise utf8_error(path, err) from None
+    except json.JSONDecodeError as err:
+        raise ValueError(
+            f"{path}, line {err.lineno}, column {err.colno}: not valid JSON ({err.msg}); "
+            "a file that ends early is probably an incomplete download"
+        ) from None
 
 
 def _tokenize(batch: dict[str, list], tokenizer, max_seq_length: int, doc_stride: int):
@@ -143,6 +162,33 @@ def _tokenize(batch: dict[str, list], tokenizer, max_seq_length: int, doc_stride
             f"could not split question+context into windows of max_seq_length={max_seq_length} with "
             f"doc_stride={doc_stride}; a question is probably too long for that window ({err})"
         ) from err
+
+
+def check_questions_fit(
+    examples: datasets.Dataset, tokenizer, max_seq_length: int, doc_stride: int, split: str
+) -> None:
+    """Refuse windows that cannot hold every question with more than ``doc_stride`` context tokens.
+
+    The tokenizer needs ``max_seq_length - specials - question tokens > doc_stride`` for each question (else
+    it fails with a Rust panic that ``except Exception`` does not catch). Raises ValueError naming the longest
+    question and the settings that would fit it.
+    """
+    if len(examples) == 0:
+        return
+    special = tokenizer.num_special_tokens_to_add(pair=True)
+    questions = [q.lstrip() for q in examples["question"]]  # as _tokenize strips them
+    lengths = [len(ids) for ids in tokenizer(questions, add_special_tokens=False, verbose=False)["input_ids"]]
+    longest = max(range(len(lengths)), key=lengths.__getitem__)
+    room = max_seq_length - special - lengths[longest]
+    if room <= doc_stride:
+        too_long = sum(max_seq_length - special - n <= doc_stride for n in lengths)
+        raise ValueError(
+            f"SQuAD {split}: {too_long} of {len(lengths)} questions do not fit max_seq_length={max_seq_length} "
+            f"with doc_stride={doc_stride}: question {examples[longest]['id']!r} has {lengths[longest]} tokens, "
+            f"which with {special} special tokens leaves {max(room, 0)} context tokens per window, and a window "
+            f"needs more than doc_stride; set --data.max_seq_length to at least "
+            f"{special + lengths[longest] + doc_stride + 1} or lower --data.doc_stride"
+        )
 
 
 def _context_span(sequence_ids: Sequence[int | None]) -> tuple[int, int]:
@@ -229,7 +275,8 @@ class SquadDataModule(L.LightningDataModule):
             ``None`` means ``microsoft/deberta-v3-base``.
         train_file: Local SQuAD JSON for training (default: the hub's train split).
         validation_file: Local SQuAD JSON for validation and test (default: the hub's validation split).
-        max_seq_length: Tokens per window, question and special tokens included.
+        max_seq_length: Tokens per window, question and special tokens included; :meth:`setup` refuses it when
+            a question leaves no more than ``doc_stride`` context tokens.
         doc_stride: Context tokens shared by consecutive windows; must be below ``max_seq_length``.
         batch_size: Training batch size.
         eval_batch_size: Validation/test batch size (default: ``batch_size``).
@@ -316,8 +363,8 @@ class SquadDataModule(L.LightningDataModule):
         if self._tokenizer is None:
             from transformers import AutoTokenizer
 
-            tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_name or DEFAULT_TOKENIZER, use_fast=True)
-            self._tokenizer = tokenizer
+            name = check_tokenizer(self.tokenizer_name or DEFAULT_TOKENIZER)
+            self._tokenizer = load_pretrained(AutoTokenizer.from_pretrained, name, what="tokenizer", use_fast=True)
         if not getattr(self._tokenizer, "is_fast", False):
             raise ValueError("SquadDataModule needs a fast tokenizer (offset mappings)")
         if getattr(self._tokenizer, "padding_side", "right") != "right":
@@ -335,7 +382,7 @@ class SquadDataModule(L.LightningDataModule):
         """All flattened examples of ``split`` (``"train"`` or ``"validation"``), before any cut."""
         path = self._file_for(split)
         if path is None:
-            return datasets.load_dataset(HUB_DATASETS[self.version], split=split, cache_dir=self.cache_dir)
+            return self._load_hub(split)
         resolved = str(Path(path).expanduser().resolve())
         if resolved not in self._parsed:  # the same file for train and validation is read once
             self._parsed[resolved] = read_squad_json(resolved, allow_unanswerable=self.version_2)
@@ -352,11 +399,22 @@ class SquadDataModule(L.LightningDataModule):
             if path is not None and not Path(path).expanduser().is_file():
                 raise FileNotFoundError(f"SQuAD {split} file not found: {path}")
         if self.train_file is None and self.validation_file is None:
-            datasets.load_dataset(HUB_DATASETS[self.version], cache_dir=self.cache_dir)
+            self._load_hub(None)
 
-    def _featurize(self, examples: datasets.Dataset, function, description: str) -> datasets.Dataset:
+    def _load_hub(self, split: str | None) -> datasets.Dataset | datasets.DatasetDict:
+        try:
+            return datasets.load_dataset(HUB_DATASETS[self.version], split=split, cache_dir=self.cache_dir)
+        except OSError as err:  # ConnectionError offline / HF_HUB_OFFLINE=1; DatasetNotFoundError
+            raise LoadError(
+                f"could not load SQuAD {self.version} from the Hugging Face hub ({HUB_DATASETS[self.version]}): "
+                f"{err}; without network, pass official SQuAD JSON files: --data.train_file /path/to/train.json "
+                "--data.validation_file /path/to/dev.json"
+            ) from err
+
+    def _featurize(self, examples: datasets.Dataset, split: str) -> datasets.Dataset:
+        check_questions_fit(examples, self.tokenizer, self.max_seq_length, self.doc_stride, split)
         return examples.map(
-            function,
+            prepare_train_features if split == "train" else prepare_eval_features,
             batched=True,
             remove_columns=examples.column_names,
             fn_kwargs={
@@ -364,7 +422,7 @@ class SquadDataModule(L.LightningDataModule):
                 "max_seq_length": self.max_seq_length,
                 "doc_stride": self.doc_stride,
             },
-            desc=description,
+            desc=f"SQuAD {split} windows",
         )
 
     def setup(self, stage: str | None = None) -> None:
@@ -373,12 +431,12 @@ class SquadDataModule(L.LightningDataModule):
             if self.max_train_samples is not None:
                 examples = examples.select(range(min(self.max_train_samples, len(examples))))
             self.train_examples = examples
-            self.train_features = self._featurize(examples, prepare_train_features, "SQuAD train windows")
+            self.train_features = self._featurize(examples, "train")
         if self.eval_features is None:  # every stage validates/tests on the validation split
             examples = self.load_examples("validation")
             if self.max_eval_samples is not None:
                 examples = examples.select(range(min(self.max_eval_samples, len(examples))))
-            features = self._featurize(examples, prepare_eval_features, "SQuAD validation windows")
+            features = self._featurize(examples, "validation")
             self.eval_examples = examples
             self.eval_features = features.add_column("feature_index", list(range(len(features))))
             self._eval_cache = None

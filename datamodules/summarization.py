@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 from pathlib import Path
@@ -11,6 +12,9 @@ from typing import Any
 import lightning as L
 import torch
 from torch.utils.data import DataLoader
+
+from adalora_pl.backbone import LoadError, check_tokenizer, load_pretrained
+from datamodules.glue import utf8_error
 
 log = logging.getLogger(__name__)
 
@@ -23,6 +27,8 @@ SPLITS = ("train", "validation", "test")
 _SPLIT_ALIASES = {"val": "validation", "valid": "validation", "dev": "validation"}
 _EXTENSIONS = (".jsonl", ".json", ".csv")
 ID_COLUMN = "id"
+# Transient columns: untruncated token counts, to report truncation.
+_FULL_SOURCE, _FULL_TARGET = "_source_length", "_target_length"
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -30,10 +36,15 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
 
     A ``.json`` file whose content is a single JSON array of objects is accepted as well.
     """
-    with path.open(encoding="utf-8") as f:
-        text = f.read()
+    text = _read_text(path, "utf-8")
     if path.suffix == ".json" and text.lstrip().startswith("["):
-        rows = json.loads(text)
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(
+                f"{path}, line {err.lineno}, column {err.colno}: not valid JSON ({err.msg}); "
+                "a file that ends early is probably an incomplete download"
+            ) from None
     else:
         rows = []
         for line_no, line in enumerate(text.splitlines(), start=1):
@@ -49,10 +60,19 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def _read_text(path: Path, encoding: str) -> str:
+    """The whole file; bytes that are not UTF-8 raise a ValueError naming the file and line."""
+    try:
+        with path.open(encoding=encoding, newline="") as f:  # newline="": csv sees quoted newlines as written
+            return f.read()
+    except UnicodeDecodeError as err:
+        raise utf8_error(path, err) from None
+
+
 def _read_csv(path: Path) -> list[dict[str, Any]]:
     """Rows of a CSV file with a header line; quoted fields may span several lines."""
-    with path.open(encoding="utf-8-sig", newline="") as f:
-        return list(csv.DictReader(f))
+    text = _read_text(path, "utf-8-sig")
+    return list(csv.DictReader(io.StringIO(text, newline="")))
 
 
 def read_records(path: str | Path) -> list[dict[str, Any]]:
@@ -60,7 +80,8 @@ def read_records(path: str | Path) -> list[dict[str, Any]]:
 
     Raises:
         FileNotFoundError: If the file does not exist.
-        ValueError: If the extension is not one of ``.jsonl``, ``.json``, ``.csv``.
+        ValueError: If the extension is not one of ``.jsonl``, ``.json``, ``.csv``, or the file is not UTF-8
+            or not valid JSON (the message names the file and the line).
     """
     path = Path(path)
     suffix = path.suffix.lower()
@@ -131,8 +152,9 @@ class SummarizationDataModule(L.LightningDataModule):
         text_column: Column holding the document (default from ``dataset``).
         summary_column: Column holding the reference summary (default from ``dataset``).
         source_prefix: String put before every document (e.g. ``"summarize: "`` for T5).
-        max_source_length: Maximum input length in tokens (longer inputs are truncated).
-        max_target_length: Maximum label length in tokens (longer labels are truncated).
+        max_source_length: Maximum input length in tokens (longer inputs are truncated; :meth:`setup` logs the
+            share per split, and refuses a length that holds only the special tokens and prefix).
+        max_target_length: Maximum label length in tokens (likewise for the summaries).
         batch_size: Training batch size.
         eval_batch_size: Validation/test batch size (defaults to ``batch_size``).
         num_workers: DataLoader worker processes.
@@ -243,7 +265,14 @@ class SummarizationDataModule(L.LightningDataModule):
 
         if self._hub is None:
             hub_id, config, _, _ = DATASETS[self.dataset_name]
-            self._hub = load_dataset(hub_id, config, cache_dir=self.cache_dir)
+            try:
+                self._hub = load_dataset(hub_id, config, cache_dir=self.cache_dir)
+            except OSError as err:  # ConnectionError offline / HF_HUB_OFFLINE=1; DatasetNotFoundError
+                raise LoadError(
+                    f"could not load {self.dataset_name} from the Hugging Face hub ({hub_id}): {err}; without "
+                    "network, pass local files: --data.train_file /path/to/train.jsonl "
+                    "--data.validation_file /path/to/validation.jsonl"
+                ) from err
         return self._hub
 
     def _columns_of(self, split: str) -> dict[str, list[str]]:
@@ -312,7 +341,22 @@ class SummarizationDataModule(L.LightningDataModule):
             raise ValueError("SummarizationDataModule needs a tokenizer (hub name or local folder)")
         from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(self.tokenizer_name, cache_dir=self.cache_dir)
+        name = check_tokenizer(self.tokenizer_name)
+        return load_pretrained(AutoTokenizer.from_pretrained, name, what="tokenizer", cache_dir=self.cache_dir)
+
+    def _check_lengths(self) -> None:
+        """Refuse lengths that leave no token of document or summary once special tokens (and prefix) are in."""
+        fixed_source = len(self.tokenizer(self.source_prefix)["input_ids"])  # special tokens + prefix
+        fixed_target = len(self.tokenizer(text_target="")["input_ids"])  # special tokens
+        for name, value, fixed, what in (
+            ("max_source_length", self.max_source_length, fixed_source, "special tokens and source_prefix"),
+            ("max_target_length", self.max_target_length, fixed_target, "special tokens"),
+        ):
+            if value <= fixed:
+                raise ValueError(
+                    f"{name}={value} leaves no room for text: the {what} already take {fixed} tokens; "
+                    f"set --data.{name} to at least {fixed + 1} (the configs use 64 to 1024)"
+                )
 
     def setup(self, stage: str | None = None) -> None:
         """Read and tokenize the splits ``stage`` needs (all available splits when ``stage`` is None)."""
@@ -342,12 +386,13 @@ class SummarizationDataModule(L.LightningDataModule):
         if split not in self._tokenized:
             if self.tokenizer is None:
                 self.tokenizer = self._load_tokenizer()
-            self._tokenized[split] = self._tokenize(self._raw[split])
+            self._tokenized[split] = self._tokenize(split, self._raw[split])
         return split
 
-    def _tokenize(self, columns: dict[str, list[str]]) -> Any:
+    def _tokenize(self, split: str, columns: dict[str, list[str]]) -> Any:
         from datasets import Dataset
 
+        self._check_lengths()
         ds = Dataset.from_dict(
             {
                 "example_index": list(range(len(columns["id"]))),
@@ -358,8 +403,9 @@ class SummarizationDataModule(L.LightningDataModule):
         tokenizer, prefix = self.tokenizer, self.source_prefix
 
         def encode(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
+            sources = [prefix + text for text in batch["text"]]
             model_inputs = tokenizer(
-                [prefix + text for text in batch["text"]],
+                sources,
                 max_length=self.max_source_length,
                 truncation=True,
                 return_token_type_ids=False,
@@ -374,9 +420,29 @@ class SummarizationDataModule(L.LightningDataModule):
                 "input_ids": model_inputs["input_ids"],
                 "attention_mask": model_inputs["attention_mask"],
                 "labels": labels["input_ids"],
+                # Untruncated lengths, only to count what truncation cut (verbose=False: no "longer than the
+                # model's maximum" warning for that count).
+                _FULL_SOURCE: [len(ids) for ids in tokenizer(sources, verbose=False)["input_ids"]],
+                _FULL_TARGET: [len(ids) for ids in tokenizer(text_target=batch["summary"], verbose=False)["input_ids"]],
             }
 
-        return ds.map(encode, batched=True, remove_columns=["text", "summary"], desc="Tokenizing")
+        ds = ds.map(encode, batched=True, remove_columns=["text", "summary"], desc="Tokenizing")
+        for column, kind, limit in (
+            (_FULL_SOURCE, "documents", self.max_source_length),
+            (_FULL_TARGET, "summaries", self.max_target_length),
+        ):
+            self._warn_truncated(split, kind, [n > limit for n in ds[column]], limit)
+        return ds.remove_columns([_FULL_SOURCE, _FULL_TARGET])
+
+    def _warn_truncated(self, split: str, kind: str, truncated: list[bool], limit: int) -> None:
+        # Long XSum/CNN-DM articles are cut at the paper's lengths on purpose, but never silently.
+        if any(truncated):
+            log.warning(
+                "summarization %s: %d of %d %s (%.1f%%) are longer than %d tokens and were truncated; "
+                "raise --data.max_%s_length to keep them whole",
+                split, sum(truncated), len(truncated), kind, 100.0 * sum(truncated) / len(truncated), limit,
+                "source" if kind == "documents" else "target",
+            )
 
     # ------------------------------------------------------------------ access
     def tokenized(self, split: str) -> Any:

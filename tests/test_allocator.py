@@ -98,13 +98,98 @@ def test_global_budget_can_prune_a_module_to_rank_zero():
 
 
 def test_ties_at_threshold_are_all_masked_like_the_reference():
-    scores = torch.tensor([0.5, 0.1, 0.1, 0.3])
-    threshold = mask_threshold(scores, 1)
+    """The allocator's own masking: with two triplets tied at the lowest score and a budget that removes one,
+    both go (as in PEFT), so the layers keep one triplet less than the budget."""
+    layers = make_layers(num=2, r=2)
+    alloc = RankAllocator(layers, target_r=1, tinit=0, tfinal=1, total_step=10, importance="magnitude")
+    with torch.no_grad():
+        for layer, values in zip(layers.values(), ([0.5, 0.1], [0.1, 0.3]), strict=True):
+            layer.lora_E.copy_(torch.tensor(values).view(-1, 1))
+    threshold = alloc.mask_to_budget(budget=3)  # one triplet to remove, two tied at the threshold
     assert threshold.item() == pytest.approx(0.1)
-    assert (scores <= threshold).sum() == 2  # both tied triplets go, as in PEFT
-    assert mask_threshold(scores, 0) is None
+    assert [m.rank_mask.tolist() for m in layers.values()] == [[True, False], [False, True]]
+    assert [m.lora_E.view(-1).tolist() for m in layers.values()] == [[0.5, 0.0], [0.0, pytest.approx(0.3)]]
+    assert mask_threshold(torch.tensor([0.5, 0.1]), 0) is None
     with pytest.raises(ValueError, match="cannot mask 5 of 4 triplets"):
-        mask_threshold(scores, 5)
+        mask_threshold(torch.tensor([0.5, 0.1, 0.1, 0.3]), 5)
+
+
+def test_averages_follow_the_parameters_to_another_device():
+    """CPU proxy for Lightning moving the module after the callback's setup: the allocator is built on CPU, the
+    layers move to the meta device, and update, masking and state loading run there without a device mix."""
+    layers = make_layers()
+    alloc = RankAllocator(layers, target_r=1, tinit=0, tfinal=2, total_step=10, delta_t=1)
+    saved = alloc.state_dict()
+    for layer in layers.values():
+        layer.to("meta")
+        for p in (layer.lora_A, layer.lora_E, layer.lora_B):
+            p.grad = torch.empty_like(p)
+    alloc.update_and_allocate(1)
+    assert alloc.exp_avg_ipt.device.type == alloc.exp_avg_unc.device.type == "meta"
+    alloc.load_state_dict(saved)
+    assert alloc.exp_avg_ipt.device.type == "meta"
+
+
+def test_a_step_without_gradients_or_skipped_by_the_scaler_leaves_the_averages_alone():
+    layers = make_layers()
+    alloc = RankAllocator(layers, target_r=1, tinit=100, tfinal=1, total_step=200)
+    set_grads(layers, 0)
+    alloc.update_and_allocate(0)
+    before = (alloc.exp_avg_ipt.clone(), alloc.exp_avg_unc.clone())
+    for m in layers.values():
+        for p in (m.lora_A, m.lora_E, m.lora_B):
+            p.grad = None  # training_step returned None: no backward
+    alloc.update_and_allocate(1)
+    set_grads(layers, 1)
+    alloc.update_and_allocate(2, applied=torch.tensor(False))  # the GradScaler skipped this step
+    assert torch.equal(alloc.exp_avg_ipt, before[0]) and torch.equal(alloc.exp_avg_unc, before[1])
+    alloc.update_and_allocate(3, applied=torch.tensor(True))
+    assert not torch.equal(alloc.exp_avg_ipt, before[0])
+
+
+def test_fresh_allocator_first_called_past_the_final_step_keeps_the_budget():
+    """No importance collected: instead of masking every tied-at-zero triplet, keep the pattern the layers carry
+    or, without one, the target_budget triplets of largest |E|."""
+    layers = make_layers(num=2, r=3)
+    with torch.no_grad():
+        for i, layer in enumerate(layers.values()):
+            layer.lora_E.copy_(torch.tensor([[0.1 + i], [0.3 + i], [0.2 + i]]))
+    alloc = RankAllocator(layers, target_r=1, tinit=0, tfinal=2, total_step=10)
+    event = alloc.update_and_allocate(9)
+    assert event.masked and alloc.frozen
+    assert [m.rank_mask.tolist() for m in layers.values()] == [[False, False, False], [False, True, True]]
+
+    carried = make_layers(num=2, r=3)
+    for layer in carried.values():
+        layer.rank_mask.copy_(torch.tensor([True, False, False]))
+        with torch.no_grad():
+            layer.lora_E.fill_(1.0)
+    alloc = RankAllocator(carried, target_r=1, tinit=0, tfinal=2, total_step=10)
+    alloc.update_and_allocate(9)
+    assert [m.rank_mask.tolist() for m in carried.values()] == [[True, False, False]] * 2
+    assert [m.lora_E.view(-1).tolist() for m in carried.values()] == [[1.0, 0.0, 0.0]] * 2
+
+
+def test_bf16_adapters_importance_equals_a_float32_recomputation():
+    """Importance of half-precision adapters is computed in float32 from the bf16 values and gradients."""
+    torch.manual_seed(0)
+    layers = {f"l{i}": SVDLinear(nn.Linear(4, 5).to(torch.bfloat16), r=3, lora_alpha=8, autocast_adapter_dtype=False)
+              for i in range(2)}
+    assert {p.dtype for m in layers.values() for p in (m.lora_A, m.lora_E, m.lora_B)} == {torch.bfloat16}
+    alloc = RankAllocator(layers, target_r=1, tinit=100, tfinal=1, total_step=200, beta1=0.8, beta2=0.7)
+    params = [p for m in layers.values() for p in (m.lora_A, m.lora_E, m.lora_B)]
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in params:
+            p.add_(torch.randn(p.shape, generator=g).to(p.dtype))
+            p.grad = torch.randn(p.shape, generator=g).to(p.dtype)
+    alloc.update_and_allocate(0)
+    ipt = torch.cat([(p.detach().float() * p.grad.float()).abs().reshape(-1) for p in params])
+    expected_avg = 0.2 * ipt
+    expected_unc = 0.3 * (ipt - expected_avg).abs()
+    assert alloc.exp_avg_ipt.dtype == torch.float32
+    torch.testing.assert_close(alloc.exp_avg_ipt, expected_avg, rtol=1e-6, atol=0)
+    torch.testing.assert_close(alloc.exp_avg_unc, expected_unc, rtol=1e-6, atol=0)
 
 
 def test_importance_variants_disagree_on_a_constructed_case():

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -45,3 +46,16 @@ def test_step_time_smoke_writes_finite_ratios(tmp_path):
     # The final phase ran compacted: pruned triplets dropped, fewer trainable parameters.
     assert "compacted" in variants["adalora_final"]["note"]
     assert variants["adalora_final"]["trainable_params"] < variants["adalora"]["trainable_params"]
+
+
+def test_gpu_check_smoke_fits_resumes_and_exports_on_cpu(tmp_path):
+    """The GPU script's fit-resume-export path, on the CPU with a tiny model (the GPU parts need a lent GPU)."""
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), "--smoke"], cwd=REPO,
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "OUT": str(tmp_path)})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert [f["precision"] for f in report["fits"]] == ["bf16-mixed", "16-mixed"]
+    for fit in report["fits"]:
+        assert fit["steps"] == 8 and fit["total_rank"] == fit["target_budget"] == 12
+        assert fit["masked_triplets_zero"] and fit["adapter_dtype"] == "torch.float32"
+    assert (tmp_path / "gpu_check_work" / "bf16-mixed" / "peft" / "adapter_config.json").is_file()

@@ -9,8 +9,16 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from adalora_pl import AdaLoRACallback
-from tests.callback_modules import MaskWriter, OrderlyDistributedTeardown, PlainClassifier, RandomTokens
+from adalora_pl import AdaLoRACallback, compact_adapters, find_adapters
+from adalora_pl.baselines import PruneLoRACallback
+from tests.callback_modules import (
+    LazyClassifier,
+    MaskWriter,
+    OrderlyDistributedTeardown,
+    PerturbedScoresOnRankOne,
+    PlainClassifier,
+    RandomTokens,
+)
 from tests.helpers import BERT_TARGETS, max_adapter_diff, peft_layers, peft_twin
 
 TRAINABLE = ["classifier", "pooler"]
@@ -118,9 +126,9 @@ def test_gradient_accumulation_counts_optimizer_steps(tmp_path):
     calls = []
     original = None
 
-    def counting(step):
+    def counting(step, applied=None):
         calls.append(step)
-        return original(step)
+        return original(step, applied)
 
     class Spy(pl.Callback):
         def on_train_start(self, trainer, pl_module):
@@ -264,19 +272,285 @@ def test_orth_reg_weight_zero_and_regularizer_gradient(tmp_path):
 
 
 @pytest.mark.slow
-def test_ddp_two_processes_end_with_identical_masks(tmp_path):
+@pytest.mark.parametrize("callback_class", [AdaLoRACallback, PruneLoRACallback], ids=["adalora", "prune-lora"])
+def test_ddp_ranks_end_with_rank_zero_masks_even_with_other_scores(tmp_path, callback_class):
+    """Two DDP processes; rank 1 scrambles its own importance before every allocation, so the masks it would
+    compute differ from rank 0's. It still ends with rank 0's masks: they are broadcast at every mask event."""
     module = PlainClassifier(num_examples=32, batch_size=4)
-    cb = AdaLoRACallback(target_modules=BERT_TARGETS, trainable_modules=TRAINABLE, init_r=3, target_r=1,
-                         tinit=2, tfinal=3, delta_t=1)
+    cb = callback_class(target_modules=BERT_TARGETS, trainable_modules=TRAINABLE, init_r=3, target_r=1,
+                        tinit=2, tfinal=3, delta_t=1)
     trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", max_epochs=3, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         callbacks=[cb, MaskWriter(str(tmp_path)), OrderlyDistributedTeardown()],
+                         callbacks=[PerturbedScoresOnRankOne(str(tmp_path)), cb, MaskWriter(str(tmp_path)),
+                                    OrderlyDistributedTeardown()],
                          default_root_dir=tmp_path)
     trainer.fit(module)
     rank0 = json.loads((tmp_path / "masks_rank0.json").read_text())
     rank1 = json.loads((tmp_path / "masks_rank1.json").read_text())
-    assert rank0 == rank1
+    perturbed = json.loads((tmp_path / "perturbed_rank1.json").read_text())
+    assert perturbed["events"] >= 5 and perturbed["differing"] >= 1  # rank 1's own masks were different
+    assert rank0["masks"] == rank1["masks"]
     assert sum(sum(m) for m in rank0["masks"].values()) == 12  # target_r=1 x 12 adapters
-    for name, mask in rank0["masks"].items():  # a pruned triplet has E == 0 on exit
-        nonzero = rank0["nonzero_E"][name.replace("rank_mask", "lora_E")]
-        assert all(keep or not nz for keep, nz in zip(mask, nonzero, strict=True)), name
+    if callback_class is AdaLoRACallback:
+        for name, mask in rank0["masks"].items():  # a pruned triplet has E == 0 on exit
+            nonzero = rank0["nonzero_E"][name.replace("rank_mask", "lora_E")]
+            assert all(keep or not nz for keep, nz in zip(mask, nonzero, strict=True)), name
+
+
+def test_mask_broadcast_sends_a_tensor_not_a_pickle(monkeypatch):
+    """The keep-mask goes through torch.distributed.broadcast as uint8 on the group's device."""
+    import adalora_pl.callback as callback_module
+
+    sent = []
+    monkeypatch.setattr(callback_module.dist, "get_backend", lambda: "gloo")
+    monkeypatch.setattr(callback_module.dist, "broadcast", lambda t, src: sent.append((t.dtype, t.device, src)))
+    keep = torch.tensor([True, False, True])
+    assert torch.equal(callback_module.broadcast_keep_mask(keep), keep)
+    assert sent == [(torch.uint8, torch.device("cpu"), 0)]
+
+
+def test_tfinal_zero_model_at_the_end_has_the_ranks_of_the_pattern(tmp_path):
+    """tfinal=0, delta_t=6 over 20 steps: the last mask event is step 18, step 19 trains masked triplets back.
+    The model fit returns has E == 0 wherever rank_mask is False, and compaction does not change its output."""
+    module = PlainClassifier(num_examples=40, batch_size=8)  # 5 batches x 4 epochs = 20 steps
+    cb = AdaLoRACallback(target_modules=BERT_TARGETS, trainable_modules=TRAINABLE, init_r=4, target_r=2,
+                         tinit=2, tfinal=0, delta_t=6)
+    trainer = make_trainer(tmp_path, cb, max_epochs=4, enable_checkpointing=True)
+    trainer.callbacks.append(pl.callbacks.ModelCheckpoint(dirpath=tmp_path, save_last=True))
+    trainer.fit(module)
+    assert not cb.allocator.frozen and cb.allocator.last_step == 19
+    for name, layer in find_adapters(module).items():
+        assert torch.count_nonzero(layer.lora_E[~layer.rank_mask]) == 0, name
+    saved = torch.load(tmp_path / "last.ckpt", weights_only=True)["state_dict"]  # written at the last epoch's end
+    for key, mask in saved.items():
+        if key.endswith("rank_mask"):
+            assert torch.count_nonzero(saved[key.replace("rank_mask", "lora_E")][~mask]) == 0, key
+    payload = json.loads((tmp_path / "logs" / "version_0" / "rank_pattern.json").read_text())
+    assert payload["total_rank"] == sum(int((m.lora_E != 0).sum()) for m in find_adapters(module).values())
+    ids = RandomTokens(8, seed=3).ids
+    module.eval()
+    with torch.no_grad():
+        before = module.net(input_ids=ids).logits
+        compact_adapters(module)
+        after = module.net(input_ids=ids).logits
+    torch.testing.assert_close(after, before, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("stage", ["validate", "test", "predict"])
+def test_evaluation_stages_restore_a_fit_checkpoint_into_a_plain_module(tmp_path, stage):
+    """A fresh PlainClassifier (no adapters) + the callback: validate/test/predict with ckpt_path load the
+    fit's adapters strictly; the allocator is built only for fit."""
+    module = PlainClassifier(num_examples=16, batch_size=4)
+    settings = dict(target_modules=BERT_TARGETS, trainable_modules=TRAINABLE, init_r=3, target_r=1, tinit=1,
+                    tfinal=1)
+    ckpt = pl.callbacks.ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    trainer = make_trainer(tmp_path, AdaLoRACallback(**settings), max_epochs=2, logger=False,
+                           enable_checkpointing=True)
+    trainer.callbacks.append(ckpt)
+    trainer.fit(module)
+    trained = {k: v.clone() for k, v in module.state_dict().items() if "lora_" in k or "rank_mask" in k}
+
+    fresh, cb = PlainClassifier(num_examples=16, batch_size=4, seed=7), AdaLoRACallback(**settings)
+    evaluator = make_trainer(tmp_path / stage, cb, logger=False)
+    getattr(evaluator, stage)(fresh, ckpt_path=str(tmp_path / "last.ckpt"))
+    restored = {k: v for k, v in fresh.state_dict().items() if "lora_" in k or "rank_mask" in k}
+    assert restored.keys() == trained.keys() and len(restored) == 48
+    assert all(torch.equal(restored[k], trained[k]) for k in trained)
+    assert cb.allocator is None
+
+
+@pytest.mark.parametrize("idempotent", [True, False])
+def test_module_that_builds_its_model_in_configure_model(tmp_path, idempotent):
+    """No target_modules: the preset is looked up on the model configure_model builds."""
+    module = LazyClassifier(idempotent=idempotent, num_examples=16, batch_size=8)
+    cb = AdaLoRACallback(init_r=3, target_r=1, tinit=1, tfinal=1)
+    trainer = make_trainer(tmp_path, cb, max_epochs=2, logger=False)
+    if not idempotent:
+        with pytest.raises(RuntimeError, match="Make configure_model idempotent"):
+            trainer.fit(module)
+        return
+    trainer.fit(module)
+    assert len(cb.allocator.layers) == 12 and cb.allocator.frozen
+    assert len(find_adapters(module.net)) == 12
+
+
+def test_allocator_follows_the_module_after_setup(tmp_path):
+    """CPU proxy for a GPU run: the module changes dtype after the callback's setup (as Lightning moves it
+    to its device after setup); the regularizer, importance and masks work on the moved parameters."""
+
+    class MoveAfterSetup(pl.Callback):
+        def setup(self, trainer, pl_module, stage):
+            pl_module.double()
+
+    module = PlainClassifier(num_examples=16, batch_size=8)
+    module.training_step = lambda batch, *args: torch.nn.functional.cross_entropy(
+        module.net(input_ids=batch["input_ids"]).logits, batch["labels"])
+    cb = AdaLoRACallback(target_modules=BERT_TARGETS, trainable_modules=TRAINABLE, init_r=3, target_r=1,
+                         tinit=1, tfinal=2, delta_t=1, total_step=8)
+    trainer = make_trainer(tmp_path, cb, max_steps=8, logger=False)
+    trainer.callbacks.append(MoveAfterSetup())
+    trainer.fit(module)
+    assert all(p.dtype == torch.float64 for p in cb.allocator.params)
+    assert cb.allocator.exp_avg_ipt.dtype == torch.float32 and cb.allocator.frozen
+    assert sum(m.kept_rank for m in cb.allocator.layers) == 12
+
+
+def _fp16_trainer(tmp_path, cb, **kwargs):
+    # Lightning maps precision="16-mixed" to bf16 on CPU; build the fp16 + GradScaler plugin explicitly.
+    amp = pl.plugins.precision.MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))
+    return make_trainer(tmp_path, cb, plugins=[amp], logger=False, **kwargs)
+
+
+def test_fused_optimizer_under_fp16_sees_unscaled_gradients(tmp_path):
+    """AdamW(fused=True) unscales inside its own step, so Lightning does not call unscale_: the callback does,
+    and the regularizer and importance of step 0 equal those of a plain AdamW run."""
+    seen = {}
+
+    class Grab(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            if trainer.global_step == 1:
+                alloc = next(c for c in trainer.callbacks if isinstance(c, AdaLoRACallback)).allocator
+                seen[fused] = (alloc.exp_avg_ipt.clone(), alloc.exp_avg_unc.clone())
+
+    for fused in (False, True):
+        module = PlainClassifier(num_examples=16, batch_size=8, fused=fused)
+        cb = AdaLoRACallback(target_modules=BERT_TARGETS, trainable_modules=TRAINABLE, init_r=3, target_r=1,
+                             tinit=2, tfinal=1, total_step=6)
+        trainer = _fp16_trainer(tmp_path, cb, max_steps=2)
+        trainer.callbacks.append(Grab())
+        trainer.fit(module)
+        assert all(torch.isfinite(p).all() for p in module.parameters())
+    assert seen[False][0].abs().max() > 0
+    torch.testing.assert_close(seen[True][0], seen[False][0], rtol=1e-6, atol=0)
+    torch.testing.assert_close(seen[True][1], seen[False][1], rtol=1e-6, atol=0)
+
+
+def test_step_skipped_for_an_inf_in_the_head_is_left_out_of_the_averages(tmp_path):
+    """The GradScaler skips step 3 for an inf in the classifier's gradient (adapter gradients are finite):
+    the importance averages do not move at that step."""
+    snapshots = {}
+
+    class Snap(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            snapshots[trainer.global_step - 1] = cb.allocator.exp_avg_ipt.clone()
+
+    module = PlainClassifier(num_examples=32, batch_size=8, inf_grad_at_step=3, inf_grad_param="classifier.weight")
+    cb = AdaLoRACallback(target_modules=BERT_TARGETS, trainable_modules=TRAINABLE, init_r=3, target_r=1,
+                         tinit=6, tfinal=2, delta_t=1, total_step=12)
+    trainer = _fp16_trainer(tmp_path, cb, max_steps=6)
+    trainer.callbacks.append(Snap())
+    trainer.fit(module)
+    assert torch.equal(snapshots[2], snapshots[3])  # step 3 left out
+    assert not torch.equal(snapshots[3], snapshots[4]) and not torch.equal(snapshots[1], snapshots[2])
+
+
+def test_training_step_returning_none_leaves_the_averages_alone(tmp_path):
+    snapshots = {}
+
+    class Snap(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            snapshots[trainer.global_step - 1] = cb.allocator.exp_avg_ipt.clone()
+
+    module = PlainClassifier(num_examples=32, batch_size=8, skip_steps=(2,))
+    cb = AdaLoRACallback(target_modules=BERT_TARGETS, trainable_modules=TRAINABLE, init_r=3, target_r=1,
+                         tinit=6, tfinal=2, delta_t=1, total_step=12)
+    trainer = make_trainer(tmp_path, cb, max_steps=4, logger=False)
+    trainer.callbacks.append(Snap())
+    trainer.fit(module)
+    assert torch.equal(snapshots[1], snapshots[2]) and snapshots[2].abs().max() > 0
+    assert not torch.equal(snapshots[2], snapshots[3])
+
+
+def test_bf16_true_trainer_keeps_float32_adapters(tmp_path):
+    """A "bf16-true" Trainer converts the whole module after setup; adapters go back to float32 (the base stays
+    bf16) and train; with autocast_adapter_dtype=False they stay bf16."""
+    for autocast in (True, False):
+        module = PlainClassifier(num_examples=16, batch_size=8)
+        module.training_step = lambda batch, *args, m=module: torch.nn.functional.cross_entropy(
+            m.net(input_ids=batch["input_ids"]).logits.float(), batch["labels"])
+        cb = AdaLoRACallback(target_modules=BERT_TARGETS, trainable_modules=TRAINABLE, init_r=3, target_r=1,
+                             tinit=1, tfinal=1, total_step=6, autocast_adapter_dtype=autocast)
+        trainer = make_trainer(tmp_path, cb, max_steps=6, precision="bf16-true", logger=False)
+        trainer.fit(module)
+        layer = cb.allocator.layers[0]
+        assert layer.base_layer.weight.dtype == torch.bfloat16
+        expected = torch.float32 if autocast else torch.bfloat16
+        assert {p.dtype for p in cb.allocator.params} == {expected}
+        assert cb.allocator.frozen and torch.count_nonzero(layer.lora_E) > 0
+
+
+def test_mask_events_log_ranks_and_setup_logs_the_schedule(tmp_path, caplog):
+    from lightning.pytorch.loggers.logger import DummyLogger
+
+    class Recorder(DummyLogger):
+        def __init__(self):
+            super().__init__()
+            self.records = []
+
+        def log_metrics(self, metrics, step=None):
+            self.records.append((step, dict(metrics)))
+
+    ranks_after = {}
+
+    class Ranks(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            ranks_after[trainer.global_step] = cb.allocator.kept_ranks()
+
+    module = PlainClassifier(num_examples=32, batch_size=8)  # 4 batches x 5 epochs = 20 steps
+    cb = AdaLoRACallback(target_modules=BERT_TARGETS, trainable_modules=TRAINABLE, init_r=3, target_r=1,
+                         tinit=2, tfinal=6, delta_t=4)
+    recorder = Recorder()
+    trainer = make_trainer(tmp_path, cb, max_epochs=5, logger=recorder)
+    trainer.callbacks.append(Ranks())
+    with caplog.at_level("INFO"):
+        trainer.fit(module)
+    assert ("AdaLoRA schedule: b0=36 -> bT=12 triplets over 12 adapters; T=20 optimizer steps, tinit=2, tfinal=6 "
+            "(pattern frozen at step 14), delta_t=4") in caplog.text
+    events = {step: m for step, m in recorder.records if "adalora/total_rank" in m}
+    assert sorted(events) == [5, 9, 13, 15]  # steps 4, 8, 12 and the final step 14, logged after them
+    for step, metrics in events.items():
+        per_layer = {k.removeprefix("adalora_rank/"): v for k, v in metrics.items() if k.startswith("adalora_rank/")}
+        assert per_layer == {k: float(v) for k, v in ranks_after[step].items()} and len(per_layer) == 12
+        assert metrics["adalora/total_rank"] == sum(per_layer.values())
+        assert metrics["adalora/total_rank"] <= cb.allocator.schedule.budget_at(step - 1)
+    assert events[15]["adalora/total_rank"] == 12.0 and events[15]["adalora/mask_threshold"] > 0
+
+
+def test_resume_with_a_changed_schedule_warns_and_keeps_the_checkpoints(tmp_path, caplog):
+    _, _, ckpt, _ = run_to(tmp_path, "first", 8)
+    module = PlainClassifier(num_examples=16, batch_size=4)
+    cb = AdaLoRACallback(target_modules=BERT_TARGETS, trainable_modules=TRAINABLE, init_r=3, target_r=1,
+                         tinit=2, tfinal=20, delta_t=2, total_step=48)
+    trainer = make_trainer(tmp_path / "resumed", cb, max_epochs=3, logger=False)
+    with caplog.at_level("WARNING"):
+        trainer.fit(module, ckpt_path=str(ckpt))
+    assert "differs from this run's (tinit=2, tfinal=20" in caplog.text
+    s = cb.allocator.schedule
+    assert (s.tinit, s.tfinal, s.total_step, s.delta_t) == (4, 28, 48, 2)
+
+
+@pytest.mark.parametrize("strategy_class", ["FSDPStrategy", "DeepSpeedStrategy"])
+def test_sharding_strategies_are_refused_at_setup(strategy_class):
+    from types import SimpleNamespace
+
+    import lightning.pytorch.strategies as strategies
+
+    strategy = object.__new__(getattr(strategies, strategy_class))  # no process group or deepspeed needed
+    cb = AdaLoRACallback(target_modules=BERT_TARGETS)
+    with pytest.raises(RuntimeError, match=f"does not support {strategy_class}.*Use strategy='ddp'"):
+        cb.setup(SimpleNamespace(strategy=strategy), PlainClassifier(), "fit")
+
+
+def test_a_failing_report_does_not_fail_the_fit(tmp_path, monkeypatch):
+    import adalora_pl.report
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no fonts on this machine")
+
+    monkeypatch.setattr(adalora_pl.report, "save_rank_heatmap", broken)
+    module = PlainClassifier(num_examples=16, batch_size=8)
+    cb = AdaLoRACallback(target_modules=BERT_TARGETS, trainable_modules=TRAINABLE, init_r=3, target_r=1,
+                         tinit=1, tfinal=1)
+    with pytest.warns(UserWarning, match="could not draw the allocation report.*no fonts on this machine"):
+        make_trainer(tmp_path, cb, max_epochs=2).fit(module)
+    assert (tmp_path / "logs" / "version_0" / "rank_pattern.json").is_file()

@@ -128,3 +128,15 @@ def test_full_fine_tuning_memorises_the_answers(tmp_path, tiny_qa_backbone):
 def test_version_mismatch_between_model_and_data_is_refused(tmp_path, tiny_qa_backbone):
     with pytest.raises(ValueError, match="model is set up for SQuAD v1.1"):
         fit_squad(tmp_path, tiny_qa_backbone, "--model.version_2", "false")
+
+
+def test_window_too_small_for_the_questions_is_refused_before_training(tmp_path, tiny_qa_backbone):
+    """A window that cannot hold the longest question plus doc_stride context tokens fails at setup, naming it
+    (the tokenizer itself would panic in Rust, which `except Exception` does not catch)."""
+    with pytest.raises(ValueError) as info:
+        fit_squad(tmp_path, tiny_qa_backbone, "--data.max_seq_length", "16")
+    message = str(info.value)
+    assert "SQuAD train: 6 of 10 questions do not fit max_seq_length=16 with doc_stride=8" in message
+    # the longest question, "who read the book in the city ?", is 8 tokens: 3 special + 8 + 8 stride + 1
+    assert "question 'news-1' has 8 tokens" in message and "--data.max_seq_length to at least 20" in message
+    assert not list((tmp_path / "run").rglob("*.ckpt"))

@@ -172,12 +172,18 @@ def test_default_head_names_match_nothing_in_bart(tiny_bart):
         assert not module.model.lm_head.weight.requires_grad
 
 
+def print_config(capsys, config: Path) -> str:
+    """What ``fit --config CONFIG --print_config`` prints, checking that it exits with 0 (not a parse error's 2)."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(config), "--print_config"])
+    captured = capsys.readouterr()
+    assert exit_info.value.code == 0, captured.err
+    return captured.out
+
+
 @pytest.mark.parametrize("name", sorted(PAPER_SETTINGS))
 def test_print_config_of_the_new_configs(name, capsys, tmp_path):
-    with pytest.raises(SystemExit) as exit_info:
-        main(["fit", "--config", str(REPO_ROOT / "configs" / f"{name}.yaml"), "--print_config"])
-    assert exit_info.value.code in (0, None)
-    printed = capsys.readouterr().out
+    printed = print_config(capsys, REPO_ROOT / "configs" / f"{name}.yaml")
     config = yaml.safe_load(printed)
     model, data = config["model"]["init_args"], config["data"]["init_args"]
     init_r, target_r, tinit, tfinal, delta_t, alpha, lr, epochs, beams, lengths, warmup, lsum = PAPER_SETTINGS[name]
@@ -196,7 +202,6 @@ def test_print_config_of_the_new_configs(name, capsys, tmp_path):
         assert (data["max_source_length"], data["max_target_length"]) == lengths
         assert model["rouge_lsum"] is lsum and model["trainable_modules"] == []
         assert model["target_modules"] == ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
-    # the printed config parses again
+    # the printed config parses again, to the same config
     (tmp_path / "full.yaml").write_text(printed)
-    with pytest.raises(SystemExit):
-        main(["fit", "--config", str(tmp_path / "full.yaml"), "--print_config"])
+    assert print_config(capsys, tmp_path / "full.yaml") == printed

@@ -8,9 +8,13 @@ from __future__ import annotations
 
 import copy
 import json
+import pathlib
+import pickle
+import re
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import BartConfig, BartForSequenceClassification, BertForSequenceClassification
 
 from adalora_pl.export import (
@@ -74,13 +78,26 @@ def logits(model, batch=None) -> torch.Tensor:
     return model(**(batch or make_batch())).logits
 
 
-def trained_like(arch: str, seed: int = 0):
+def float32_adapters(adapters) -> None:
+    """Float32 adapter tensors on a half-precision base, as PEFT's ``autocast_adapter_dtype=True`` leaves them
+    (a no-op where the adapters were created in float32 already)."""
+    for adapter in adapters.values():
+        for name in ("lora_A", "lora_E", "lora_B"):
+            old = getattr(adapter, name)
+            if old.dtype != torch.float32:
+                setattr(adapter, name, torch.nn.Parameter(old.detach().float(), requires_grad=old.requires_grad))
+        adapter.ranknum = adapter.ranknum.float()
+
+
+def trained_like(arch: str, seed: int = 0, dtype: torch.dtype = torch.float32):
     """(fresh base, adapted model) with random E, random masks (E zero where pruned), the first layer
-    pruned to rank 0, the second fully kept, and perturbed head weights."""
+    pruned to rank 0, the second fully kept, and perturbed head weights. The base model is in ``dtype``,
+    the adapters in float32."""
     build, targets, heads = ARCHS[arch]
-    base = build(seed)
+    base = build(seed).to(dtype)
     model = copy.deepcopy(base)
     adapters = inject_adapters(model, targets, r=INIT_R, lora_alpha=ALPHA, trainable_modules=heads)
+    float32_adapters(adapters)
     g = torch.Generator().manual_seed(seed + 100)
     with torch.no_grad():
         for i, adapter in enumerate(adapters.values()):
@@ -341,3 +358,315 @@ def test_compaction_with_adamw_lets_training_continue():
     assert len(changed) == sum(1 for a in find_adapters(model).values() if a.r)
     assert any(not torch.equal(a.lora_E, kept[p][1]) for p, a in find_adapters(model).items() if a.r)
     assert torch.isfinite(logits(model)).all()
+
+
+# ---------------------------------------------------------------------------------------- masked triplets
+def revive_masked_triplets(model) -> dict[str, int]:
+    """Give pruned triplets nonzero singular values, as training does between the last mask event and the end
+    when tfinal=0 and delta_t > 1. Returns the number revived per layer."""
+    revived = {}
+    with torch.no_grad():
+        for i, (path, adapter) in enumerate(find_adapters(model).items()):
+            pruned = (~adapter.rank_mask).nonzero().view(-1)
+            if i in (0, 3) and pruned.numel():
+                take = pruned[: 2 if i == 0 else 1]
+                adapter.lora_E[take] = 0.5
+                revived[path] = take.numel()
+    return revived
+
+
+def apply_pattern(model) -> None:
+    """What RankAllocator.apply_rank_pattern() does: E = 0 where rank_mask is False."""
+    with torch.no_grad():
+        for adapter in find_adapters(model).values():
+            adapter.lora_E.masked_fill_(~adapter.rank_mask.view(-1, 1), 0.0)
+
+
+@peft_noise
+def test_pruned_triplets_with_nonzero_e_are_refused_or_zeroed_on_request(tmp_path):
+    peft = pytest.importorskip("peft")
+    _, model, _, _ = trained_like("bert")
+    revived = revive_masked_triplets(model)
+    assert sum(revived.values()) == 3 and len(revived) == 2
+    (path0, n0), (path3, n3) = revived.items()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    expected_refusal = (
+        rf"triplets pruned by rank_mask still have a nonzero lora_E, in {re.escape(path0)} \({n0}\), "
+        rf"{re.escape(path3)} \({n3}\); leaving them out would change the model's outputs\. Apply the rank pattern "
+        r"first \(RankAllocator\.apply_rank_pattern\(\)"
+    )
+    with pytest.raises(ValueError, match="compact_adapters: 3 " + expected_refusal):
+        compact_adapters(model)
+    with pytest.raises(ValueError, match="export_peft: 3 " + expected_refusal):
+        export_peft(model, tmp_path / "refused", total_step=100)
+    assert not (tmp_path / "refused").exists()
+    after = model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items()), "a refusal must leave the model as it was"
+
+    # zero_masked=True: the model is first made what the allocator would have left, then compacted / exported.
+    reference = copy.deepcopy(model)
+    apply_pattern(reference)
+    expected = logits(reference)
+    assert not torch.allclose(logits(model), expected, atol=1e-4), "the revived triplets should matter"
+    exported = copy.deepcopy(model)
+    export_peft(exported, tmp_path / "zeroed", total_step=100, zero_masked=True)
+    torch.testing.assert_close(logits(exported), expected, rtol=0, atol=0)
+    peft_model = peft.PeftModel.from_pretrained(tiny_bert_classifier(0), str(tmp_path / "zeroed")).eval()
+    torch.testing.assert_close(logits(peft_model), expected, **TIGHT)
+    compact_adapters(model, zero_masked=True)
+    torch.testing.assert_close(logits(model), expected, **TIGHT)
+
+
+@peft_noise
+def test_compaction_and_export_of_an_applied_pattern_keep_outputs(tmp_path):
+    # The fix a user applies after the refusal: apply the pattern, then compaction changes nothing.
+    peft = pytest.importorskip("peft")
+    _, model, _, _ = trained_like("bert")
+    revive_masked_triplets(model)
+    apply_pattern(model)
+    expected = logits(model)
+    export_peft(model, tmp_path, total_step=100)
+    peft_model = peft.PeftModel.from_pretrained(tiny_bert_classifier(0), str(tmp_path)).eval()
+    torch.testing.assert_close(logits(peft_model), expected, **TIGHT)
+    compact_adapters(model)
+    torch.testing.assert_close(logits(model), expected, **TIGHT)
+
+
+def test_zero_masked_refuses_a_merged_adapter():
+    _, model, _, _ = trained_like("bert")
+    revived = revive_masked_triplets(model)
+    path = next(iter(revived))
+    find_adapters(model)[path].merge()
+    with pytest.raises(ValueError, match=rf"compact_adapters: adapter '{re.escape(path)}' is merged; unmerge it"):
+        compact_adapters(model, zero_masked=True)
+    assert find_adapters(model)[path].lora_E.any()
+
+
+# ---------------------------------------------------------------------------------------- refusals
+class TouchOnUnpickle:
+    """Unpickling this creates ``marker``: proof that a loader unpickled the file."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (pathlib.Path.touch, (pathlib.Path(self.marker),))
+
+
+def write_pickle_bomb(path, marker) -> None:
+    path.write_bytes(pickle.dumps({"weights": TouchOnUnpickle(marker)}))
+
+
+class RootParam(torch.nn.Module):
+    """A parameter on the root module next to an adapted linear layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.ones(1))
+        self.lin = torch.nn.Linear(4, 4)
+
+
+def refusal_cases():
+    """(name, build the model, export_peft kwargs, expected message) for every refusal of export_peft."""
+    def adalora():
+        return trained_like("bert")[1]
+
+    def lora():
+        model = tiny_bert_classifier(0)
+        inject_adapters(model, BERT_TARGETS, method="lora", r=2)
+        return model
+
+    def edit(fn):
+        def build():
+            model = adalora()
+            with torch.no_grad():
+                fn(list(find_adapters(model).values()))
+            return model
+        return build
+
+    def root_param():
+        model = RootParam()
+        model.lin = SVDLinear(model.lin, r=2, lora_alpha=4)
+        return model
+
+    return [
+        ("no adapters", lambda: tiny_bert_classifier(0), {}, "BertForSequenceClassification has no adapters to export"),
+        ("lora", lora, {}, "export_peft writes AdaLoRA (SVDLinear) adapters; these are not: ['bert.encoder.layer.0"),
+        ("ranknum", edit(lambda a: a[1].ranknum.fill_(3.0)), {},
+         "PEFT has one init_r for all layers; the adapters have ranknum values [3.0, 4.0]"),
+        ("fraction", edit(lambda a: [x.ranknum.fill_(2.5) for x in a]), {},
+         "ranknum 2.5 is not a positive integer; PEFT cannot reproduce this scaling"),
+        ("alpha", edit(lambda a: setattr(a[2], "lora_alpha", 8)), {},
+         "PEFT needs one lora_alpha and one lora_dropout; found [8, 16], [0.0]"),
+        ("alpha0", edit(lambda a: [setattr(x, "lora_alpha", 0) for x in a]), {},
+         "PEFT replaces lora_alpha <= 0 by init_r; cannot export lora_alpha=0"),
+        ("schedule", adalora, {"total_step": 30, "tinit": 10, "tfinal": 20},
+         "total_step (30) must exceed tinit + tfinal (10 + 20)"),
+        ("merged", edit(lambda a: a[1].merge()), {},
+         "adapter 'bert.encoder.layer.0.attention.self.key' is merged into its base weight; unmerge it before"),
+        ("root", root_param, {}, "a trainable parameter sits on the root module; PEFT's modules_to_save cannot hold"),
+        ("overlap", adalora, {"head_modules": ["bert.encoder.layer.1.output"]},
+         "module 'bert.encoder.layer.1.output' would be a PEFT modules_to_save entry but overlaps adapter "
+         "'bert.encoder.layer.1.output.dense'"),
+    ]
+
+
+@pytest.mark.parametrize("case", refusal_cases(), ids=lambda c: c[0])
+def test_export_peft_refusals_write_nothing(case, tmp_path):
+    _, build, kwargs, message = case
+    with pytest.raises(ValueError) as info:
+        export_peft(build(), tmp_path / "out", **kwargs)
+    assert message in str(info.value)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture
+def peft_folder(tmp_path):
+    _, model, _, _ = trained_like("bert")
+    return export_peft(model, tmp_path / "peft", total_step=100)
+
+
+def copy_folder(source, target, skip=()):
+    target.mkdir()
+    for f in source.iterdir():
+        if f.name not in skip:
+            (target / f.name).write_bytes(f.read_bytes())
+    return target
+
+
+def test_import_peft_refusals(peft_folder, tmp_path):
+    def refused(folder, error=ValueError):
+        fresh = tiny_bert_classifier(0)
+        with pytest.raises(error) as info:
+            import_peft(fresh, folder)
+        assert not find_adapters(fresh), "a refused import must leave the model without adapters"
+        return str(info.value)
+
+    assert refused(tmp_path / "nowhere", FileNotFoundError) == f"{tmp_path / 'nowhere'}: PEFT adapter folder not found"
+    no_config = copy_folder(peft_folder, tmp_path / "no_config", skip={"adapter_config.json"})
+    assert refused(no_config, FileNotFoundError) == f"{no_config / 'adapter_config.json'}: file not found"
+
+    lora = copy_folder(peft_folder, tmp_path / "lora")
+    config = json.loads((lora / "adapter_config.json").read_text())
+    (lora / "adapter_config.json").write_text(json.dumps({**config, "peft_type": "LORA"}))
+    assert refused(lora) == f"{lora / 'adapter_config.json'}: peft_type is 'LORA', import_peft reads ADALORA"
+
+    # Only a pickled adapter_model.bin (PEFT's safe_serialization=False): refused, and never unpickled.
+    pickled = copy_folder(peft_folder, tmp_path / "pickled", skip={"adapter_model.safetensors"})
+    marker = tmp_path / "unpickled"
+    write_pickle_bomb(pickled / "adapter_model.bin", marker)
+    message = refused(pickled)
+    assert message.startswith(f"{pickled}: no adapter_model.safetensors, only pickled weights (adapter_model.bin); "
+                              "import_peft reads safetensors only and never unpickles a file")
+    assert not marker.exists()
+
+    garbage = copy_folder(peft_folder, tmp_path / "garbage", skip={"adapter_model.safetensors"})
+    (garbage / "adapter_model.safetensors").write_bytes(b"\x00\xff not a tensor file" * 64)
+    assert refused(garbage).startswith(f"{garbage / 'adapter_model.safetensors'}: not a readable safetensors file")
+
+    short = copy_folder(peft_folder, tmp_path / "short_pattern")
+    config = json.loads((short / "adapter_config.json").read_text())
+    key = "bert.encoder.layer.0.attention.self.query.lora_E"
+    config["rank_pattern"][key] = config["rank_pattern"][key][:3]
+    (short / "adapter_config.json").write_text(json.dumps(config))
+    assert refused(short) == (f"{short / 'adapter_config.json'}: rank_pattern of "
+                              f"'bert.encoder.layer.0.attention.self.query' has 3 entries, init_r is {INIT_R}")
+
+    # Another base model: a shape mismatch names the tensor and both shapes; a missing layer is named.
+    wider = tiny_bert_classifier(0, hidden_size=48, intermediate_size=96)
+    shapes = r"has shape \((\d+), 32\) but the base model needs \(\1, 48\)|has shape \(32, (\d+)\) but .+ \(48, \2\)"
+    with pytest.raises(ValueError, match=r"adapter_model\.safetensors: tensor 'base_model\.model\.bert\.encoder\."
+                                         r"[\w.]+\.lora_[AB]' (?:" + shapes + ")"):
+        import_peft(wider, peft_folder)
+    assert not find_adapters(wider)
+    shallow = tiny_bert_classifier(0, num_hidden_layers=1)
+    with pytest.raises(ValueError, match=r"adapter module 'bert\.encoder\.layer\.1\.[a-z.]+' does not exist in "
+                                         r"BertForSequenceClassification; is this the base model"):
+        import_peft(shallow, peft_folder)
+    assert not find_adapters(shallow)
+
+    adapted = trained_like("bert")[1]
+    with pytest.raises(ValueError, match="BertForSequenceClassification already has adapters; import_peft expects"):
+        import_peft(adapted, peft_folder)
+
+
+def test_load_adapter_refuses_pickles_and_peft_folders(peft_folder, tmp_path):
+    _, model, _, _ = trained_like("bert")
+    ours = save_adapter(model, tmp_path / "ours")
+    pickled = copy_folder(ours, tmp_path / "pickled", skip={"adapter.safetensors"})
+    marker = tmp_path / "unpickled"
+    write_pickle_bomb(pickled / "adapter.bin", marker)
+    fresh = tiny_bert_classifier(0)
+    with pytest.raises(ValueError) as info:
+        load_adapter(fresh, pickled)
+    assert str(info.value).startswith(f"{pickled}: no adapter.safetensors, only pickled weights (adapter.bin); "
+                                      "load_adapter reads safetensors only and never unpickles a file")
+    assert not marker.exists() and not find_adapters(fresh)
+
+    peft_hint = r"adapter_config\.json: not an adalora-pl adapter config \(a PEFT adapter folder\? use import_peft\)"
+    with pytest.raises(ValueError, match=peft_hint):
+        load_adapter(tiny_bert_classifier(0), peft_folder)
+
+
+# ---------------------------------------------------------------------------------------- half precision
+@peft_noise
+def test_bfloat16_base_with_float32_adapters_merges_exports_imports_and_compacts(tmp_path):
+    peft = pytest.importorskip("peft")
+    bf16 = torch.bfloat16
+
+    def bf16_base():
+        return tiny_bert_classifier(0).to(bf16)
+
+    _, model, _, _ = trained_like("bert", dtype=bf16)
+    adapters = find_adapters(model)
+    assert all(a.lora_A.dtype == torch.float32 and a.base_layer.weight.dtype == bf16 for a in adapters.values())
+    expected = logits(model)
+    assert expected.dtype == bf16
+
+    # PEFT format: adapter tensors stay float32 in the file, in PEFT and in import_peft.
+    export_peft(model, tmp_path / "peft", total_step=100)
+    stored = load_file(str(tmp_path / "peft" / "adapter_model.safetensors"))
+    assert {t.dtype for k, t in stored.items() if ".lora_" in k} == {torch.float32}
+    peft_model = peft.PeftModel.from_pretrained(bf16_base(), str(tmp_path / "peft")).eval()
+    from tests.helpers import peft_layers
+
+    assert {layer.lora_E["default"].dtype for layer in peft_layers(peft_model).values()} == {torch.float32}
+    # PEFT itself rounds the stored float32 values through bfloat16 on this load (it rebuilds the layers in the
+    # base dtype to resize them by the rank pattern, loads, then upcasts): give it the exact values to compare.
+    with torch.no_grad():
+        for path, layer in peft_layers(peft_model).items():
+            keep = adapters[path].rank_mask
+            layer.lora_A["default"].copy_(adapters[path].lora_A[keep])
+            layer.lora_E["default"].copy_(adapters[path].lora_E[keep])
+            layer.lora_B["default"].copy_(adapters[path].lora_B[:, keep])
+    torch.testing.assert_close(logits(peft_model), expected, rtol=0, atol=0)
+    imported = import_peft(bf16_base(), tmp_path / "peft")
+    for path, ours in find_adapters(imported).items():
+        source = adapters[path]
+        assert ours.lora_A.dtype == ours.lora_E.dtype == ours.lora_B.dtype == torch.float32
+        assert torch.equal(ours.rank_mask, source.rank_mask)
+        assert torch.equal(ours.lora_A[ours.rank_mask], source.lora_A[source.rank_mask])
+        assert torch.equal(ours.lora_E, source.lora_E)
+        assert torch.equal(ours.lora_B[:, ours.rank_mask], source.lora_B[:, source.rank_mask])
+    torch.testing.assert_close(logits(imported), expected, rtol=0, atol=0)
+
+    # Merge: the float32 delta is added in float32 and rounded to bfloat16 once, bit for bit PEFT's merge.
+    folded = {p: (a.base_layer.weight.float() + a.delta_weight()).to(bf16) for p, a in adapters.items()}
+    merged = merge_adapters(copy.deepcopy(model))
+    peft_merged = peft_model.merge_and_unload()
+    for path, weight in folded.items():
+        ours = merged.get_submodule(path).weight
+        assert ours.dtype == bf16 and torch.equal(ours, weight), path
+        assert torch.equal(ours, peft_merged.get_submodule(path).weight), path
+
+    # Compaction keeps the adapters' own dtype, and the outputs.
+    compacted = copy.deepcopy(model)
+    compact_adapters(compacted)
+    assert {a.lora_B.dtype for a in find_adapters(compacted).values()} == {torch.float32}
+    torch.testing.assert_close(logits(compacted), expected, rtol=0, atol=0)
+
+    # Adapter-only checkpoint: float32 adapters come back float32.
+    save_adapter(model, tmp_path / "adapter")
+    loaded = load_adapter(bf16_base(), tmp_path / "adapter")
+    assert {a.lora_A.dtype for a in find_adapters(loaded).values()} == {torch.float32}
+    torch.testing.assert_close(logits(loaded), expected, rtol=0, atol=0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import datasets
 import pytest
 import torch
 
+from adalora_pl.backbone import LoadError
 from datamodules.glue import (
     GLUE_TASKS,
     GLUEDataModule,
@@ -210,18 +212,35 @@ def test_mnli_reads_train_and_dev_headers(tmp_path):
     assert dev["label"][:3] == [1, 0, 2]
 
 
-def test_sample_limits_take_first_rows_and_truncation(tmp_path, tok_dir):
+def test_sample_limits_take_first_rows_and_truncation(tmp_path, tok_dir, tiny_tokenizer, caplog):
     written = write_task(tmp_path, "rte", n_train=9, n_dev=6)
     dm = GLUEDataModule(
         "RTE", tokenizer=tok_dir, data_dir=str(tmp_path / "RTE"), max_seq_length=8,
         max_train_samples=4, max_eval_samples=3,
     )
-    dm.setup("fit")
+    with caplog.at_level(logging.WARNING, logger="datamodules.glue"):
+        dm.setup("fit")
     for split, limit in (("train", 4), ("validation", 3)):
         assert dm.datasets[split]["labels"] == [expected_label("rte", raw) for raw in written[split][:limit]]
     lengths = [len(ids) for ids in dm.datasets["train"]["input_ids"]]
     assert max(lengths) == 8  # the long rows were cut to max_seq_length
     assert min(lengths) < 8
+    # ... and the cut is reported, per split, with its share (counted here without truncation)
+    messages = [r.getMessage() for r in caplog.records]
+    for split, rows in (("train", 4), ("validation", 3)):
+        full = [len(tiny_tokenizer(*_texts(i))["input_ids"]) for i in range(rows)]
+        cut = sum(n > 8 for n in full)
+        assert 0 < cut < rows
+        expected = f"GLUE rte {split}: {cut} of {rows} examples ({100 * cut / rows:.1f}%) are longer than max_seq_"
+        assert any(m.startswith(expected) for m in messages), messages
+    assert len([m for m in messages if "truncated" in m]) == 2
+
+
+def test_no_truncation_warning_when_everything_fits(tmp_path, tok_dir, caplog):
+    write_task(tmp_path, "rte")
+    with caplog.at_level(logging.WARNING, logger="datamodules.glue"):
+        GLUEDataModule("rte", tokenizer=tok_dir, data_dir=str(tmp_path), max_seq_length=64).setup("fit")
+    assert not [r for r in caplog.records if r.name == "datamodules.glue"]
 
 
 def test_validate_stage_loads_only_validation(tmp_path, tok_dir):
@@ -350,6 +369,65 @@ def test_setup_needs_tokenizer(tmp_path):
     write_task(tmp_path, "cola")
     with pytest.raises(ValueError, match="tokenizer"):
         GLUEDataModule("cola", data_dir=str(tmp_path)).setup("fit")
+
+
+@pytest.mark.parametrize(("task", "length", "needed"), [("rte", 3, 5), ("rte", 4, 5), ("cola", 2, 3)])
+def test_max_seq_length_that_cannot_hold_the_texts_is_refused(tmp_path, tok_dir, task, length, needed):
+    """At 3 tokens every RTE pair would be `[CLS] [SEP] [SEP]`: refused at setup, before any training."""
+    write_task(tmp_path, task)
+    dm = GLUEDataModule(task, tokenizer=tok_dir, data_dir=str(tmp_path), max_seq_length=length)
+    with pytest.raises(ValueError, match=rf"max_seq_length={length} cannot hold a GLUE {task} input") as info:
+        dm.setup("fit")
+    assert f"--data.max_seq_length to at least {needed}" in str(info.value)
+    dm = GLUEDataModule(task, tokenizer=tok_dir, data_dir=str(tmp_path), max_seq_length=needed)
+    dm.setup("fit")  # the smallest length that leaves a token per text is accepted (with a warning)
+
+
+def test_invalid_utf8_names_file_and_line(tmp_path, tok_dir):
+    write_task(tmp_path, "sst2", n_train=5)
+    path = tmp_path / "SST-2" / "train.tsv"
+    lines = path.read_bytes().split(b"\n")
+    lines[3] = lines[3].replace(b"cat", b"caf\xe9")  # latin-1 e-acute
+    path.write_bytes(b"\n".join(lines))
+    dm = GLUEDataModule("sst2", tokenizer=tok_dir, data_dir=str(tmp_path))
+    with pytest.raises(ValueError) as info:
+        dm.setup("fit")
+    message = str(info.value)
+    assert message.startswith(f"{path}, line 4: bytes b'\\xe9' are not valid UTF-8"), message
+    assert "UTF-8" in message and not isinstance(info.value, UnicodeDecodeError)
+
+
+@pytest.mark.parametrize(("task", "content", "what"), [
+    ("sst2", "sentence\tlabel\n", "it holds no line after the header"),
+    ("sst2", "", "the file is empty"),
+    ("cola", "", "the file is empty"),
+])
+def test_empty_train_file_is_refused_at_setup(tmp_path, tok_dir, task, content, what):
+    write_task(tmp_path, task)
+    path = tmp_path / GLUE_TASKS[task].folder / "train.tsv"
+    path.write_text(content)
+    dm = GLUEDataModule(task, tokenizer=tok_dir, data_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="train.tsv has no examples") as info:
+        dm.setup("fit")
+    assert str(info.value).startswith(f"{path} has no examples ({what})")
+
+
+@pytest.mark.parametrize("name", ["/nonexistent/tokenizer", "./typo"])
+def test_missing_tokenizer_folder_is_named(tmp_path, name):
+    write_task(tmp_path, "cola")
+    dm = GLUEDataModule("cola", tokenizer=name, data_dir=str(tmp_path))
+    with pytest.raises(LoadError, match=rf"tokenizer '{name}': folder not found; .*microsoft/deberta-v3-base"):
+        dm.setup("fit")
+
+
+def test_hub_unreachable_points_to_data_dir(monkeypatch, tok_dir):
+    def offline(*args, **kwargs):
+        raise ConnectionError("Couldn't reach 'nyu-mll/glue' on the Hub (OfflineModeIsEnabled)")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(LoadError, match=r"could not load GLUE cola from the Hugging Face hub .*--data.data_dir "
+                                        r"/path/to/glue/CoLA"):
+        GLUEDataModule("cola", tokenizer=tok_dir).setup("fit")
 
 
 # ---- the real GLUE files (../shared/data) ------------------------------------------------------

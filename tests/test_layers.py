@@ -270,3 +270,40 @@ def test_fused_residual_add_refuses_to_overwrite_a_saved_tensor():
     out = add_scaled(result, update, 2.0)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         (out.sum() + squared.sum()).backward()
+
+
+@pytest.mark.parametrize("method", ["adalora", "lora"])
+@pytest.mark.parametrize("base_dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_base_gets_float32_adapters_and_keeps_its_output_dtype(method, base_dtype):
+    """Adapters of a bf16/fp16 layer are float32 (PEFT's default); the output is in the base dtype and equals
+    the float32 update added once into the base output; autocast_adapter_dtype=False keeps the base dtype."""
+    from adalora_pl.layers import LoRALinear
+
+    torch.manual_seed(0)
+    base = nn.Linear(8, 6).to(base_dtype)
+    cls = SVDLinear if method == "adalora" else LoRALinear
+    layer = cls(base, r=4, lora_alpha=8)
+    assert {p.dtype for p in layer.adapter_parameters()} == {torch.float32}
+    assert layer.base_layer.weight.dtype == base_dtype and layer.weight is base.weight
+    with torch.no_grad():
+        for p in layer.adapter_parameters():
+            p.normal_()
+    x = torch.randn(3, 8).to(base_dtype)
+    out = layer(x)
+    assert out.dtype == base_dtype
+    expected = (base(x).float() + x.float() @ layer.delta_weight().T).to(base_dtype)
+    torch.testing.assert_close(out, expected, rtol=1e-2, atol=1e-2)
+    kept = cls(nn.Linear(8, 6).to(base_dtype), r=4, lora_alpha=8, autocast_adapter_dtype=False)
+    assert {p.dtype for p in kept.adapter_parameters()} == {base_dtype}
+
+
+def test_restore_adapter_dtype_undoes_a_whole_module_conversion():
+    layer = SVDLinear(nn.Linear(8, 6), r=4, lora_alpha=8)
+    params = layer.adapter_parameters()
+    layer.to(torch.bfloat16)
+    assert layer.lora_A.dtype == torch.bfloat16
+    assert layer.restore_adapter_dtype() is True
+    assert [p.dtype for p in layer.adapter_parameters()] == [torch.float32] * 3
+    assert all(a is b for a, b in zip(params, layer.adapter_parameters(), strict=True))  # same objects
+    assert layer.ranknum.dtype == torch.float32 and layer.base_layer.weight.dtype == torch.bfloat16
+    assert layer.restore_adapter_dtype() is False

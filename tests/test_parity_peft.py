@@ -1,4 +1,4 @@
-"""Step-for-step parity with PEFT's AdaLoRA (the oracle): same masks, same parameters (spec §9)."""
+"""Step-for-step parity with PEFT's AdaLoRA (the oracle): same masks, same parameters (docs/method.md §9)."""
 
 from __future__ import annotations
 

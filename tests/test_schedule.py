@@ -1,4 +1,4 @@
-"""The cubic budget schedule (spec §4) and the validation of AdaLoRA's settings."""
+"""The cubic budget schedule (docs/method.md §4) and the validation of AdaLoRA's settings."""
 
 from __future__ import annotations
 

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from adalora_pl.backbone import LoadError
 from adalora_pl.qa import exact_match, f1, normalize_answer, postprocess_qa_predictions, squad_metrics
 from datamodules.squad import SquadDataModule, read_squad_json
 
@@ -609,3 +610,60 @@ def test_file_errors(tmp_path, tokenizer_dir):
         read_squad_json(bad)
     message = str(info.value)
     assert "bad.json" in message and "q-bad" in message and "'the mat'" in message and "' cat sa'" in message
+
+
+def one_article(question: str = "where is the cat", qid: str = "q1") -> list[dict]:
+    context = "the cat sat on the mat"
+    return [{"title": "t", "paragraphs": [{"context": context, "qas": [qa(qid, question, context, "the mat")]}]}]
+
+
+def test_truncated_json_names_file_line_and_column(tmp_path):
+    text = json.dumps({"version": "1.1", "data": one_article()}, indent=1)
+    path = tmp_path / "cut.json"
+    path.write_text(text[: len(text) // 2], encoding="utf-8")  # an interrupted download
+    with pytest.raises(ValueError, match=r"cut\.json, line \d+, column \d+: not valid JSON") as info:
+        read_squad_json(path)
+    error = info.value
+    assert not isinstance(error, json.JSONDecodeError)
+    try:
+        json.loads(path.read_text())
+    except json.JSONDecodeError as expected:
+        assert f"line {expected.lineno}, column {expected.colno}" in str(error)
+
+
+def test_invalid_utf8_names_file_and_line(tmp_path):
+    path = tmp_path / "latin.json"
+    text = json.dumps({"version": "1.1", "data": one_article("where is the caf\u00e9")}, ensure_ascii=False, indent=1)
+    path.write_bytes(text.encode("latin-1"))
+    line = text[: text.index("\u00e9")].count("\n") + 1
+    with pytest.raises(ValueError, match=rf"latin\.json, line {line}: bytes b'\\xe9' are not valid UTF-8"):
+        read_squad_json(path)
+
+
+def test_file_without_questions_is_refused(tmp_path):
+    with pytest.raises(ValueError, match=r"empty\.json has no examples"):
+        read_squad_json(write_squad(tmp_path / "empty.json", []))
+
+
+def test_question_too_long_for_the_window_is_refused(tmp_path, tiny_tokenizer, tokenizer_dir):
+    """max_seq_length must hold [CLS] question [SEP] and more than doc_stride context tokens [SEP]."""
+    question = "what is the capital city of france"  # 7 tokens
+    assert len(tiny_tokenizer(question, add_special_tokens=False)["input_ids"]) == 7
+    path = write_squad(tmp_path / "q.json", one_article(question, qid="long-q"))
+    # 3 special + 7 question + 8 stride = 18 tokens: a window of 18 leaves exactly doc_stride context tokens
+    dm = SquadDataModule(tokenizer=tokenizer_dir, validation_file=str(path), max_seq_length=18, doc_stride=8)
+    with pytest.raises(ValueError) as info:
+        dm.setup("validate")
+    message = str(info.value)
+    assert "SQuAD validation: 1 of 1 questions do not fit max_seq_length=18 with doc_stride=8" in message
+    assert "'long-q' has 7 tokens" in message and "--data.max_seq_length to at least 19" in message
+    dm = SquadDataModule(tokenizer=tokenizer_dir, validation_file=str(path), max_seq_length=19, doc_stride=8)
+    dm.setup("validate")  # one more token fits
+    assert len(dm.eval_features) >= 1
+
+
+def test_missing_tokenizer_folder_is_named(tmp_path):
+    path = write_squad(tmp_path / "q.json", one_article())
+    dm = SquadDataModule(tokenizer=str(tmp_path / "no_tokenizer"), validation_file=str(path))
+    with pytest.raises(LoadError, match=r"tokenizer '.*no_tokenizer': folder not found"):
+        dm.setup("validate")

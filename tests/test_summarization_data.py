@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from adalora_pl.backbone import LoadError
 from adalora_pl.rouge import rouge_scores, split_sentences
 from datamodules.summarization import SummarizationDataModule, read_records
 
@@ -261,6 +262,67 @@ def test_error_messages(tmp_path, tok_dir):
         dm.eval_references("validation")
     with pytest.raises(ValueError, match="needs a tokenizer"):
         SummarizationDataModule(validation_file=str(good)).setup("validate")
+
+
+def test_truncation_is_logged_with_its_share(tmp_path, tok_dir, tiny_tokenizer, caplog):
+    f = write_jsonl(tmp_path / "v.jsonl", SMALL_ROWS)
+    dm = SummarizationDataModule(tokenizer=tok_dir, validation_file=str(f), max_source_length=8, max_target_length=4)
+    with caplog.at_level(logging.WARNING, logger="datamodules.summarization"):
+        dm.setup("validate")
+    messages = [r.getMessage() for r in caplog.records]
+    documents = sum(len(tiny_tokenizer(r["document"])["input_ids"]) > 8 for r in SMALL_ROWS)
+    summaries = sum(len(tiny_tokenizer(text_target=r["summary"])["input_ids"]) > 4 for r in SMALL_ROWS)
+    assert (documents, summaries) == (2, 1)
+    assert any(m.startswith("summarization validation: 2 of 3 documents (66.7%) are longer than 8 tokens and "
+                            "were truncated; raise --data.max_source_length") for m in messages), messages
+    assert any(m.startswith("summarization validation: 1 of 3 summaries (33.3%) are longer than 4 tokens")
+               for m in messages), messages
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="datamodules.summarization"):
+        SummarizationDataModule(tokenizer=tok_dir, validation_file=str(f), max_source_length=64).setup("validate")
+    assert not [r for r in caplog.records if "truncated" in r.getMessage()]
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"max_source_length": 2}, "max_source_length=2 leaves no room for text: the special tokens and source_prefix "
+                               "already take 2 tokens; set --data.max_source_length to at least 3"),
+    ({"max_source_length": 4, "source_prefix": "summary: "}, "take 4 tokens; set --data.max_source_length to at "
+                                                             "least 5"),
+    ({"max_target_length": 1}, "max_target_length=1 leaves no room for text: the special tokens already take 2"),
+])
+def test_lengths_that_hold_only_special_tokens_are_refused(tmp_path, tok_dir, kwargs, message):
+    f = write_jsonl(tmp_path / "v.jsonl", SMALL_ROWS)
+    dm = SummarizationDataModule(tokenizer=tok_dir, validation_file=str(f), **kwargs)
+    with pytest.raises(ValueError, match="leaves no room") as info:
+        dm.setup("validate")
+    assert message in str(info.value)
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv"])
+def test_invalid_utf8_names_file_and_line(tmp_path, tok_dir, suffix):
+    path = tmp_path / f"latin{suffix}"
+    if suffix == ".csv":
+        write_csv(path, [{**r, "document": r["document"].replace("cat", "caf\u00e9")} for r in SMALL_ROWS])
+    else:
+        write_jsonl(path, [{**r, "document": r["document"].replace("cat", "caf\u00e9")} for r in SMALL_ROWS])
+    path.write_bytes(path.read_text(encoding="utf-8").replace("\\u00e9", "\u00e9").encode("latin-1"))
+    line = 2 if suffix == ".csv" else 1  # the first row, after the CSV header
+    with pytest.raises(ValueError, match=rf"latin\{suffix}, line {line}: bytes b'\\xe9' are not valid UTF-8"):
+        read_records(path)
+
+
+def test_truncated_json_array_names_file_line_and_column(tmp_path):
+    path = tmp_path / "cut.json"
+    path.write_text(json.dumps(SMALL_ROWS, indent=1)[:-40], encoding="utf-8")
+    with pytest.raises(ValueError, match=r"cut\.json, line \d+, column \d+: not valid JSON"):
+        read_records(path)
+
+
+def test_missing_tokenizer_folder_is_named(tmp_path):
+    f = write_jsonl(tmp_path / "v.jsonl", SMALL_ROWS)
+    dm = SummarizationDataModule(tokenizer="./no/such/tokenizer", validation_file=str(f))
+    with pytest.raises(LoadError, match=r"tokenizer './no/such/tokenizer': folder not found"):
+        dm.setup("validate")
 
 
 def test_empty_rows_are_kept_and_logged(tmp_path, tok_dir, caplog):
