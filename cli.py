@@ -18,8 +18,8 @@ from pathlib import Path
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
-from adalora_pl.backbone import LoadError
-from adalora_pl.checkpoint import torch_archive_problem
+from adalora_pl.io.checkpoint import torch_archive_problem
+from adalora_pl.io.pretrained import LoadError
 
 # Lightning's own subcommands are listed by its parser; `export` is dispatched before it, so the help names it here.
 EXPORT_HELP = (
@@ -91,7 +91,7 @@ class AdaLoRACLI(LightningCLI):
 
 
 def export_main(args: list[str]) -> None:
-    from adalora_pl.checkpoint import EXPORT_FORMATS, export_checkpoint
+    from adalora_pl.io.checkpoint import EXPORT_FORMATS, export_checkpoint
 
     parser = argparse.ArgumentParser(prog="cli.py export", description="Export the adapters of a fit checkpoint.")
     parser.add_argument("--ckpt_path", required=True, help="checkpoint written by `cli.py fit`")

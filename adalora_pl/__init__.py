@@ -2,25 +2,25 @@
 
 from adalora_pl.allocator import MaskEvent, RankAllocator
 from adalora_pl.callback import AdaLoRACallback
-from adalora_pl.export import (
-    compact_adapters,
+from adalora_pl.importance import IMPORTANCE_VARIANTS, mask_threshold, orthogonal_regularizer, triplet_scores
+from adalora_pl.injection import (
+    DEFAULT_TRAINABLE_MODULES,
+    TARGET_MODULE_PRESETS,
     count_adapter_parameters,
+    find_adapters,
+    inject_adapters,
+    set_trainable_modules,
+)
+from adalora_pl.io import (
+    compact_adapters,
     export_peft,
     import_peft,
     load_adapter,
     merge_adapters,
     save_adapter,
 )
-from adalora_pl.importance import IMPORTANCE_VARIANTS, mask_threshold, orthogonal_regularizer, triplet_scores
-from adalora_pl.injection import (
-    DEFAULT_TRAINABLE_MODULES,
-    TARGET_MODULE_PRESETS,
-    find_adapters,
-    inject_adapters,
-    set_trainable_modules,
-)
+from adalora_pl.io.report import rank_table, save_budget_curve, save_rank_heatmap
 from adalora_pl.layers import LoRALinear, SVDLinear
-from adalora_pl.report import rank_table, save_budget_curve, save_rank_heatmap
 from adalora_pl.schedule import BudgetSchedule, budget_at
 
 __all__ = [

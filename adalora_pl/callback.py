@@ -21,25 +21,12 @@ from adalora_pl.allocator import MaskEvent, RankAllocator
 from adalora_pl.importance import Importance, orthogonal_regularizer, validate_importance
 from adalora_pl.injection import DEFAULT_TRAINABLE_MODULES, find_adapters, inject_adapters, preset_targets
 from adalora_pl.layers import SVDLinear
-from adalora_pl.schedule import validate_betas, validate_ranks
+from adalora_pl.schedule import resolve_steps, validate_betas, validate_ranks
 
 # Strategies that shard parameters: importance needs every rank to hold whole adapters and their gradients.
 SHARDING_STRATEGIES = (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)
 
 log = logging.getLogger(__name__)
-
-
-def resolve_steps(name: str, value: int | float, total_step: int) -> int:
-    """``value`` steps (int >= 0) or a fraction of ``total_step`` (float in (0, 1))."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{name} must be a number of steps (int) or a fraction of training (float), got {value!r}")
-    if isinstance(value, float):
-        if not 0.0 < value < 1.0:
-            raise ValueError(f"{name} as a fraction of training must be in (0, 1), got {value!r}")
-        return int(round(value * total_step))
-    if value < 0:
-        raise ValueError(f"{name} must be >= 0 steps, got {value}")
-    return value
 
 
 def _find_model_for_preset(module: torch.nn.Module) -> torch.nn.Module:
@@ -119,7 +106,6 @@ class AdaLoRACallback(Callback):
     """
 
     # What the callback injects or adopts; subclasses for other prunable adapters change these.
-    adapter_method = "adalora"
     adapter_class: type = SVDLinear
     allocator_class: type[RankAllocator] = RankAllocator
 
@@ -221,14 +207,15 @@ class AdaLoRACallback(Callback):
             adapters = inject_adapters(
                 pl_module,
                 targets,
-                method=self.adapter_method,
+                method=self.adapter_class,
                 r=self.init_r,
                 lora_alpha=self.lora_alpha,
                 lora_dropout=self.lora_dropout,
                 trainable_modules=self.trainable_modules,
                 autocast_adapter_dtype=self.autocast_adapter_dtype,
             )
-            rank_zero_info(f"AdaLoRA: injected {len(adapters)} {self.adapter_method} adapters (init_r={self.init_r})")
+            rank_zero_info(f"AdaLoRA: injected {len(adapters)} {self.adapter_class.__name__} adapters "
+                           f"(init_r={self.init_r})")
         else:
             others = [n for n, m in adapters.items() if not isinstance(m, self.adapter_class)]
             if others:
@@ -411,7 +398,7 @@ class AdaLoRACallback(Callback):
     def _write_allocation_report(self, directory: str, pattern: dict[str, list[bool]], logger: Any) -> None:
         """The paper-style heatmap (layer x module type) and the planned budget curve, as PNG files next to
         the rank pattern and, with a TensorBoard logger, as images."""
-        from adalora_pl.report import save_budget_curve, save_rank_heatmap
+        from adalora_pl.io.report import save_budget_curve, save_rank_heatmap
 
         assert self.allocator is not None
         s = self.allocator.schedule

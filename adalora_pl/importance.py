@@ -7,12 +7,12 @@ Each expression keeps the reference's operation order so that results match PEFT
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 
 Importance = Literal["sensitivity_uncertainty", "sensitivity", "magnitude"]
-IMPORTANCE_VARIANTS: tuple[str, ...] = ("sensitivity_uncertainty", "sensitivity", "magnitude")
+IMPORTANCE_VARIANTS: tuple[str, ...] = get_args(Importance)
 
 
 def validate_importance(importance: str) -> None:

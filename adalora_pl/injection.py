@@ -12,13 +12,9 @@ from adalora_pl.layers import AdapterLayer, LoRALinear, SVDLinear
 
 log = logging.getLogger(__name__)
 
-# Adapter layer class per method name; baselines register theirs (see adalora_pl.baselines).
-ADAPTER_CLASSES: dict[str, type[AdapterLayer]] = {"adalora": SVDLinear, "lora": LoRALinear}
-
-
-def register_adapter(method: str, cls: type[AdapterLayer]) -> None:
-    """Make ``method`` usable in :func:`inject_adapters`; ``cls(base_layer, r, lora_alpha, lora_dropout)``."""
-    ADAPTER_CLASSES[method] = cls
+# The method's own adapter layers by name; baselines pass their layer class to inject_adapters instead
+# (adalora_pl.baselines.ADAPTER_CLASSES is the table of all of them).
+CORE_ADAPTER_CLASSES: dict[str, type[AdapterLayer]] = {"adalora": SVDLinear, "lora": LoRALinear}
 
 
 # One entry of a preset: a name suffix, or a tuple of alternative suffixes that fill the same role in
@@ -110,15 +106,24 @@ def inside_any(name: str, parents: Sequence[str]) -> str | None:
     return next((p for p in parents if name == p or name.startswith(p + ".")), None)
 
 
+def split_layer_path(path: str) -> tuple[str, int | None, str]:
+    """``(stack prefix, layer index, module type)`` of a module path; the layer index is its last integer
+    component (``encoder.layer.3.attention.self.query`` -> ``("encoder.layer", 3, "attention.self.query")``)."""
+    parts = path.split(".")
+    digits = [i for i, p in enumerate(parts) if p.isdigit()]
+    if not digits:
+        return "", None, path
+    i = digits[-1]
+    return ".".join(parts[:i]), int(parts[i]), ".".join(parts[i + 1 :]) or parts[i]
+
+
 def linear_layer_suffixes(model: nn.Module) -> list[str]:
     """Linear layer names with the block index stripped (``encoder.layer.0.attention.self.query`` ->
     ``attention.self.query``), to show in error messages which targets exist."""
     suffixes = set()
     for name, module in model.named_modules():
         if is_linear(module) or isinstance(module, AdapterLayer):
-            parts = name.split(".")
-            digits = [i for i, p in enumerate(parts) if p.isdigit()]
-            suffixes.add(".".join(parts[digits[-1] + 1 :]) if digits else name)
+            suffixes.add(split_layer_path(name)[2])
     return sorted(suffixes)
 
 
@@ -127,11 +132,20 @@ def find_adapters(model: nn.Module) -> dict[str, AdapterLayer]:
     return {name: m for name, m in model.named_modules() if isinstance(m, AdapterLayer)}
 
 
+def count_adapter_parameters(model: nn.Module, kept_only: bool = False) -> int:
+    """Elements in the adapter parameters of ``model`` (not the wrapped base layers).
+
+    ``kept_only=True`` counts as the paper's tables do (#Params): a kept AdaLoRA triplet costs in + out + 1, a
+    kept prune-LoRA doublet in + out, pruned ones nothing (see :meth:`AdapterLayer.parameter_count`).
+    """
+    return sum(layer.parameter_count(kept_only) for layer in find_adapters(model).values())
+
+
 def inject_adapters(
     model: nn.Module,
     target_modules: Sequence[str] | None = None,
     *,
-    method: str = "adalora",
+    method: str | type[AdapterLayer] = "adalora",
     r: int = 12,
     lora_alpha: float = 32,
     lora_dropout: float = 0.0,
@@ -148,7 +162,8 @@ def inject_adapters(
             :func:`preset_targets`): alternatives the model lacks are dropped, and modules inside
             ``trainable_modules`` are left to be trained in full instead of adapted.
         method: ``"adalora"`` (:class:`SVDLinear`, ``r`` is init_r), ``"lora"`` (:class:`LoRALinear`), or a
-            method registered with :func:`register_adapter` (baselines: ``"prune_lora"``, ``"bottleneck"``).
+            an :class:`AdapterLayer` subclass built as ``cls(base_layer, r, lora_alpha, lora_dropout,
+            autocast_adapter_dtype)`` (the baselines' layers).
         r: initial rank for AdaLoRA, rank for LoRA.
         lora_alpha: adapter scaling numerator.
         lora_dropout: dropout on the adapter branch.
@@ -165,8 +180,13 @@ def inject_adapters(
             a layer that is not linear; the preset misses a required entry (see :func:`preset_targets`). The
             message lists the linear layers the model has.
     """
-    if method not in ADAPTER_CLASSES:
-        raise ValueError(f"method must be one of {sorted(ADAPTER_CLASSES)}, got {method!r}")
+    if isinstance(method, type) and issubclass(method, AdapterLayer):
+        layer_cls = method
+    elif method in CORE_ADAPTER_CLASSES:
+        layer_cls = CORE_ADAPTER_CLASSES[method]
+    else:
+        raise ValueError(f"method must be one of {sorted(CORE_ADAPTER_CLASSES)} or an AdapterLayer class, "
+                         f"got {method!r}")
     if find_adapters(model):
         raise ValueError("model already has adapters; use find_adapters(model) to adopt them")
     from_preset = target_modules is None
@@ -186,7 +206,6 @@ def inject_adapters(
             )
 
     model.requires_grad_(False)
-    layer_cls = ADAPTER_CLASSES[method]
     adapters = {}
     for name, module in matched.items():
         parent_name, _, child = name.rpartition(".")

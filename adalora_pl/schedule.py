@@ -7,7 +7,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-PHASES = ("warmup", "cubic", "final")
+
+def resolve_steps(name: str, value: int | float, total_step: int) -> int:
+    """``value`` steps (int >= 0) or a fraction of ``total_step`` (float in [0, 1)), as a number of steps."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a number of steps (int) or a fraction of training (float), got {value!r}")
+    if isinstance(value, float):
+        if not 0.0 <= value < 1.0:
+            raise ValueError(f"{name} as a fraction of training must be in [0, 1), got {value!r}")
+        return int(round(value * total_step))
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0 steps, got {value}")
+    return value
 
 
 def validate_ranks(init_r: int, target_r: int) -> None:

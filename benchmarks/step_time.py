@@ -16,11 +16,11 @@ Variants (same targets, same initial rank ``--rank`` everywhere: LoRA r = AdaLoR
   adalora           ours: ``SVDLinear`` + ``orthogonal_regularizer`` (in the loss, or as a separate gradient the
                     way ``AdaLoRACallback`` adds it, ``--orth-mode grad``) + ``RankAllocator.update_and_allocate``.
   adalora_final     ours, final phase: the pattern is frozen at the target budget (``--target-r`` per matrix on
-                    average) and pruned triplets are physically dropped with ``adalora_pl.export.compact_adapters``
+                    average) and pruned triplets are physically dropped with ``adalora_pl.io.compact_adapters``
                     (the allocator is then no longer needed).
   adalora_masked    ours, final phase without compaction: the frozen pattern is re-applied after every step
                     (what ``AdaLoRACallback`` does, and what PEFT does).
-  lora_unfused,     optional (``--variants``): ours with ``adalora_pl.layers.FUSE_RESIDUAL_ADD = False``, i.e. the
+  lora_unfused,     optional (``--variants``): ours with ``adalora_pl.fused_add.FUSE_RESIDUAL_ADD = False``, i.e. the
   adalora_unfused   reference's unfused ``result + update * scaling [/ denom]``; what the one-pass add buys.
 
 The floor saves less for backward than any adapter method (a frozen linear layer needs no copy of its input), so
@@ -77,12 +77,12 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from adalora_pl import RankAllocator, inject_adapters, layers, orthogonal_regularizer  # noqa: E402
-from adalora_pl.export import compact_adapters  # noqa: E402
+from adalora_pl import RankAllocator, fused_add, inject_adapters, orthogonal_regularizer  # noqa: E402
 from adalora_pl.injection import preset_targets  # noqa: E402
+from adalora_pl.io import compact_adapters  # noqa: E402
 
 DEFAULT_VARIANTS = ("frozen", "peft_lora", "peft_adalora", "lora", "adalora", "adalora_final", "adalora_masked")
-# Optional: ours with the unfused residual add (adalora_pl.layers.FUSE_RESIDUAL_ADD = False), i.e. the arithmetic
+# Optional: ours with the unfused residual add (adalora_pl.fused_add.FUSE_RESIDUAL_ADD = False), i.e. the arithmetic
 # path before the fused one-pass add; to measure what the fusion buys.
 ALL_VARIANTS = DEFAULT_VARIANTS + ("lora_unfused", "adalora_unfused")
 HEADS = ["classifier", "pooler"]
@@ -160,7 +160,7 @@ class Variant:
         self.after_step = None  # callable(step) run after optimizer.step(), before zero_grad
         self.extra_loss = None  # callable() -> regularizer term added to the loss
         self.extra_grad = None  # callable() -> adds a regularizer gradient into .grad (callback style)
-        self.fuse = True  # adalora_pl.layers.FUSE_RESIDUAL_ADD during this variant's steps
+        self.fuse = True  # adalora_pl.fused_add.FUSE_RESIDUAL_ADD during this variant's steps
 
     def forward_loss(self) -> torch.Tensor:
         device_type = next(self.model.parameters()).device.type
@@ -171,7 +171,7 @@ class Variant:
         return loss
 
     def step(self) -> None:
-        layers.FUSE_RESIDUAL_ADD = self.fuse
+        fused_add.FUSE_RESIDUAL_ADD = self.fuse
         loss = self.forward_loss()
         loss.backward()
         if self.extra_grad is not None:
@@ -535,13 +535,13 @@ def main(argv=None) -> dict:
         "models": {},
     }
     bf16_flag = args.bf16
-    fuse = layers.FUSE_RESIDUAL_ADD
+    fuse = fused_add.FUSE_RESIDUAL_ADD
     try:
         for model_name in args.models:
             args.bf16 = bf16_flag or (device.type == "cuda" and model_name == "deberta")
             out["models"][model_name] = run_model(model_name, args, device)
     finally:
-        layers.FUSE_RESIDUAL_ADD = fuse
+        fused_add.FUSE_RESIDUAL_ADD = fuse
     # The headline ratios: those of the first model.
     out["ratios"] = out["models"][args.models[0]]["ratios"]
     if args.json:

@@ -12,7 +12,6 @@ import csv
 import logging
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,8 @@ import datasets
 import lightning as L
 from torch.utils.data import DataLoader
 
-from adalora_pl.backbone import LoadError, check_tokenizer, load_pretrained
+from adalora_pl.io.pretrained import LoadError, check_tokenizer, load_pretrained
+from adalora_pl.tasks.glue import GlueTask, get_glue_task
 
 log = logging.getLogger(__name__)
 
@@ -29,163 +29,6 @@ LABEL_COLUMN = "labels"
 _TRUNCATED = "_truncated"  # transient column: whether max_seq_length cut the example
 STSB_SCORE_RANGE = (0.0, 5.0)
 
-
-@dataclass(frozen=True)
-class GlueTask:
-    """Everything the loaders need to know about one GLUE task.
-
-    Attributes:
-        name: Canonical task name, the hub config name (``"cola"``, ``"sst2"``, ...).
-        folder: Folder name of the task in the official GLUE download (``"CoLA"``, ``"SST-2"``, ...).
-        text_columns: Text column names in the hub dataset (one for single-sentence tasks, two for
-            pairs). The TSV reader produces the same names.
-        tsv_text_columns: TSV column names holding those texts, in the same order.
-        tsv_label_column: TSV column name holding the label or score.
-        label_names: Class names in label-id order (the hub's ``ClassLabel`` names); ``None`` for
-            the regression task STS-B.
-        tsv_labels: The raw label strings of the TSV files, in label-id order; ``None`` for STS-B.
-        tsv_fieldnames: Column names of a header-less TSV file (only CoLA); ``None`` when the
-            first line of each file is its header.
-        split_files: ``(split name, TSV file name)`` pairs; the first is the training split, the
-            others are the validation splits, in the order the validation loaders come in.
-    """
-
-    name: str
-    folder: str
-    text_columns: tuple[str, ...]
-    tsv_text_columns: tuple[str, ...]
-    tsv_label_column: str
-    label_names: tuple[str, ...] | None
-    tsv_labels: tuple[str, ...] | None
-    tsv_fieldnames: tuple[str, ...] | None = None
-    split_files: tuple[tuple[str, str], ...] = (("train", "train.tsv"), ("validation", "dev.tsv"))
-
-    @property
-    def is_regression(self) -> bool:
-        return self.label_names is None
-
-    @property
-    def num_labels(self) -> int:
-        return 1 if self.label_names is None else len(self.label_names)
-
-    @property
-    def val_split_names(self) -> tuple[str, ...]:
-        return tuple(split for split, _ in self.split_files[1:])
-
-    def file_name(self, split: str) -> str:
-        """TSV file name of ``split`` (``"train"`` or one of :attr:`val_split_names`)."""
-        for name, file_name in self.split_files:
-            if name == split:
-                return file_name
-        known = [name for name, _ in self.split_files]
-        raise ValueError(f"task {self.name!r} has no split {split!r}; its splits are {known}")
-
-
-_BINARY = ("0", "1")
-_NLI_2 = ("entailment", "not_entailment")
-
-GLUE_TASKS: dict[str, GlueTask] = {
-    task.name: task
-    for task in (
-        GlueTask(
-            name="cola",
-            folder="CoLA",
-            text_columns=("sentence",),
-            tsv_text_columns=("sentence",),
-            tsv_label_column="label",
-            label_names=("unacceptable", "acceptable"),
-            tsv_labels=_BINARY,
-            tsv_fieldnames=("source", "label", "original_label", "sentence"),
-        ),
-        GlueTask(
-            name="sst2",
-            folder="SST-2",
-            text_columns=("sentence",),
-            tsv_text_columns=("sentence",),
-            tsv_label_column="label",
-            label_names=("negative", "positive"),
-            tsv_labels=_BINARY,
-        ),
-        GlueTask(
-            name="mrpc",
-            folder="MRPC",
-            text_columns=("sentence1", "sentence2"),
-            tsv_text_columns=("#1 String", "#2 String"),
-            tsv_label_column="Quality",
-            label_names=("not_equivalent", "equivalent"),
-            tsv_labels=_BINARY,
-        ),
-        GlueTask(
-            name="qqp",
-            folder="QQP",
-            text_columns=("question1", "question2"),
-            tsv_text_columns=("question1", "question2"),
-            tsv_label_column="is_duplicate",
-            label_names=("not_duplicate", "duplicate"),
-            tsv_labels=_BINARY,
-        ),
-        GlueTask(
-            name="stsb",
-            folder="STS-B",
-            text_columns=("sentence1", "sentence2"),
-            tsv_text_columns=("sentence1", "sentence2"),
-            tsv_label_column="score",
-            label_names=None,
-            tsv_labels=None,
-        ),
-        GlueTask(
-            name="mnli",
-            folder="MNLI",
-            text_columns=("premise", "hypothesis"),
-            tsv_text_columns=("sentence1", "sentence2"),
-            tsv_label_column="gold_label",
-            label_names=("entailment", "neutral", "contradiction"),
-            tsv_labels=("entailment", "neutral", "contradiction"),
-            split_files=(
-                ("train", "train.tsv"),
-                ("validation_matched", "dev_matched.tsv"),
-                ("validation_mismatched", "dev_mismatched.tsv"),
-            ),
-        ),
-        GlueTask(
-            name="qnli",
-            folder="QNLI",
-            text_columns=("question", "sentence"),
-            tsv_text_columns=("question", "sentence"),
-            tsv_label_column="label",
-            label_names=_NLI_2,
-            tsv_labels=_NLI_2,
-        ),
-        GlueTask(
-            name="rte",
-            folder="RTE",
-            text_columns=("sentence1", "sentence2"),
-            tsv_text_columns=("sentence1", "sentence2"),
-            tsv_label_column="label",
-            label_names=_NLI_2,
-            tsv_labels=_NLI_2,
-        ),
-    )
-}
-
-
-def normalize_task_name(task_name: str) -> str:
-    """Map a GLUE task name to its canonical key in :data:`GLUE_TASKS`.
-
-    Case, ``-``, ``_`` and spaces are ignored, so ``"CoLA"``, ``"SST-2"`` and ``"sts_b"`` all work.
-
-    Raises:
-        ValueError: ``task_name`` is not one of the eight GLUE tasks.
-    """
-    key = "".join(ch for ch in str(task_name).lower() if ch not in "-_ ")
-    if key not in GLUE_TASKS:
-        raise ValueError(f"unknown GLUE task {task_name!r}; expected one of {sorted(GLUE_TASKS)}")
-    return key
-
-
-def get_glue_task(task_name: str) -> GlueTask:
-    """The :class:`GlueTask` for ``task_name`` (any spelling :func:`normalize_task_name` accepts)."""
-    return GLUE_TASKS[normalize_task_name(task_name)]
 
 
 def _parse_label(task: GlueTask, raw: str, where: str) -> int | float:
@@ -523,7 +366,7 @@ class GLUEDataModule(L.LightningDataModule):
             ValueError: No tokenizer was given, ``max_seq_length`` cannot hold the special tokens and one
                 token per text, or a TSV file is empty or malformed (see :func:`read_glue_tsv`).
             FileNotFoundError: A needed TSV file (or hub split) is missing; the message names it.
-            adalora_pl.backbone.LoadError: The tokenizer folder does not exist, or the hub cannot be reached.
+            adalora_pl.io.pretrained.LoadError: The tokenizer folder does not exist, or the hub cannot be reached.
         """
         if self.tokenizer_name is None:
             raise ValueError("GLUEDataModule needs `tokenizer` (a hub name or a local tokenizer folder)")

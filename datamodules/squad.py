@@ -12,7 +12,7 @@ Offsets representation (validation features): ``offset_mapping`` is a ``(max_seq
 list of integer ``[start_char, end_char]`` pairs into the example's context, with ``[-1, -1]`` for
 every token that is not a context token (special tokens, question, padding). Plain integers keep a
 fixed Arrow type (``list<list<int64>>``, no nulls) and collate into a regular tensor, unlike
-``None``. :func:`adalora_pl.qa.postprocess_qa_predictions` reads both conventions.
+``None``. :func:`adalora_pl.tasks.squad.postprocess_qa_predictions` reads both conventions.
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from adalora_pl.backbone import LoadError, check_tokenizer, load_pretrained
-from adalora_pl.qa import postprocess_qa_predictions, squad_metrics
+from adalora_pl.io.pretrained import LoadError, check_tokenizer, load_pretrained
+from adalora_pl.tasks.squad import CLS_INDEX, postprocess_qa_predictions, squad_metrics
 from datamodules.glue import utf8_error
 
 __all__ = ["SquadDataModule", "read_squad_json", "SQUAD_FEATURES", "HUB_DATASETS"]
@@ -46,8 +46,6 @@ _VERSION_ALIASES = {
 HUB_DATASETS = {"v1": "rajpurkar/squad", "v2": "rajpurkar/squad_v2"}
 #: Tokenizer used when none is given (the AdaLoRA paper fine-tunes DeBERTaV3-base on SQuAD).
 DEFAULT_TOKENIZER = "microsoft/deberta-v3-base"
-#: Token index that labels "answer not in this window" (the classifier token).
-CLS_INDEX = 0
 #: Offset pair marking a token outside the context in validation features.
 NO_OFFSET = [-1, -1]
 
@@ -267,7 +265,7 @@ class SquadDataModule(L.LightningDataModule):
     tokenizer makes them), plus ``start_positions``/``end_positions`` for training and
     ``feature_index`` (row of :attr:`eval_features`) for validation/test. To score a validation
     epoch, collect ``feature_index`` with the start/end logits and call :meth:`compute_metrics`
-    (or :meth:`postprocess` and :func:`adalora_pl.qa.squad_metrics`).
+    (or :meth:`postprocess` and :func:`adalora_pl.tasks.squad.squad_metrics`).
 
     Args:
         version: ``"v1"`` (also ``"1.1"``) or ``"v2"`` (also ``"2.0"``, unanswerable questions).
@@ -506,7 +504,7 @@ class SquadDataModule(L.LightningDataModule):
                 as from a distributed sampler's padding, are fine).
             start_logits: ``(len(feature_index), seq_len)`` start logits.
             end_logits: ``(len(feature_index), seq_len)`` end logits.
-            **kwargs: Passed to :func:`adalora_pl.qa.postprocess_qa_predictions` (``version_2``
+            **kwargs: Passed to :func:`adalora_pl.tasks.squad.postprocess_qa_predictions` (``version_2``
                 defaults to this module's version).
 
         Returns:

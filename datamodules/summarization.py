@@ -13,7 +13,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from adalora_pl.backbone import LoadError, check_tokenizer, load_pretrained
+from adalora_pl.io.pretrained import LoadError, check_tokenizer, load_pretrained
 from datamodules.glue import utf8_error
 
 log = logging.getLogger(__name__)

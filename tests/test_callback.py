@@ -230,7 +230,7 @@ def test_inf_gradient_step_is_left_out_of_the_averages(tmp_path):
         (dict(tinit=10, tfinal=10), r"tinit \+ tfinal must be < total_step.*total_step=20"),
         (dict(init_r=2, target_r=4), r"target_r \(4\) must not exceed init_r \(2\)"),
         (dict(target_modules=["query_proj"]), r"target_modules \['query_proj'\] match no module"),
-        (dict(tinit=1.5), r"tinit as a fraction of training must be in \(0, 1\), got 1.5"),
+        (dict(tinit=1.5), r"tinit as a fraction of training must be in \[0, 1\), got 1.5"),
     ],
 )
 def test_bad_settings_fail_before_the_first_batch(tmp_path, kwargs, message):
@@ -542,12 +542,12 @@ def test_sharding_strategies_are_refused_at_setup(strategy_class):
 
 
 def test_a_failing_report_does_not_fail_the_fit(tmp_path, monkeypatch):
-    import adalora_pl.report
+    import adalora_pl.io.report
 
     def broken(*args, **kwargs):
         raise RuntimeError("no fonts on this machine")
 
-    monkeypatch.setattr(adalora_pl.report, "save_rank_heatmap", broken)
+    monkeypatch.setattr(adalora_pl.io.report, "save_rank_heatmap", broken)
     module = PlainClassifier(num_examples=16, batch_size=8)
     cb = AdaLoRACallback(target_modules=BERT_TARGETS, trainable_modules=TRAINABLE, init_r=3, target_r=1,
                          tinit=1, tfinal=1)

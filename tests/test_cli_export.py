@@ -12,7 +12,7 @@ import torch
 from transformers import AutoModelForSequenceClassification, BertForSequenceClassification
 
 from adalora_pl import load_adapter
-from adalora_pl.checkpoint import export_checkpoint
+from adalora_pl.io.checkpoint import export_checkpoint
 from cli import main
 from tests.conftest import REPO_ROOT, make_tiny_tokenizer
 from tests.helpers import tiny_bert_config

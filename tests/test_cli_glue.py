@@ -15,7 +15,7 @@ import torch
 import yaml
 from lightning.pytorch.callbacks import Callback
 
-from adalora_pl.backbone import LoadError, check_backbone, looks_like_path
+from adalora_pl.io.pretrained import LoadError, check_backbone, looks_like_path
 from cli import ckpt_path_problem, main
 from datamodules.glue import read_glue_tsv
 from tests.conftest import REPO_ROOT, make_tiny_tokenizer

@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from adalora_pl.rouge import rouge_scores
+from adalora_pl.tasks.rouge import rouge_scores
 from cli import main
 from tests.conftest import REPO_ROOT, make_tiny_tokenizer
 
@@ -162,7 +162,7 @@ def test_default_head_names_match_nothing_in_bart(tiny_bart):
     """The generic head names (classifier, pooler, qa_outputs, score) are absent from BART: no error, nothing
     trained besides the adapters, and the tied lm_head/embeddings stay frozen."""
     from adalora_pl import DEFAULT_TRAINABLE_MODULES
-    from adalora_pl.seq2seq_module import Seq2SeqSummarizer
+    from adalora_pl.tasks.summarization_module import Seq2SeqSummarizer
 
     for heads in (tuple(DEFAULT_TRAINABLE_MODULES), ()):
         module = Seq2SeqSummarizer(backbone=tiny_bart, trainable_modules=heads, init_r=4, target_r=2)

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import BartConfig, BartForSequenceClassification, BertForSequenceClassification
 
-from adalora_pl.export import (
+from adalora_pl import (
     compact_adapters,
     count_adapter_parameters,
     export_peft,

@@ -10,14 +10,9 @@ import datasets
 import pytest
 import torch
 
-from adalora_pl.backbone import LoadError
-from datamodules.glue import (
-    GLUE_TASKS,
-    GLUEDataModule,
-    get_glue_task,
-    normalize_task_name,
-    read_glue_tsv,
-)
+from adalora_pl.io.pretrained import LoadError
+from adalora_pl.tasks.glue import GLUE_TASKS, get_glue_task, normalize_task_name
+from datamodules.glue import GLUEDataModule, read_glue_tsv
 
 # ---- writing small files in the official GLUE layouts ------------------------------------------
 

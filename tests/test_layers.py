@@ -205,7 +205,7 @@ def _grads(layer, x, out, grad_out):
 @pytest.mark.parametrize("alpha", [32, 7.3])
 @pytest.mark.parametrize("shape", [(4, 7), (9,)])
 def test_fused_residual_add_is_bitwise_the_reference(kind, alpha, shape):
-    from adalora_pl import layers
+    from adalora_pl import fused_add
 
     torch.manual_seed(0)
     cls = SVDLinear if kind == "adalora" else LoRALinear
@@ -226,13 +226,13 @@ def test_fused_residual_add_is_bitwise_the_reference(kind, alpha, shape):
         assert torch.equal(layer(x), expected)
 
     # The switch back to the plain expressions gives the same numbers.
-    layers.FUSE_RESIDUAL_ADD = False
+    fused_add.FUSE_RESIDUAL_ADD = False
     try:
         out = layer(x)
         assert type(out.grad_fn).__name__ != "_AddScaledIntoBackward"
         assert torch.equal(out, expected)
     finally:
-        layers.FUSE_RESIDUAL_ADD = True
+        fused_add.FUSE_RESIDUAL_ADD = True
 
 
 @pytest.mark.parametrize("kind", ["adalora", "lora"])
@@ -261,7 +261,7 @@ def test_fused_residual_add_under_compile_and_torch_func(kind):
 
 def test_fused_residual_add_refuses_to_overwrite_a_saved_tensor():
     """``update``'s buffer receives the sum: if autograd had saved it, backward must fail, not be wrong."""
-    from adalora_pl.layers import add_scaled
+    from adalora_pl.fused_add import add_scaled
 
     result = torch.randn(3, 5, requires_grad=True)
     w = torch.randn(5, 5, requires_grad=True)

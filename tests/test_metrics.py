@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from adalora_pl.metrics import glue_metrics, main_metric_name, preds_from_logits
+from adalora_pl.tasks.glue import glue_metrics, main_metric_name, preds_from_logits
 
 PREDS = [1, 1, 0, 1, 0, 0, 1, 1, 0, 1, 1, 0]
 LABELS = [1, 0, 0, 1, 1, 0, 1, 1, 0, 0, 1, 1]

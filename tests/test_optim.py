@@ -11,7 +11,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from adalora_pl.modules import GLUEClassifier
+from adalora_pl.tasks.glue_module import GLUEClassifier
 from tests.conftest import make_tiny_tokenizer
 from tests.helpers import tiny_bert_config
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from adalora_pl.report import rank_table, save_budget_curve, save_rank_heatmap
+from adalora_pl.io.report import rank_table, save_budget_curve, save_rank_heatmap
 
 BERT_TYPES = ["attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
               "intermediate.dense", "output.dense"]
@@ -87,12 +87,8 @@ def test_plots_work_headless_with_an_interactive_backend_requested(tmp_path):
     import subprocess
     import sys
 
-    # report.py depends on matplotlib only: load it by file so the child skips torch and transformers.
-    report_py = Path(__file__).resolve().parents[1] / "adalora_pl" / "report.py"
     script = (
-        "import importlib.util as u; "
-        f"spec = u.spec_from_file_location('report', {str(report_py)!r}); m = u.module_from_spec(spec); "
-        "spec.loader.exec_module(m); save_rank_heatmap, save_budget_curve = m.save_rank_heatmap, m.save_budget_curve; "
+        "from adalora_pl.io.report import save_budget_curve, save_rank_heatmap; "
         f"save_rank_heatmap({{'encoder.layer.0.query': [True, False]}}, {str(tmp_path / 'h.png')!r}); "
         f"save_budget_curve([0, 1], [2, 1], {str(tmp_path / 'b.png')!r})"
     )

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from adalora_pl.backbone import LoadError
-from adalora_pl.qa import exact_match, f1, normalize_answer, postprocess_qa_predictions, squad_metrics
+from adalora_pl.io.pretrained import LoadError
+from adalora_pl.tasks.squad import exact_match, f1, normalize_answer, postprocess_qa_predictions, squad_metrics
 from datamodules.squad import SquadDataModule, read_squad_json
 
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from adalora_pl.backbone import LoadError
-from adalora_pl.rouge import rouge_scores, split_sentences
+from adalora_pl.io.pretrained import LoadError
+from adalora_pl.tasks.rouge import rouge_scores, split_sentences
 from datamodules.summarization import SummarizationDataModule, read_records
 
 XSUM = Path("summarization/xsum/validation.sample1000.jsonl")

@@ -12,13 +12,37 @@ from typing import Any, Literal
 
 import torch
 
-from adalora_pl.export import check_pruned_triplets, export_peft, merge_adapters, save_adapter
 from adalora_pl.injection import find_adapters
+from adalora_pl.io.adapter import save_adapter
+from adalora_pl.io.peft import export_peft
+from adalora_pl.io.surgery import check_pruned_triplets, merge_adapters
+from adalora_pl.module import MODULE_CLASS_KEY
 
 log = logging.getLogger(__name__)
 
-MODULE_CLASS_KEY = "adalora_pl_module_class"
 EXPORT_FORMATS = ("adapter", "peft", "merged")
+# Task modules that moved in the 0.1 layout change (flat package -> adalora_pl.tasks): a checkpoint that names the
+# old path still loads, with a note.
+MOVED_MODULE_CLASSES = {
+    "adalora_pl.modules.GLUEClassifier": "adalora_pl.tasks.glue_module.GLUEClassifier",
+    "adalora_pl.qa_module.QuestionAnswering": "adalora_pl.tasks.qa_module.QuestionAnswering",
+    "adalora_pl.seq2seq_module.Seq2SeqSummarizer": "adalora_pl.tasks.summarization_module.Seq2SeqSummarizer",
+}
+
+
+def resolve_module_class(class_path: str) -> type:
+    """The task module class a checkpoint names (old paths of moved classes included), or a ValueError."""
+    if class_path in MOVED_MODULE_CLASSES:
+        log.info("%s moved to %s; loading it from there", class_path, MOVED_MODULE_CLASSES[class_path])
+        class_path = MOVED_MODULE_CLASSES[class_path]
+    module_name, _, class_name = class_path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(
+            f"the checkpoint's module class {class_path!r} cannot be imported ({err}); task modules live in "
+            f"adalora_pl.tasks: {sorted(MOVED_MODULE_CLASSES.values())}"
+        ) from err
 
 
 def torch_archive_problem(path: Path) -> str | None:
@@ -79,8 +103,7 @@ def load_task_module(ckpt_path: str | Path):
     """Rebuild the task module a checkpoint was saved from (backbone from its saved hyperparameters)."""
     ckpt = read_checkpoint(ckpt_path)
     hparams = ckpt.get("hyper_parameters")
-    # Our key, or the one LightningCLI stores in subclass mode (checkpoints written before the key existed).
-    class_path = ckpt.get(MODULE_CLASS_KEY) or (hparams or {}).get("_class_path")
+    class_path = ckpt.get(MODULE_CLASS_KEY)
     if hparams is not None:  # LightningCLI adds private keys such as "_class_path" and "_instantiator"
         hparams = {k: v for k, v in hparams.items() if not k.startswith("_")}
     if class_path is None or hparams is None or "state_dict" not in ckpt:
@@ -88,9 +111,7 @@ def load_task_module(ckpt_path: str | Path):
             f"{ckpt_path} was not written by an adalora_pl task module (missing {MODULE_CLASS_KEY!r}, "
             "'hyper_parameters' or 'state_dict'); export works on checkpoints of `python cli.py fit`"
         )
-    module_name, _, class_name = class_path.rpartition(".")
-    cls = getattr(importlib.import_module(module_name), class_name)
-    module = cls(**hparams)
+    module = resolve_module_class(class_path)(**hparams)
     state, own = ckpt["state_dict"], module.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
@@ -143,7 +164,7 @@ def export_checkpoint(
 
     Every format holds the model its rank pattern describes: a checkpoint whose pruned triplets
     (``rank_mask`` False) still have a nonzero ``lora_E`` is refused, unless ``zero_masked=True`` zeroes them
-    first (see :func:`adalora_pl.export.check_pruned_triplets`).
+    first (see :func:`adalora_pl.io.surgery.check_pruned_triplets`).
 
     Raises:
         FileNotFoundError: no file at ``ckpt_path``.

@@ -6,19 +6,13 @@ they work on headless machines and inside training processes.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-# A rank_pattern key may carry PEFT's parameter suffix: "<module path>.lora_E" (optionally ".<adapter name>").
-_PARAM_SUFFIX = re.compile(r"\.lora_E(?:\.[^.]+)?$")
-_PEFT_PREFIX = "base_model.model."
+from adalora_pl.injection import split_layer_path
+from adalora_pl.io.peft import rank_pattern_module_path
 
 RankValue = Sequence[bool] | int
-
-
-def _module_path(key: str) -> str:
-    return _PARAM_SUFFIX.sub("", key.removeprefix(_PEFT_PREFIX))
 
 
 def _rank_of(value: RankValue) -> int:
@@ -29,16 +23,6 @@ def _rank_of(value: RankValue) -> int:
     if hasattr(value, "tolist"):  # a tensor or array
         value = value.tolist()
     return sum(bool(v) for v in value)
-
-
-def _split(path: str) -> tuple[str, int | None, str]:
-    """``(stack prefix, layer index, module type)``: the layer index is the last integer path component."""
-    parts = path.split(".")
-    digits = [i for i, p in enumerate(parts) if p.isdigit()]
-    if not digits:
-        return "", None, path
-    i = digits[-1]
-    return ".".join(parts[:i]), int(parts[i]), ".".join(parts[i + 1 :]) or parts[i]
 
 
 def _stack_labels(prefixes: list[str]) -> dict[str, str]:
@@ -84,7 +68,7 @@ def rank_table(
     prefixes: list[str] = []
     types: list[str] = []
     for key, value in rank_pattern.items():
-        prefix, index, module_type = _split(_module_path(key))
+        prefix, index, module_type = split_layer_path(rank_pattern_module_path(key))
         if index is not None and prefix not in prefixes:
             prefixes.append(prefix)
         if module_type not in types:

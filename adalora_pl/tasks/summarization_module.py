@@ -18,8 +18,8 @@ import torch
 from torch import nn
 from transformers import AutoModelForSeq2SeqLM
 
-from adalora_pl.modules import AdapterModule
-from adalora_pl.rouge import rouge_scores
+from adalora_pl.module import AdapterModule
+from adalora_pl.tasks.rouge import rouge_scores
 
 __all__ = ["Seq2SeqSummarizer"]
 
@@ -37,7 +37,7 @@ class Seq2SeqSummarizer(AdapterModule):
     ``facebook/bart-large`` that includes ``no_repeat_ngram_size=3``, which the authors' runs used).
 
     ROUGE is logged in percent (``val/rouge1``, ``val/rouge2``, ``val/rougeL``, ``val/rougeLsum``), as
-    in the paper's tables, computed by :func:`adalora_pl.rouge.rouge_scores` with stemming.
+    in the paper's tables, computed by :func:`adalora_pl.tasks.rouge.rouge_scores` with stemming.
 
     Args:
         backbone: hub name or local folder (default: the paper's ``facebook/bart-large``).
@@ -80,7 +80,7 @@ class Seq2SeqSummarizer(AdapterModule):
         self._eval_outputs: list[tuple[int, str]] = []
 
     def build_backbone(self, backbone: str) -> nn.Module:
-        from adalora_pl.backbone import check_backbone, load_pretrained
+        from adalora_pl.io.pretrained import check_backbone, load_pretrained
 
         return load_pretrained(AutoModelForSeq2SeqLM.from_pretrained, check_backbone(backbone))
 

@@ -149,7 +149,7 @@ def rouge_scores(
     if not hasattr(tm_rouge, "_split_sentence"):  # pragma: no cover - depends on torchmetrics internals
         raise RuntimeError(
             "this torchmetrics version has no torchmetrics.functional.text.rouge._split_sentence; "
-            "adalora_pl.rouge cannot compute rougeLsum offline with it"
+            "adalora_pl.tasks.rouge cannot compute rougeLsum offline with it"
         )
     with _SPLITTER_LOCK:
         original = tm_rouge._split_sentence

@@ -1,4 +1,4 @@
-"""LightningModules that carry adapters: a shared base (method switch, optimizer, schedule) and GLUE.
+"""The base of the task modules: backbone, method switch, adapters, optimizer and schedule.
 
 The module owns the adapters; :class:`~adalora_pl.callback.AdaLoRACallback` runs the schedule. A module
 built with ``method="adalora"`` supplies that callback itself (``configure_callbacks``), so it can never
@@ -9,32 +9,49 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
-from transformers import AutoConfig, AutoModelForSequenceClassification
 
 from adalora_pl.baselines import (
+    BottleneckAdapter,
+    PrunableLoRALinear,
     PruneLoRACallback,
-    adapter_param_count,
     bottleneck_targets,
     linear_shapes,
     match_budget,
 )
 from adalora_pl.callback import AdaLoRACallback
-from adalora_pl.checkpoint import MODULE_CLASS_KEY
 from adalora_pl.importance import Importance
-from adalora_pl.injection import DEFAULT_TRAINABLE_MODULES, inject_adapters, name_matches, preset_targets
+from adalora_pl.injection import (
+    DEFAULT_TRAINABLE_MODULES,
+    count_adapter_parameters,
+    inject_adapters,
+    name_matches,
+    preset_targets,
+)
+from adalora_pl.layers import AdapterLayer
+from adalora_pl.schedule import resolve_steps
 
 log = logging.getLogger(__name__)
 
 # adalora: the method. lora / full: the paper's main baselines. houlsby / pfeiffer: bottleneck adapters.
 # svd_lora (SVD adapters, no pruning) and prune_lora (LoRA doublets pruned without recovery): ablations.
-METHODS = ("adalora", "lora", "full", "houlsby", "pfeiffer", "svd_lora", "prune_lora")
+Method = Literal["adalora", "lora", "full", "houlsby", "pfeiffer", "svd_lora", "prune_lora"]
+METHODS: tuple[str, ...] = get_args(Method)
 SCHEDULED_METHODS = ("adalora", "svd_lora", "prune_lora")
+# The adapter layer of each method that has one, and the name its #Params are planned under (match_budget).
+ADAPTER_OF_METHOD: dict[str, str | type[AdapterLayer]] = {
+    "adalora": "adalora", "svd_lora": "adalora", "lora": "lora", "prune_lora": PrunableLoRALinear,
+    "houlsby": BottleneckAdapter, "pfeiffer": BottleneckAdapter,
+}
+BUDGET_NAME_OF_METHOD = {"adalora": "adalora", "svd_lora": "adalora", "lora": "lora", "prune_lora": "lora",
+                         "houlsby": "bottleneck", "pfeiffer": "bottleneck"}
+# Key under which a task module records its class path in checkpoints (for ``cli.py export``).
+MODULE_CLASS_KEY = "adalora_pl_module_class"
 
 
 class AdapterModule(pl.LightningModule):
@@ -76,7 +93,7 @@ class AdapterModule(pl.LightningModule):
     def __init__(
         self,
         backbone: str,
-        method: Literal["adalora", "lora", "full", "houlsby", "pfeiffer", "svd_lora", "prune_lora"] = "adalora",
+        method: Method = "adalora",
         target_modules: Sequence[str] | None = None,
         trainable_modules: Sequence[str] = tuple(DEFAULT_TRAINABLE_MODULES),
         init_r: int = 12,
@@ -104,43 +121,38 @@ class AdapterModule(pl.LightningModule):
             raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}")
         if learning_rate <= 0 or (head_learning_rate is not None and head_learning_rate <= 0):
             raise ValueError(f"learning rates must be > 0, got {learning_rate} and {head_learning_rate}")
-        if isinstance(warmup_steps, float) and not 0.0 <= warmup_steps < 1.0:
-            raise ValueError(f"warmup_steps as a fraction must be in [0, 1), got {warmup_steps}")
-        if isinstance(warmup_steps, int) and warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+        resolve_steps("warmup_steps", warmup_steps, total_step or 1_000_000)  # checks the value now
         self.backbone_name = backbone
         self.method = method
         # from_pretrained returns a model in eval mode; Lightning keeps module modes as they are.
         self.model = self.build_backbone(backbone).train()
         self.adapters: dict[str, nn.Module] = {}
-        if method in SCHEDULED_METHODS:
-            # Validates ranks/betas/schedule settings now, before any training.
-            self.adalora_callback()
+        # Built now so that bad ranks/betas/schedule settings fail before any training; configure_callbacks
+        # hands this one instance to the Trainer.
+        self.schedule_callback = self._build_schedule_callback() if method in SCHEDULED_METHODS else None
         if method == "full":
             self.model.requires_grad_(True)
             return
         if method in ("houlsby", "pfeiffer"):
-            layer_method, targets = "bottleneck", bottleneck_targets(self.model, method)
-            r = bottleneck_size
+            targets, r = bottleneck_targets(self.model, method), bottleneck_size
         else:
-            layer_method = {"svd_lora": "adalora"}.get(method, method)
             targets = list(target_modules) if target_modules else preset_targets(self.model, trainable_modules)
             r = init_r
         if param_budget is not None:
             shapes = linear_shapes(self.model, [n for n, _ in self.model.named_modules()
                                                 if any(name_matches(n, t) for t in targets)])
-            r, actual = match_budget(shapes, {"prune_lora": "lora"}.get(layer_method, layer_method), param_budget)
+            r, actual = match_budget(shapes, BUDGET_NAME_OF_METHOD[method], param_budget)
             log.info("param_budget %d -> r/bottleneck %d (%d params)", param_budget, r, actual)
         self.adapters = inject_adapters(
-            self.model, targets, method=layer_method, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-            trainable_modules=trainable_modules,
+            self.model, targets, method=ADAPTER_OF_METHOD[method], r=r, lora_alpha=lora_alpha,
+            lora_dropout=lora_dropout, trainable_modules=trainable_modules,
         )
 
     # Subclasses build their transformers model here.
     def build_backbone(self, backbone: str) -> nn.Module:
         raise NotImplementedError
 
-    def adalora_callback(self) -> AdaLoRACallback:
+    def _build_schedule_callback(self) -> AdaLoRACallback:
         """The callback that runs this module's schedule (it adopts the module's adapters)."""
         keys = ("init_r", "target_r", "lora_alpha", "lora_dropout", "tinit", "tfinal", "delta_t", "beta1", "beta2",
                 "orth_reg_weight", "importance", "total_step")
@@ -154,11 +166,11 @@ class AdapterModule(pl.LightningModule):
 
     def configure_callbacks(self) -> list[pl.Callback]:
         # Adapters with a schedule never train without it: the module brings its callback along.
-        return [self.adalora_callback()] if self.hparams.method in SCHEDULED_METHODS else []
+        return [self.schedule_callback] if self.schedule_callback is not None else []
 
     def adapter_param_count(self) -> int:
         """#Params as the paper reports it (adapter parameters, kept ranks only; heads excluded)."""
-        return adapter_param_count(self.model)
+        return count_adapter_parameters(self.model, kept_only=True)
 
     def trainable_parameter_count(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
@@ -176,7 +188,7 @@ class AdapterModule(pl.LightningModule):
             groups.append({"params": head_params, "lr": h.head_learning_rate or h.learning_rate})
         optimizer = torch.optim.AdamW(groups, weight_decay=h.weight_decay)
         total = h.total_step or int(self.trainer.estimated_stepping_batches)
-        warmup = h.warmup_steps if isinstance(h.warmup_steps, int) else int(round(h.warmup_steps * total))
+        warmup = resolve_steps("warmup_steps", h.warmup_steps, total)
 
         def linear(step: int) -> float:
             if step < warmup:
@@ -197,86 +209,3 @@ class AdapterModule(pl.LightningModule):
                        f"trainable parameters, #Params (adapters) {int(params['params/adapter'])}")
         if self.logger is not None:
             self.logger.log_metrics(params, step=0)
-
-
-class GLUEClassifier(AdapterModule):
-    """Sequence classification (regression for STS-B) on a GLUE task with AdaLoRA, LoRA or full fine-tuning.
-
-    Args:
-        task_name: GLUE task (``cola``, ``sst2``, ``mrpc``, ``qqp``, ``stsb``, ``mnli``, ``qnli``, ``rte``);
-            fixes the number of labels and the metrics. Linked to ``--data.task_name`` in the CLI.
-        backbone: hub name or local folder (default: the paper's ``microsoft/deberta-v3-base``).
-        **kwargs: see :class:`AdapterModule`.
-    """
-
-    def __init__(self, task_name: str = "cola", backbone: str = "microsoft/deberta-v3-base", **kwargs: Any) -> None:
-        from datamodules.glue import get_glue_task
-
-        self.task = get_glue_task(task_name)
-        super().__init__(backbone=backbone, **kwargs)
-        from adalora_pl.metrics import glue_metrics, main_metric_name
-
-        self.main_metric = main_metric_name(self.task.name)
-        self.val_metrics = nn.ModuleList(glue_metrics(self.task.name) for _ in self.task.val_split_names)
-
-    def setup(self, stage: str) -> None:
-        data_task = getattr(getattr(self.trainer, "datamodule", None), "task_name", None)
-        if data_task is not None and data_task != self.task.name:
-            raise ValueError(
-                f"the model is set up for GLUE task {self.task.name!r} but the data is {data_task!r}; "
-                "set --model.task_name and --data.task_name to the same task"
-            )
-
-    def build_backbone(self, backbone: str) -> nn.Module:
-        from adalora_pl.backbone import check_backbone, load_pretrained
-
-        backbone = check_backbone(backbone)  # a mistyped folder says so, not "Repo id must use alphanumeric chars"
-        config = load_pretrained(AutoConfig.from_pretrained, backbone, num_labels=self.task.num_labels)
-        if self.task.is_regression:
-            config.problem_type = "regression"
-        # A backbone saved with another head (e.g. 2 labels, used for STS-B) gets a fresh head; transformers
-        # reports which weights were re-initialized.
-        return load_pretrained(AutoModelForSequenceClassification.from_pretrained, backbone, config=config,
-                               ignore_mismatched_sizes=True)
-
-    def forward(self, **batch: torch.Tensor):
-        return self.model(**batch)
-
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = self.model(**batch).loss
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True)
-        return loss
-
-    def _eval_step(self, batch: dict[str, torch.Tensor], dataloader_idx: int, stage: str) -> None:
-        from adalora_pl.metrics import preds_from_logits
-
-        out = self.model(**batch)
-        split = self.task.val_split_names[dataloader_idx]
-        self.log(f"{stage}/loss_{split}", out.loss, add_dataloader_idx=False)
-        self.val_metrics[dataloader_idx].update(preds_from_logits(self.task.name, out.logits), batch["labels"])
-
-    def validation_step(self, batch, batch_idx, dataloader_idx: int = 0) -> None:
-        self._eval_step(batch, dataloader_idx, "val")
-
-    def test_step(self, batch, batch_idx, dataloader_idx: int = 0) -> None:
-        self._eval_step(batch, dataloader_idx, "test")
-
-    def _log_metrics(self, stage: str) -> None:
-        for split, metrics in zip(self.task.val_split_names, self.val_metrics, strict=True):
-            # "val/mcc" for single-validation tasks; "val/accuracy_validation_matched" for MNLI
-            suffix = "" if len(self.task.val_split_names) == 1 else f"_{split}"
-            values = {f"{stage}/{k}{suffix}": v for k, v in metrics.compute().items()}
-            self.log_dict(values, prog_bar=True, add_dataloader_idx=False)
-            metrics.reset()
-
-    def on_validation_epoch_end(self) -> None:
-        self._log_metrics("val")
-
-    def on_test_epoch_end(self) -> None:
-        self._log_metrics("test")
-
-    def predict_step(self, batch, batch_idx, dataloader_idx: int = 0) -> torch.Tensor:
-        from adalora_pl.metrics import preds_from_logits
-
-        batch = {k: v for k, v in batch.items() if k != "labels"}
-        return preds_from_logits(self.task.name, self.model(**batch).logits)

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForQuestionAnswering
 
-from adalora_pl.modules import AdapterModule
+from adalora_pl.module import AdapterModule
 
 __all__ = ["QuestionAnswering"]
 
@@ -57,7 +57,7 @@ class QuestionAnswering(AdapterModule):
         self._eval_rows: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
 
     def build_backbone(self, backbone: str) -> nn.Module:
-        from adalora_pl.backbone import check_backbone, load_pretrained
+        from adalora_pl.io.pretrained import check_backbone, load_pretrained
 
         return load_pretrained(AutoModelForQuestionAnswering.from_pretrained, check_backbone(backbone))
 

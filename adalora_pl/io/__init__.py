@@ -1,0 +1,24 @@
+"""Getting a model in and out: adapter files, PEFT's format, merging and compaction, Lightning checkpoints, the
+allocation report, and the loading of pretrained backbones.
+
+- :mod:`~adalora_pl.io.adapter`: :func:`save_adapter` / :func:`load_adapter`, our adapter-only folder;
+- :mod:`~adalora_pl.io.peft`: :func:`export_peft` / :func:`import_peft`, PEFT's AdaLoRA folder (docs/method.md §8);
+- :mod:`~adalora_pl.io.surgery`: :func:`merge_adapters`, :func:`compact_adapters`, :func:`check_pruned_triplets`;
+- :mod:`~adalora_pl.io.checkpoint`: a fit checkpoint of a task module to any of the above (``cli.py export``);
+- :mod:`~adalora_pl.io.report`: the rank heatmap and budget curve;
+- :mod:`~adalora_pl.io.pretrained`: checks and short errors for ``--model.backbone`` and tokenizers.
+"""
+
+from adalora_pl.io.adapter import load_adapter, save_adapter
+from adalora_pl.io.peft import export_peft, import_peft
+from adalora_pl.io.surgery import check_pruned_triplets, compact_adapters, merge_adapters
+
+__all__ = [
+    "check_pruned_triplets",
+    "compact_adapters",
+    "export_peft",
+    "import_peft",
+    "load_adapter",
+    "merge_adapters",
+    "save_adapter",
+]
