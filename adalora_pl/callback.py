@@ -20,7 +20,7 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from adalora_pl.allocator import MaskEvent, RankAllocator
 from adalora_pl.importance import Importance, orthogonal_regularizer, validate_importance
 from adalora_pl.injection import DEFAULT_TRAINABLE_MODULES, find_adapters, inject_adapters, preset_targets
-from adalora_pl.layers import SVDLinear
+from adalora_pl.layers import ADAPTER_INITS, AdapterInit, SVDLinear
 from adalora_pl.schedule import resolve_steps, validate_betas, validate_ranks
 
 # Strategies that shard parameters: importance needs every rank to hold whole adapters and their gradients.
@@ -88,6 +88,8 @@ class AdaLoRACallback(Callback):
         rank_pattern_file: file name written into the log dir at the end of fit.
         autocast_adapter_dtype: adapters of a float16/bfloat16 model are kept in float32 (default, as PEFT),
             also when a "bf16-true"/"16-true" Trainer converts the module. False: the model's dtype.
+        adapter_init: initialization of injected adapters: ``"reference"`` (the authors' and PEFT's) or
+            ``"orthogonal"`` (see :class:`~adalora_pl.layers.SVDLinear`).
 
     Adapters are injected (or adopted) for every stage, so ``trainer.validate/test/predict(module,
     ckpt_path=...)`` restore a checkpoint of a fit with the callback; the allocator exists only for fit.
@@ -127,8 +129,11 @@ class AdaLoRACallback(Callback):
         total_step: int | None = None,
         rank_pattern_file: str = "rank_pattern.json",
         autocast_adapter_dtype: bool = True,
+        adapter_init: AdapterInit = "reference",
     ) -> None:
         validate_ranks(init_r, target_r)
+        if adapter_init not in ADAPTER_INITS:
+            raise ValueError(f"adapter_init must be one of {list(ADAPTER_INITS)}, got {adapter_init!r}")
         validate_betas(beta1, beta2)
         validate_importance(importance)
         if orth_reg_weight < 0:
@@ -150,6 +155,7 @@ class AdaLoRACallback(Callback):
         self.total_step = total_step
         self.rank_pattern_file = rank_pattern_file
         self.autocast_adapter_dtype = autocast_adapter_dtype
+        self.adapter_init = adapter_init
 
         self.allocator: RankAllocator | None = None
         self.budget: int | None = None
@@ -213,6 +219,7 @@ class AdaLoRACallback(Callback):
                 lora_dropout=self.lora_dropout,
                 trainable_modules=self.trainable_modules,
                 autocast_adapter_dtype=self.autocast_adapter_dtype,
+                **({"adapter_init": self.adapter_init} if self.adapter_init != "reference" else {}),
             )
             rank_zero_info(f"AdaLoRA: injected {len(adapters)} {self.adapter_class.__name__} adapters "
                            f"(init_r={self.init_r})")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from typing import Any
 
 from torch import nn
 from transformers.pytorch_utils import Conv1D
@@ -151,6 +152,7 @@ def inject_adapters(
     lora_dropout: float = 0.0,
     trainable_modules: Sequence[str] = DEFAULT_TRAINABLE_MODULES,
     autocast_adapter_dtype: bool = True,
+    **layer_options: Any,
 ) -> dict[str, AdapterLayer]:
     """Replace the target linear layers of ``model`` in place by adapters and freeze everything else.
 
@@ -171,6 +173,7 @@ def inject_adapters(
             nothing are allowed (a model without a pooler); they are logged.
         autocast_adapter_dtype: float32 adapters on a float16/bfloat16 model (default, as PEFT); False keeps
             the model's dtype.
+        **layer_options: further keyword arguments of the adapter class (:class:`SVDLinear`: ``adapter_init``).
 
     Returns:
         The adapters by module path.
@@ -211,7 +214,7 @@ def inject_adapters(
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         adapter = layer_cls(module, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-                            autocast_adapter_dtype=autocast_adapter_dtype)
+                            autocast_adapter_dtype=autocast_adapter_dtype, **layer_options)
         setattr(parent, child, adapter)
         adapters[name] = adapter
     set_trainable_modules(model, trainable_modules)

@@ -8,6 +8,7 @@ for operation (docs/method.md §1), so that masks and parameters can be compared
 from __future__ import annotations
 
 import math
+from typing import Literal, get_args
 
 import torch
 from torch import nn
@@ -34,6 +35,8 @@ def linear_shape(base_layer: nn.Module) -> tuple[int, int, bool]:
 
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
+AdapterInit = Literal["reference", "orthogonal"]
+ADAPTER_INITS: tuple[str, ...] = get_args(AdapterInit)
 
 
 def adapter_dtype(base_dtype: torch.dtype, autocast_adapter_dtype: bool = True) -> torch.dtype:
@@ -99,8 +102,19 @@ class AdapterLayer(nn.Module):
         """The adapter's own parameters (everything but the base layer's)."""
         return [p for n, p in self.named_parameters() if not n.startswith("base_layer.")]
 
+    # Parameters one kept rank costs, for adapters that prune ranks (and carry a ``rank_mask``); None otherwise.
+    parameters_per_rank: int | None = None
+
+    @property
+    def kept_rank(self) -> int:
+        """Number of ranks the last mask kept (host sync; not for the hot path)."""
+        return int(self.rank_mask.sum())
+
     def parameter_count(self, kept_only: bool = False) -> int:
-        """Elements of the adapter's parameters; ``kept_only`` counts only kept ranks (pruning adapters)."""
+        """Elements of the adapter's parameters; ``kept_only`` counts a pruning adapter's kept ranks only (#Params
+        as the paper's tables count it)."""
+        if kept_only and self.parameters_per_rank is not None:
+            return self.kept_rank * self.parameters_per_rank
         return sum(p.numel() for p in self.adapter_parameters())
 
     @torch.no_grad()
@@ -162,6 +176,11 @@ class SVDLinear(AdapterLayer):
         lora_alpha: scaling numerator (the reference divides by ranknum, not by r).
         lora_dropout: dropout probability on the adapter branch only.
         autocast_adapter_dtype: float32 adapter tensors on a float16/bfloat16 base layer (default).
+        adapter_init: ``"reference"`` (default; A, B ~ N(0, 0.02), as the authors' code and PEFT) or
+            ``"orthogonal"``: A with orthonormal rows and B with orthonormal columns, the state the orthogonal
+            regularizer drives them to. E = 0 either way, so the layer starts equal to ``base_layer``; the
+            point is a faster start, since the update ``B diag(E) A`` is no longer a product of three small
+            factors.
 
     Attributes:
         lora_A: (r, in) right singular vectors, N(0, 0.02).
@@ -175,17 +194,27 @@ class SVDLinear(AdapterLayer):
     def __init__(
         self, base_layer: nn.Module, r: int, lora_alpha: float, lora_dropout: float = 0.0,
         autocast_adapter_dtype: bool = True,
+        adapter_init: AdapterInit = "reference",
     ) -> None:
         super().__init__(base_layer, r, lora_alpha, lora_dropout, autocast_adapter_dtype)
+        if adapter_init not in ADAPTER_INITS:
+            raise ValueError(f"adapter_init must be one of {list(ADAPTER_INITS)}, got {adapter_init!r}")
         factory = self.adapter_factory()
         self.lora_A = nn.Parameter(torch.empty(r, self.in_features, **factory))
         self.lora_E = nn.Parameter(torch.zeros(r, 1, **factory))
         self.lora_B = nn.Parameter(torch.empty(self.out_features, r, **factory))
-        nn.init.normal_(self.lora_A, mean=0.0, std=0.02)
-        nn.init.normal_(self.lora_B, mean=0.0, std=0.02)
+        if adapter_init == "orthogonal":
+            # orthogonal_ makes the rows of an (r, in) matrix orthonormal when r <= in, the columns of an
+            # (out, r) matrix when r <= out: A A^T = I and B^T B = I.
+            nn.init.orthogonal_(self.lora_A)
+            nn.init.orthogonal_(self.lora_B)
+        else:
+            nn.init.normal_(self.lora_A, mean=0.0, std=0.02)
+            nn.init.normal_(self.lora_B, mean=0.0, std=0.02)
         # A (1,)-tensor as in the reference: dividing by it (not by a Python float) keeps bitwise parity.
         self.register_buffer("ranknum", torch.full((1,), float(r), **factory))
         self.register_buffer("rank_mask", torch.ones(r, dtype=torch.bool, device=factory["device"]))
+        self.parameters_per_rank = self.in_features + self.out_features + 1  # a row of A, E_i, a column of B
 
     @property
     def scaling(self) -> float:
@@ -195,16 +224,6 @@ class SVDLinear(AdapterLayer):
         """The (out, in) update ``B (A * E) * scaling / (ranknum + 1e-5)``."""
         return self.lora_B @ (self.lora_A * self.lora_E) * self.scaling / (self.ranknum + RANKNUM_EPS)
 
-    @property
-    def kept_rank(self) -> int:
-        """Number of triplets the last mask kept (host sync; not for the hot path)."""
-        return int(self.rank_mask.sum())
-
-    def parameter_count(self, kept_only: bool = False) -> int:
-        """A kept triplet costs in + out + 1 (a row of A, a singular value, a column of B)."""
-        if not kept_only:
-            return super().parameter_count()
-        return self.kept_rank * (self.in_features + self.out_features + 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)

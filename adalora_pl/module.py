@@ -3,18 +3,24 @@
 The module owns the adapters; :class:`~adalora_pl.callback.AdaLoRACallback` runs the schedule. A module
 built with ``method="adalora"`` supplies that callback itself (``configure_callbacks``), so it can never
 train with adapters whose budget is not being allocated.
+
+What the task modules (GLUE, SQuAD, summarization) share lives here too: loading the backbone through a transformers
+Auto class (``auto_class``), ``forward``, the training step, and the evaluation loop's skeleton: ``validation_step``
+and ``test_step`` call the task's ``eval_step``, each epoch starts and ends with every torchmetrics ``Metric`` of the
+module reset, and ends by logging the task's ``log_eval_metrics``.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
-from typing import Any, Literal, get_args
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, ClassVar, Literal, get_args
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
+from torchmetrics import Metric
 
 from adalora_pl.baselines import (
     BottleneckAdapter,
@@ -33,7 +39,8 @@ from adalora_pl.injection import (
     name_matches,
     preset_targets,
 )
-from adalora_pl.layers import AdapterLayer
+from adalora_pl.io.pretrained import check_backbone, load_pretrained
+from adalora_pl.layers import AdapterInit, AdapterLayer
 from adalora_pl.schedule import resolve_steps
 
 log = logging.getLogger(__name__)
@@ -52,6 +59,8 @@ BUDGET_NAME_OF_METHOD = {"adalora": "adalora", "svd_lora": "adalora", "lora": "l
                          "houlsby": "bottleneck", "pfeiffer": "bottleneck"}
 # Key under which a task module records its class path in checkpoints (for ``cli.py export``).
 MODULE_CLASS_KEY = "adalora_pl_module_class"
+# The evaluation stages, as they prefix the logged names ("val/f1").
+Stage = Literal["val", "test"]
 
 
 class AdapterModule(pl.LightningModule):
@@ -88,7 +97,20 @@ class AdapterModule(pl.LightningModule):
         bottleneck_size: bottleneck width of ``houlsby``/``pfeiffer`` adapters.
         param_budget: target #Params (adapter parameters, heads excluded); when given, the LoRA rank or the
             bottleneck size is chosen to match it (:func:`adalora_pl.baselines.match_budget`).
+        adapter_init: initialization of the SVD adapters (``adalora``, ``svd_lora``): ``"reference"`` (the
+            authors' and PEFT's, the default) or ``"orthogonal"`` (A with orthonormal rows, B with orthonormal
+            columns; E = 0 still, see :class:`~adalora_pl.layers.SVDLinear`).
+
+    A task module sets :attr:`auto_class` (and, if its evaluation batches carry them, :attr:`bookkeeping_keys`) and
+    implements :meth:`eval_step` and :meth:`log_eval_metrics`.
     """
+
+    #: The transformers Auto class whose ``from_pretrained`` loads the backbone, e.g.
+    #: ``AutoModelForQuestionAnswering``; see :meth:`build_backbone`.
+    auto_class: ClassVar[Any] = None
+    #: Keys of evaluation batches that the evaluation reads but the model does not take (``feature_index``);
+    #: :meth:`model_inputs` drops them.
+    bookkeeping_keys: ClassVar[tuple[str, ...]] = ()
 
     def __init__(
         self,
@@ -114,6 +136,7 @@ class AdapterModule(pl.LightningModule):
         warmup_steps: int | float = 0,
         bottleneck_size: int = 64,
         param_budget: int | None = None,
+        adapter_init: AdapterInit = "reference",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()  # collects the subclass's init arguments too (task_name, ...)
@@ -143,14 +166,117 @@ class AdapterModule(pl.LightningModule):
                                                 if any(name_matches(n, t) for t in targets)])
             r, actual = match_budget(shapes, BUDGET_NAME_OF_METHOD[method], param_budget)
             log.info("param_budget %d -> r/bottleneck %d (%d params)", param_budget, r, actual)
+        if adapter_init != "reference" and ADAPTER_OF_METHOD[method] != "adalora":
+            raise ValueError(f"adapter_init={adapter_init!r} applies to SVD adapters (adalora, svd_lora), "
+                             f"not to method={method!r}")
+        svd_options = {"adapter_init": adapter_init} if ADAPTER_OF_METHOD[method] == "adalora" else {}
         self.adapters = inject_adapters(
             self.model, targets, method=ADAPTER_OF_METHOD[method], r=r, lora_alpha=lora_alpha,
-            lora_dropout=lora_dropout, trainable_modules=trainable_modules,
+            lora_dropout=lora_dropout, trainable_modules=trainable_modules, **svd_options,
         )
 
-    # Subclasses build their transformers model here.
+    # ------------------------------------------------------------------ the backbone
+
     def build_backbone(self, backbone: str) -> nn.Module:
+        """The pretrained transformers model: ``auto_class.from_pretrained(backbone, **backbone_kwargs(...))``.
+
+        Called once, by ``__init__``, before the adapters are added. A mistyped folder or a hub id that cannot be
+        reached raises :class:`~adalora_pl.io.pretrained.LoadError` with a one-line message.
+        """
+        if self.auto_class is None:
+            raise NotImplementedError(f"{type(self).__name__} sets no auto_class and does not build its backbone")
+        # check_backbone first: transformers reads any non-folder as a hub id ("Repo id must use alphanumeric chars")
+        name = check_backbone(backbone)
+        return load_pretrained(self.auto_class.from_pretrained, name, **self.backbone_kwargs(name))
+
+    def backbone_kwargs(self, backbone: str) -> dict[str, Any]:
+        """Keyword arguments of ``from_pretrained`` besides the name (none here; GLUE passes its label config).
+
+        Args:
+            backbone: the checked name (a hub id, or a folder with ``~`` expanded).
+        """
+        return {}
+
+    def forward(self, **batch: torch.Tensor) -> Any:
+        """The backbone's output (a transformers ``ModelOutput``) for a batch of its inputs."""
+        return self.model(**batch)
+
+    def model_inputs(self, batch: Mapping[str, torch.Tensor], drop: Iterable[str] = ()) -> dict[str, torch.Tensor]:
+        """``batch`` without the :attr:`bookkeeping_keys` and ``drop`` (labels, where no loss is wanted)."""
+        skip = {*self.bookkeeping_keys, *drop}
+        return {k: v for k, v in batch.items() if k not in skip}
+
+    @property
+    def trainer_datamodule(self) -> Any | None:
+        """The data module given to the Trainer, or ``None`` (no Trainer attached, or no data module)."""
+        # self.trainer raises when no Trainer is attached (a module used on its own, e.g. for predict_step).
+        return getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+
+    def require_datamodule(self, attribute: str, use: str, provider: str) -> Any:
+        """The Trainer's data module, which must have ``attribute``; otherwise a RuntimeError that says which.
+
+        Args:
+            attribute: what the task reads from the data module (``compute_metrics``).
+            use: the message's verb phrase, e.g. ``"scores answers through"``.
+            provider: the data module class that has it, for the message.
+        """
+        datamodule = self.trainer_datamodule
+        if datamodule is None or not hasattr(datamodule, attribute):
+            raise RuntimeError(
+                f"{type(self).__name__} {use} its data module's {attribute} ({provider}); "
+                "pass it as `datamodule=` to the Trainer"
+            )
+        return datamodule
+
+    # ------------------------------------------------------------------ training and evaluation
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        """The backbone's own loss on the batch's labels (cross-entropy, MSE for regression), logged as
+        ``train/loss``."""
+        loss = self(**batch).loss
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True)
+        return loss
+
+    def eval_step(self, batch: dict[str, torch.Tensor], stage: Stage, dataloader_idx: int = 0) -> None:
+        """One validation or test batch: log its loss if wanted and update the task's metrics."""
         raise NotImplementedError
+
+    def log_eval_metrics(self, stage: Stage) -> None:
+        """Compute the task's metrics over the epoch's batches and log them as ``{stage}/{name}``; the base resets
+        every metric afterwards."""
+        raise NotImplementedError
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+        """See :meth:`eval_step`."""
+        self.eval_step(batch, "val", dataloader_idx)
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+        """See :meth:`eval_step`."""
+        self.eval_step(batch, "test", dataloader_idx)
+
+    def reset_metrics(self) -> None:
+        """Empty the states of every torchmetrics ``Metric`` of the module."""
+        for module in self.modules():
+            if isinstance(module, Metric):
+                module.reset()
+
+    # An epoch stopped half way (an exception in a validate call, an interrupted sanity check) leaves states behind:
+    # reset at the start too, not only after logging.
+    def on_validation_epoch_start(self) -> None:
+        self.reset_metrics()
+
+    def on_test_epoch_start(self) -> None:
+        self.reset_metrics()
+
+    def on_validation_epoch_end(self) -> None:
+        self.log_eval_metrics("val")
+        self.reset_metrics()
+
+    def on_test_epoch_end(self) -> None:
+        self.log_eval_metrics("test")
+        self.reset_metrics()
+
+    # ------------------------------------------------------------------ adapters, schedule, optimizer
 
     def _build_schedule_callback(self) -> AdaLoRACallback:
         """The callback that runs this module's schedule (it adopts the module's adapters)."""

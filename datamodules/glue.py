@@ -9,26 +9,21 @@ is shared: tokenization with ``Dataset.map`` (truncation only) and dynamic paddi
 from __future__ import annotations
 
 import csv
-import logging
 import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import datasets
-import lightning as L
 from torch.utils.data import DataLoader
 
-from adalora_pl.io.pretrained import LoadError, check_tokenizer, load_pretrained
 from adalora_pl.tasks.glue import GlueTask, get_glue_task
-
-log = logging.getLogger(__name__)
+from datamodules._base import TokenizedDataModule, check_positive, untruncated_lengths, utf8_error
 
 HUB_DATASET = "nyu-mll/glue"
 LABEL_COLUMN = "labels"
-_TRUNCATED = "_truncated"  # transient column: whether max_seq_length cut the example
+_FULL_LENGTH = "_full_length"  # transient column: token count before truncation, to report it
 STSB_SCORE_RANGE = (0.0, 5.0)
-
 
 
 def _parse_label(task: GlueTask, raw: str, where: str) -> int | float:
@@ -51,25 +46,6 @@ def _parse_label(task: GlueTask, raw: str, where: str) -> int | float:
             f"{where}: score {raw!r} in column {task.tsv_label_column!r} is not a number in [{low}, {high}]"
         )
     return score
-
-
-def utf8_error(path: Path, err: UnicodeDecodeError) -> ValueError:
-    """A ValueError naming ``path`` and the 1-based line of its first bytes that are not UTF-8.
-
-    The decoder's offset counts from its last buffer, not from the file start, so the line is found again by
-    decoding the file line by line (``\\n`` is never part of a multi-byte UTF-8 character).
-    """
-    with path.open("rb") as handle:
-        for line_no, raw in enumerate(handle, start=1):
-            try:
-                raw.decode("utf-8")
-            except UnicodeDecodeError as line_err:
-                bad = raw[line_err.start : line_err.end]
-                return ValueError(
-                    f"{path}, line {line_no}: bytes {bad!r} are not valid UTF-8 ({line_err.reason}); "
-                    "convert the file to UTF-8 (e.g. iconv -f latin1 -t utf-8)"
-                )
-    return ValueError(f"{path}: not valid UTF-8 ({err}); convert the file to UTF-8")
 
 
 def read_glue_tsv(path: str | Path, task: GlueTask | str) -> dict[str, list[Any]]:
@@ -170,14 +146,7 @@ def load_tsv_split(data_dir: str | Path, task: GlueTask, split: str) -> datasets
     return datasets.Dataset.from_dict(read_glue_tsv(path, task), features=glue_features(task))
 
 
-def _check_positive(name: str, value: int | None, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-
-
-class GLUEDataModule(L.LightningDataModule):
+class GLUEDataModule(TokenizedDataModule):
     """GLUE (CoLA, SST-2, MRPC, QQP, STS-B, MNLI, QNLI, RTE) for sequence classification.
 
     Rows come from the Hugging Face hub (``datasets.load_dataset("nyu-mll/glue", task)``) or, when
@@ -203,11 +172,8 @@ class GLUEDataModule(L.LightningDataModule):
         max_seq_length: Longest tokenized input; longer inputs are truncated, and :meth:`setup` logs the share
             of truncated examples per split. Below the special tokens plus one token per text it is refused.
         batch_size: Training batch size.
-        eval_batch_size: Batch size of the validation/test/predict loaders (default: ``batch_size``).
-        num_workers: Worker processes per ``DataLoader``.
-        max_train_samples: Keep only the first N training rows (for quick runs).
-        max_eval_samples: Keep only the first N rows of each validation split.
-        cache_dir: Cache folder for the hub download (``datasets``' default when ``None``).
+        **kwargs: ``eval_batch_size``, ``num_workers``, ``max_train_samples``, ``max_eval_samples`` and
+            ``cache_dir``, as documented in :class:`~datamodules._base.TokenizedDataModule`.
 
     Raises:
         ValueError: Unknown task name, or a size that is not a positive integer
@@ -221,33 +187,14 @@ class GLUEDataModule(L.LightningDataModule):
         data_dir: str | None = None,
         max_seq_length: int = 128,
         batch_size: int = 32,
-        eval_batch_size: int | None = None,
-        num_workers: int = 0,
-        max_train_samples: int | None = None,
-        max_eval_samples: int | None = None,
-        cache_dir: str | None = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__()
+        super().__init__(tokenizer=tokenizer, batch_size=batch_size, **kwargs)
         self.task = get_glue_task(task_name)
-        _check_positive("max_seq_length", max_seq_length)
-        _check_positive("batch_size", batch_size)
-        _check_positive("eval_batch_size", eval_batch_size, allow_none=True)
-        _check_positive("max_train_samples", max_train_samples, allow_none=True)
-        _check_positive("max_eval_samples", max_eval_samples, allow_none=True)
-        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
-            raise ValueError(f"num_workers must be a non-negative integer, got {num_workers!r}")
-        self.save_hyperparameters()
+        check_positive("max_seq_length", max_seq_length)
         self.task_name = self.task.name
-        self.tokenizer_name = tokenizer
         self.data_dir = data_dir
         self.max_seq_length = max_seq_length
-        self.batch_size = batch_size
-        self.eval_batch_size = eval_batch_size or batch_size
-        self.num_workers = num_workers
-        self.max_train_samples = max_train_samples
-        self.max_eval_samples = max_eval_samples
-        self.cache_dir = cache_dir
-        self.tokenizer = None
         self.collator = None
         self.datasets: dict[str, datasets.Dataset] = {}
 
@@ -276,26 +223,16 @@ class GLUEDataModule(L.LightningDataModule):
     # ---- loading ----------------------------------------------------------------------------
 
     def _load_hub(self) -> datasets.DatasetDict:
-        try:
-            return datasets.load_dataset(HUB_DATASET, self.task.name, cache_dir=self.cache_dir)
-        except OSError as err:  # ConnectionError offline / HF_HUB_OFFLINE=1; DatasetNotFoundError
-            raise LoadError(
-                f"could not load GLUE {self.task.name} from the Hugging Face hub ({HUB_DATASET}): {err}; "
-                f"without network, pass the GLUE TSV files: --data.data_dir /path/to/glue/{self.task.folder}"
-            ) from err
+        return self._hub_dataset(
+            f"GLUE {self.task.name}", HUB_DATASET, self.task.name,
+            hint=f"pass the GLUE TSV files: --data.data_dir /path/to/glue/{self.task.folder}",
+        )
 
     def prepare_data(self) -> None:
         """Download the hub dataset and the tokenizer (once per node); nothing to do for TSV files."""
         if self.data_dir is None:
             self._load_hub()
-        if self.tokenizer_name is not None:
-            self._load_tokenizer()
-
-    def _load_tokenizer(self):
-        from transformers import AutoTokenizer
-
-        name = check_tokenizer(self.tokenizer_name)
-        return load_pretrained(AutoTokenizer.from_pretrained, name, what="tokenizer", cache_dir=self.cache_dir)
+        self._download_tokenizer()
 
     def _check_max_seq_length(self) -> None:
         """Refuse a length that leaves no token for some text once the special tokens are in."""
@@ -325,34 +262,24 @@ class GLUEDataModule(L.LightningDataModule):
             raw[split] = dataset
         return raw
 
-    def _tokenize(self, dataset: datasets.Dataset, split: str, limit: int | None) -> datasets.Dataset:
-        if limit is not None and limit < len(dataset):
-            dataset = dataset.select(range(limit))
+    def _tokenize(self, dataset: datasets.Dataset, split: str) -> datasets.Dataset:
+        dataset = self._first_rows(dataset, split)
         text_columns = self.task.text_columns
+        tokenizer = self.tokenizer
 
         def encode(batch: Mapping[str, list]) -> dict[str, list]:
             texts = [batch[name] for name in text_columns]
-            encoded = self.tokenizer(*texts, truncation=True, max_length=self.max_seq_length)
-            # Tokenized again without truncation only to count what truncation cut (verbose=False: no
-            # "longer than the model's maximum" warning for that count).
-            full = self.tokenizer(*texts, verbose=False)["input_ids"]
-            truncated = [len(ids) > self.max_seq_length for ids in full]
-            return {**encoded, LABEL_COLUMN: batch["label"], _TRUNCATED: truncated}
+            encoded = tokenizer(*texts, truncation=True, max_length=self.max_seq_length)
+            return {**encoded, LABEL_COLUMN: batch["label"], _FULL_LENGTH: untruncated_lengths(tokenizer, *texts)}
 
         encoded = dataset.map(
             encode, batched=True, remove_columns=dataset.column_names, desc=f"Tokenizing {self.task.name}"
         )
-        self._warn_truncated(split, sum(encoded[_TRUNCATED]), len(encoded))
-        return encoded.remove_columns(_TRUNCATED)
-
-    def _warn_truncated(self, split: str, truncated: int, total: int) -> None:
-        # Truncation at a reasonable length is expected (long MNLI/QNLI pairs), but never silent.
-        if truncated:
-            log.warning(
-                "GLUE %s %s: %d of %d examples (%.1f%%) are longer than max_seq_length=%d tokens and were "
-                "truncated; raise --data.max_seq_length to keep them whole",
-                self.task.name, split, truncated, total, 100.0 * truncated / total, self.max_seq_length,
-            )
+        self._warn_truncated(
+            f"GLUE {self.task.name} {split}", "examples", encoded[_FULL_LENGTH], self.max_seq_length,
+            "max_seq_length", name_limit=True,
+        )
+        return encoded.remove_columns(_FULL_LENGTH)
 
     def setup(self, stage: str | None = None) -> None:
         """Read and tokenize the splits ``stage`` needs.
@@ -368,8 +295,7 @@ class GLUEDataModule(L.LightningDataModule):
             FileNotFoundError: A needed TSV file (or hub split) is missing; the message names it.
             adalora_pl.io.pretrained.LoadError: The tokenizer folder does not exist, or the hub cannot be reached.
         """
-        if self.tokenizer_name is None:
-            raise ValueError("GLUEDataModule needs `tokenizer` (a hub name or a local tokenizer folder)")
+        tokenizer = self.tokenizer  # first: without one, fail before reading (or downloading) any data
         needed = list(self.val_split_names)
         if stage in (None, "fit"):
             needed.insert(0, "train")
@@ -377,38 +303,31 @@ class GLUEDataModule(L.LightningDataModule):
         if not needed:
             return
         raw = self._raw_splits(needed)  # reads (and checks) every file before tokenizing any
-        if self.tokenizer is None:
+        if self.collator is None:
             from transformers import DataCollatorWithPadding
 
-            self.tokenizer = self._load_tokenizer()
-            self.collator = DataCollatorWithPadding(self.tokenizer)
+            self.collator = DataCollatorWithPadding(tokenizer)
         self._check_max_seq_length()
         for split, dataset in raw.items():
-            limit = self.max_train_samples if split == "train" else self.max_eval_samples
-            self.datasets[split] = self._tokenize(dataset, split, limit)
+            self.datasets[split] = self._tokenize(dataset, split)
 
     # ---- loaders ----------------------------------------------------------------------------
 
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+    def _loader(self, split: str) -> DataLoader:
         if split not in self.datasets:
             raise RuntimeError(f"split {split!r} is not loaded; call setup() for the right stage first")
-        return DataLoader(
-            self.datasets[split],
-            batch_size=self.batch_size if split == "train" else self.eval_batch_size,
-            shuffle=shuffle,
-            num_workers=self.num_workers,
-            collate_fn=self.collator,
-            persistent_workers=self.num_workers > 0,
-        )
+        return self._dataloader(self.datasets[split], train=split == "train", collate_fn=self.collator)
 
     def _eval_loaders(self) -> DataLoader | list[DataLoader]:
-        loaders = [self._loader(split, shuffle=False) for split in self.val_split_names]
+        loaders = [self._loader(split) for split in self.val_split_names]
         return loaders if len(loaders) > 1 else loaders[0]
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
+        """The training loader (shuffled)."""
+        return self._loader("train")
 
     def val_dataloader(self) -> DataLoader | list[DataLoader]:
+        """The validation loader; for MNLI a list, matched then mismatched."""
         return self._eval_loaders()
 
     def test_dataloader(self) -> DataLoader | list[DataLoader]:

@@ -23,14 +23,12 @@ from pathlib import Path
 from typing import Any
 
 import datasets
-import lightning as L
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from adalora_pl.io.pretrained import LoadError, check_tokenizer, load_pretrained
 from adalora_pl.tasks.squad import CLS_INDEX, postprocess_qa_predictions, squad_metrics
-from datamodules.glue import utf8_error
+from datamodules._base import TokenizedDataModule, check_positive, utf8_error
 
 __all__ = ["SquadDataModule", "read_squad_json", "SQUAD_FEATURES", "HUB_DATASETS"]
 
@@ -254,7 +252,7 @@ def _to_numpy(values: Any) -> np.ndarray:
     return np.asarray(values)
 
 
-class SquadDataModule(L.LightningDataModule):
+class SquadDataModule(TokenizedDataModule):
     """SQuAD v1.1 / v2.0 extractive question answering, tokenized into overlapping windows.
 
     Each split comes from its local file when one is given (official SQuAD JSON; ``train_file`` and
@@ -277,11 +275,9 @@ class SquadDataModule(L.LightningDataModule):
             a question leaves no more than ``doc_stride`` context tokens.
         doc_stride: Context tokens shared by consecutive windows; must be below ``max_seq_length``.
         batch_size: Training batch size.
-        eval_batch_size: Validation/test batch size (default: ``batch_size``).
-        num_workers: DataLoader workers.
-        max_train_samples: Keep only the first N training examples (before windowing).
-        max_eval_samples: Keep only the first N validation examples (before windowing).
-        cache_dir: ``datasets`` cache folder for hub downloads.
+        **kwargs: ``eval_batch_size``, ``num_workers``, ``max_train_samples``, ``max_eval_samples`` (both
+            counted in examples, before windowing) and ``cache_dir`` (here only for the hub dataset, not the
+            tokenizer), as documented in :class:`~datamodules._base.TokenizedDataModule`.
 
     Attributes:
         eval_examples: Flattened validation examples (after ``max_eval_samples``), set by ``setup``.
@@ -289,6 +285,8 @@ class SquadDataModule(L.LightningDataModule):
             the context) and ``feature_index`` besides the model inputs, set by ``setup``.
         train_features: Training windows, set by ``setup("fit")``.
     """
+
+    default_tokenizer = DEFAULT_TOKENIZER
 
     def __init__(
         self,
@@ -299,47 +297,21 @@ class SquadDataModule(L.LightningDataModule):
         max_seq_length: int = 384,
         doc_stride: int = 128,
         batch_size: int = 16,
-        eval_batch_size: int | None = None,
-        num_workers: int = 0,
-        max_train_samples: int | None = None,
-        max_eval_samples: int | None = None,
-        cache_dir: str | None = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__()
+        super().__init__(tokenizer=tokenizer, batch_size=batch_size, **kwargs)
         key = str(version).strip().lower()
         if key not in _VERSION_ALIASES:
             raise ValueError(f"unknown SQuAD version {version!r}; expected one of {sorted(_VERSION_ALIASES)}")
-        for name, value in (
-            ("max_seq_length", max_seq_length),
-            ("doc_stride", doc_stride),
-            ("batch_size", batch_size),
-            ("eval_batch_size", eval_batch_size),
-            ("max_train_samples", max_train_samples),
-            ("max_eval_samples", max_eval_samples),
-        ):
-            if value is not None and value <= 0:
-                raise ValueError(f"{name} must be positive, got {value}")
-        if num_workers < 0:
-            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        check_positive("max_seq_length", max_seq_length)
+        check_positive("doc_stride", doc_stride)
         if doc_stride >= max_seq_length:
             raise ValueError(f"doc_stride ({doc_stride}) must be smaller than max_seq_length ({max_seq_length})")
-        if isinstance(tokenizer, (str, type(None))):
-            self.save_hyperparameters()
-        else:
-            self.save_hyperparameters(ignore=["tokenizer"])
         self.version = _VERSION_ALIASES[key]
-        self.tokenizer_name = tokenizer if isinstance(tokenizer, str) else None
-        self._tokenizer = None if isinstance(tokenizer, (str, type(None))) else tokenizer
         self.train_file = train_file
         self.validation_file = validation_file
         self.max_seq_length = max_seq_length
         self.doc_stride = doc_stride
-        self.batch_size = batch_size
-        self.eval_batch_size = eval_batch_size or batch_size
-        self.num_workers = num_workers
-        self.max_train_samples = max_train_samples
-        self.max_eval_samples = max_eval_samples
-        self.cache_dir = cache_dir
 
         self.train_examples: datasets.Dataset | None = None
         self.train_features: datasets.Dataset | None = None
@@ -355,19 +327,17 @@ class SquadDataModule(L.LightningDataModule):
         """True for SQuAD v2.0 (unanswerable questions)."""
         return self.version == "v2"
 
-    @property
-    def tokenizer(self):
-        """The fast tokenizer, loaded on first use."""
-        if self._tokenizer is None:
-            from transformers import AutoTokenizer
+    def _tokenizer_kwargs(self) -> dict[str, Any]:
+        # Only a fast tokenizer gives offset mappings. cache_dir is documented as the datasets cache here, so the
+        # tokenizer keeps transformers' own cache.
+        return {"use_fast": True}
 
-            name = check_tokenizer(self.tokenizer_name or DEFAULT_TOKENIZER)
-            self._tokenizer = load_pretrained(AutoTokenizer.from_pretrained, name, what="tokenizer", use_fast=True)
-        if not getattr(self._tokenizer, "is_fast", False):
+    def _check_tokenizer(self, tokenizer: Any) -> None:
+        """Refuse a tokenizer without offset mappings, or one that pads on the left."""
+        if not getattr(tokenizer, "is_fast", False):
             raise ValueError("SquadDataModule needs a fast tokenizer (offset mappings)")
-        if getattr(self._tokenizer, "padding_side", "right") != "right":
+        if getattr(tokenizer, "padding_side", "right") != "right":
             raise ValueError("SquadDataModule needs a right-padding tokenizer (question first, context second)")
-        return self._tokenizer
 
     def _file_for(self, split: str) -> str | None:
         if split == "train":
@@ -400,14 +370,11 @@ class SquadDataModule(L.LightningDataModule):
             self._load_hub(None)
 
     def _load_hub(self, split: str | None) -> datasets.Dataset | datasets.DatasetDict:
-        try:
-            return datasets.load_dataset(HUB_DATASETS[self.version], split=split, cache_dir=self.cache_dir)
-        except OSError as err:  # ConnectionError offline / HF_HUB_OFFLINE=1; DatasetNotFoundError
-            raise LoadError(
-                f"could not load SQuAD {self.version} from the Hugging Face hub ({HUB_DATASETS[self.version]}): "
-                f"{err}; without network, pass official SQuAD JSON files: --data.train_file /path/to/train.json "
-                "--data.validation_file /path/to/dev.json"
-            ) from err
+        return self._hub_dataset(
+            f"SQuAD {self.version}", HUB_DATASETS[self.version], split=split,
+            hint="pass official SQuAD JSON files: --data.train_file /path/to/train.json "
+            "--data.validation_file /path/to/dev.json",
+        )
 
     def _featurize(self, examples: datasets.Dataset, split: str) -> datasets.Dataset:
         check_questions_fit(examples, self.tokenizer, self.max_seq_length, self.doc_stride, split)
@@ -424,16 +391,20 @@ class SquadDataModule(L.LightningDataModule):
         )
 
     def setup(self, stage: str | None = None) -> None:
+        """Read the examples and cut them into windows: train for ``"fit"`` (and ``None``), validation always.
+
+        Raises:
+            ValueError: A question leaves no more than ``doc_stride`` context tokens, a local file is malformed
+                (see :func:`read_squad_json`), or the tokenizer is not a fast, right-padding one.
+            FileNotFoundError: A local file does not exist.
+            adalora_pl.io.pretrained.LoadError: The tokenizer folder does not exist, or the hub cannot be reached.
+        """
         if stage in (None, "fit") and self.train_features is None:
-            examples = self.load_examples("train")
-            if self.max_train_samples is not None:
-                examples = examples.select(range(min(self.max_train_samples, len(examples))))
+            examples = self._first_rows(self.load_examples("train"), "train")
             self.train_examples = examples
             self.train_features = self._featurize(examples, "train")
         if self.eval_features is None:  # every stage validates/tests on the validation split
-            examples = self.load_examples("validation")
-            if self.max_eval_samples is not None:
-                examples = examples.select(range(min(self.max_eval_samples, len(examples))))
+            examples = self._first_rows(self.load_examples("validation"), "validation")
             features = self._featurize(examples, "validation")
             self.eval_examples = examples
             self.eval_features = features.add_column("feature_index", list(range(len(features))))
@@ -445,34 +416,25 @@ class SquadDataModule(L.LightningDataModule):
         return [c for c in _MODEL_INPUTS if c in dataset.column_names] + list(extra)
 
     def train_dataloader(self) -> DataLoader:
+        """Shuffled training windows with their start/end token labels."""
         if self.train_features is None:
             raise RuntimeError("call setup('fit') before train_dataloader()")
         columns = self._model_columns(self.train_features, ("start_positions", "end_positions"))
-        return DataLoader(
-            self.train_features.with_format("torch", columns=columns),
-            batch_size=self.batch_size,
-            shuffle=True,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
+        return self._dataloader(self.train_features.with_format("torch", columns=columns), train=True)
 
     def val_dataloader(self) -> DataLoader:
+        """Validation windows in order, each with its ``feature_index`` (see :meth:`postprocess`)."""
         if self.eval_features is None:
             raise RuntimeError("call setup() before val_dataloader()")
         columns = self._model_columns(self.eval_features, ("feature_index",))
-        return DataLoader(
-            self.eval_features.with_format("torch", columns=columns),
-            batch_size=self.eval_batch_size,
-            shuffle=False,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
+        return self._dataloader(self.eval_features.with_format("torch", columns=columns), train=False)
 
     def test_dataloader(self) -> DataLoader:
         """Same as :meth:`val_dataloader` (SQuAD has no public test set)."""
         return self.val_dataloader()
 
     def predict_dataloader(self) -> DataLoader:
+        """Same as :meth:`val_dataloader`."""
         return self.val_dataloader()
 
     # ------------------------------------------------------------------ evaluation helpers

@@ -9,12 +9,10 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from adalora_pl.io.pretrained import LoadError, check_tokenizer, load_pretrained
-from datamodules.glue import utf8_error
+from datamodules._base import TokenizedDataModule, check_positive, untruncated_lengths, utf8_error
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +114,7 @@ class _Collator:
         return batch
 
 
-class SummarizationDataModule(L.LightningDataModule):
+class SummarizationDataModule(TokenizedDataModule):
     """Document/summary pairs tokenized for encoder-decoder models (XSum, CNN/DailyMail, local files).
 
     Data comes either from the Hugging Face hub (``dataset`` set and no file given: XSum is
@@ -156,15 +154,14 @@ class SummarizationDataModule(L.LightningDataModule):
             share per split, and refuses a length that holds only the special tokens and prefix).
         max_target_length: Maximum label length in tokens (likewise for the summaries).
         batch_size: Training batch size.
-        eval_batch_size: Validation/test batch size (defaults to ``batch_size``).
-        num_workers: DataLoader worker processes.
-        max_train_samples: Keep only the first this many training examples.
-        max_eval_samples: Keep only the first this many validation and test examples.
-        cache_dir: Cache folder for hub datasets and tokenizers.
+        **kwargs: ``eval_batch_size``, ``num_workers``, ``max_train_samples``, ``max_eval_samples`` (for the
+            validation and the test split) and ``cache_dir`` (hub datasets and tokenizer), as documented in
+            :class:`~datamodules._base.TokenizedDataModule`.
 
     Raises:
-        ValueError: For an unknown ``dataset``, an unsupported file extension, no data source, or
-            missing column names; at :meth:`setup`, for a column missing from a file.
+        ValueError: For an unknown ``dataset``, an unsupported file extension, no data source,
+            missing column names, or a length or size that is not a positive integer; at :meth:`setup`, for
+            a column missing from a file.
         FileNotFoundError: For a data file that does not exist.
     """
 
@@ -181,14 +178,9 @@ class SummarizationDataModule(L.LightningDataModule):
         max_source_length: int = 1024,
         max_target_length: int = 128,
         batch_size: int = 8,
-        eval_batch_size: int | None = None,
-        num_workers: int = 0,
-        max_train_samples: int | None = None,
-        max_eval_samples: int | None = None,
-        cache_dir: str | None = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__()
-        self.save_hyperparameters()
+        super().__init__(tokenizer=tokenizer, batch_size=batch_size, **kwargs)
         if dataset is not None and dataset not in DATASETS:
             raise ValueError(
                 f"unknown summarization dataset {dataset!r}; expected one of {sorted(DATASETS)} or None"
@@ -215,27 +207,14 @@ class SummarizationDataModule(L.LightningDataModule):
         self.summary_column = summary_column or defaults[1]
         if self.text_column is None or self.summary_column is None:
             raise ValueError("dataset=None needs text_column and summary_column to name the file columns")
-        for name, value in (
-            ("max_source_length", max_source_length),
-            ("max_target_length", max_target_length),
-            ("batch_size", batch_size),
-        ):
-            if value < 1:
-                raise ValueError(f"{name} must be positive, got {value}")
+        check_positive("max_source_length", max_source_length)
+        check_positive("max_target_length", max_target_length)
 
         self.dataset_name = dataset
-        self.tokenizer_name = tokenizer
         self.source_prefix = source_prefix
         self.max_source_length = max_source_length
         self.max_target_length = max_target_length
-        self.batch_size = batch_size
-        self.eval_batch_size = eval_batch_size or batch_size
-        self.num_workers = num_workers
-        self.max_train_samples = max_train_samples
-        self.max_eval_samples = max_eval_samples
-        self.cache_dir = cache_dir
 
-        self.tokenizer: Any = None  # a transformers tokenizer after setup()
         self.collator_model: Any = None
         self._raw: dict[str, dict[str, list[str]]] = {}  # split -> {"id", "text", "summary"}
         self._tokenized: dict[str, Any] = {}  # split -> datasets.Dataset
@@ -261,28 +240,20 @@ class SummarizationDataModule(L.LightningDataModule):
         return split
 
     def _load_hub(self) -> Any:
-        from datasets import load_dataset
-
         if self._hub is None:
             hub_id, config, _, _ = DATASETS[self.dataset_name]
-            try:
-                self._hub = load_dataset(hub_id, config, cache_dir=self.cache_dir)
-            except OSError as err:  # ConnectionError offline / HF_HUB_OFFLINE=1; DatasetNotFoundError
-                raise LoadError(
-                    f"could not load {self.dataset_name} from the Hugging Face hub ({hub_id}): {err}; without "
-                    "network, pass local files: --data.train_file /path/to/train.jsonl "
-                    "--data.validation_file /path/to/validation.jsonl"
-                ) from err
+            self._hub = self._hub_dataset(
+                self.dataset_name, hub_id, config,
+                hint="pass local files: --data.train_file /path/to/train.jsonl "
+                "--data.validation_file /path/to/validation.jsonl",
+            )
         return self._hub
 
     def _columns_of(self, split: str) -> dict[str, list[str]]:
         """``{"id", "text", "summary"}`` lists of one split, after ``max_*_samples``."""
-        limit = self.max_train_samples if split == "train" else self.max_eval_samples
         if self.uses_local_files:
             path = self.files[split]
-            rows = read_records(path)
-            if limit is not None:
-                rows = rows[:limit]
+            rows = read_records(path)[: self._sample_limit(split)]  # [:None] keeps every row
             if not rows:
                 raise ValueError(f"{path}: the file has no examples")
             for col in (self.text_column, self.summary_column):
@@ -297,9 +268,7 @@ class SummarizationDataModule(L.LightningDataModule):
             texts = [_as_text(row[self.text_column]) for row in rows]
             summaries = [_as_text(row[self.summary_column]) for row in rows]
         else:
-            ds = self._load_hub()[split]
-            if limit is not None:
-                ds = ds.select(range(min(limit, len(ds))))
+            ds = self._first_rows(self._load_hub()[split], split)
             for col in (self.text_column, self.summary_column):
                 if col not in ds.column_names:
                     raise ValueError(
@@ -331,18 +300,9 @@ class SummarizationDataModule(L.LightningDataModule):
     # ------------------------------------------------------------------ lightning hooks
     def prepare_data(self) -> None:
         """Download the hub dataset and tokenizer into the cache (local files need nothing)."""
-        if self.tokenizer_name is not None:
-            self._load_tokenizer()
+        self._download_tokenizer()
         if not self.uses_local_files:
             self._load_hub()
-
-    def _load_tokenizer(self) -> Any:
-        if self.tokenizer_name is None:
-            raise ValueError("SummarizationDataModule needs a tokenizer (hub name or local folder)")
-        from transformers import AutoTokenizer
-
-        name = check_tokenizer(self.tokenizer_name)
-        return load_pretrained(AutoTokenizer.from_pretrained, name, what="tokenizer", cache_dir=self.cache_dir)
 
     def _check_lengths(self) -> None:
         """Refuse lengths that leave no token of document or summary once special tokens (and prefix) are in."""
@@ -360,8 +320,7 @@ class SummarizationDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         """Read and tokenize the splits ``stage`` needs (all available splits when ``stage`` is None)."""
-        if self.tokenizer is None:
-            self.tokenizer = self._load_tokenizer()
+        self._check_lengths()  # loads the tokenizer: no tokenizer, or no room for text, fails before any reading
         wanted = {
             "fit": ("train", "validation"),
             "validate": ("validation",),
@@ -384,8 +343,6 @@ class SummarizationDataModule(L.LightningDataModule):
     def _ensure_split(self, split: str) -> str:
         split = self._ensure_raw(split)
         if split not in self._tokenized:
-            if self.tokenizer is None:
-                self.tokenizer = self._load_tokenizer()
             self._tokenized[split] = self._tokenize(split, self._raw[split])
         return split
 
@@ -420,29 +377,17 @@ class SummarizationDataModule(L.LightningDataModule):
                 "input_ids": model_inputs["input_ids"],
                 "attention_mask": model_inputs["attention_mask"],
                 "labels": labels["input_ids"],
-                # Untruncated lengths, only to count what truncation cut (verbose=False: no "longer than the
-                # model's maximum" warning for that count).
-                _FULL_SOURCE: [len(ids) for ids in tokenizer(sources, verbose=False)["input_ids"]],
-                _FULL_TARGET: [len(ids) for ids in tokenizer(text_target=batch["summary"], verbose=False)["input_ids"]],
+                _FULL_SOURCE: untruncated_lengths(tokenizer, sources),
+                _FULL_TARGET: untruncated_lengths(tokenizer, text_target=batch["summary"]),
             }
 
         ds = ds.map(encode, batched=True, remove_columns=["text", "summary"], desc="Tokenizing")
-        for column, kind, limit in (
-            (_FULL_SOURCE, "documents", self.max_source_length),
-            (_FULL_TARGET, "summaries", self.max_target_length),
+        for column, kind, limit, option in (
+            (_FULL_SOURCE, "documents", self.max_source_length, "max_source_length"),
+            (_FULL_TARGET, "summaries", self.max_target_length, "max_target_length"),
         ):
-            self._warn_truncated(split, kind, [n > limit for n in ds[column]], limit)
+            self._warn_truncated(f"summarization {split}", kind, ds[column], limit, option)
         return ds.remove_columns([_FULL_SOURCE, _FULL_TARGET])
-
-    def _warn_truncated(self, split: str, kind: str, truncated: list[bool], limit: int) -> None:
-        # Long XSum/CNN-DM articles are cut at the paper's lengths on purpose, but never silently.
-        if any(truncated):
-            log.warning(
-                "summarization %s: %d of %d %s (%.1f%%) are longer than %d tokens and were truncated; "
-                "raise --data.max_%s_length to keep them whole",
-                split, sum(truncated), len(truncated), kind, 100.0 * sum(truncated) / len(truncated), limit,
-                "source" if kind == "documents" else "target",
-            )
 
     # ------------------------------------------------------------------ access
     def tokenized(self, split: str) -> Any:
@@ -469,32 +414,27 @@ class SummarizationDataModule(L.LightningDataModule):
         self.collator_model = model
 
     def collator(self, keep_index: bool) -> _Collator:
+        """``DataCollatorForSeq2Seq`` for this tokenizer; ``keep_index`` adds the ``example_index`` of eval batches."""
         from transformers import DataCollatorForSeq2Seq
 
-        if self.tokenizer is None:
-            self.tokenizer = self._load_tokenizer()
         base = DataCollatorForSeq2Seq(self.tokenizer, model=self.collator_model, label_pad_token_id=-100)
         return _Collator(base, keep_index=keep_index)
 
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+    def _loader(self, split: str) -> DataLoader:
         train = split == "train"
-        return DataLoader(
-            self.tokenized(split),
-            batch_size=self.batch_size if train else self.eval_batch_size,
-            shuffle=shuffle,
-            num_workers=self.num_workers,
-            collate_fn=self.collator(keep_index=not train),
-            persistent_workers=self.num_workers > 0,
-        )
+        return self._dataloader(self.tokenized(split), train=train, collate_fn=self.collator(keep_index=not train))
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
+        """The training loader (shuffled)."""
+        return self._loader("train")
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("validation", shuffle=False)
+        """The validation loader; batches carry ``example_index``."""
+        return self._loader("validation")
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
+        """The test loader (the validation data when there is no test file); batches carry ``example_index``."""
+        return self._loader("test")
 
     def predict_dataloader(self) -> DataLoader:
         """The test loader (generation over the test file, or the validation data without one)."""

@@ -26,6 +26,7 @@ class PrunableLoRALinear(LoRALinear):
     ) -> None:
         super().__init__(base_layer, r, lora_alpha, lora_dropout, autocast_adapter_dtype)
         self.register_buffer("rank_mask", torch.ones(r, dtype=torch.bool, device=self.lora_A.device))
+        self.parameters_per_rank = self.in_features + self.out_features  # a row of A, a column of B
         self.lora_A.register_hook(lambda g: g * self.rank_mask.view(-1, 1).to(g.dtype))
         self.lora_B.register_hook(lambda g: g * self.rank_mask.view(1, -1).to(g.dtype))
 
@@ -34,15 +35,6 @@ class PrunableLoRALinear(LoRALinear):
         self.lora_A.masked_fill_(~self.rank_mask.view(-1, 1), 0.0)
         self.lora_B.masked_fill_(~self.rank_mask.view(1, -1), 0.0)
 
-    @property
-    def kept_rank(self) -> int:
-        return int(self.rank_mask.sum())
-
-    def parameter_count(self, kept_only: bool = False) -> int:
-        """A kept doublet costs in + out (a row of A, a column of B)."""
-        if not kept_only:
-            return super().parameter_count()
-        return self.kept_rank * (self.in_features + self.out_features)
 
 
 

@@ -8,8 +8,8 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForSequenceClassification
 
-from adalora_pl.io.pretrained import check_backbone, load_pretrained
-from adalora_pl.module import AdapterModule
+from adalora_pl.io.pretrained import load_pretrained
+from adalora_pl.module import AdapterModule, Stage
 from adalora_pl.tasks.glue import get_glue_task, glue_metrics, main_metric_name, preds_from_logits
 
 
@@ -23,64 +23,45 @@ class GLUEClassifier(AdapterModule):
         **kwargs: see :class:`AdapterModule`.
     """
 
+    auto_class = AutoModelForSequenceClassification
+
     def __init__(self, task_name: str = "cola", backbone: str = "microsoft/deberta-v3-base", **kwargs: Any) -> None:
-        self.task = get_glue_task(task_name)
+        self.task = get_glue_task(task_name)  # before super().__init__: backbone_kwargs reads the label count
         super().__init__(backbone=backbone, **kwargs)
         self.main_metric = main_metric_name(self.task.name)
         self.val_metrics = nn.ModuleList(glue_metrics(self.task.name) for _ in self.task.val_split_names)
 
     def setup(self, stage: str) -> None:
-        data_task = getattr(getattr(self.trainer, "datamodule", None), "task_name", None)
+        data_task = getattr(self.trainer_datamodule, "task_name", None)
         if data_task is not None and data_task != self.task.name:
             raise ValueError(
                 f"the model is set up for GLUE task {self.task.name!r} but the data is {data_task!r}; "
                 "set --model.task_name and --data.task_name to the same task"
             )
 
-    def build_backbone(self, backbone: str) -> nn.Module:
-        backbone = check_backbone(backbone)  # a mistyped folder says so, not "Repo id must use alphanumeric chars"
+    def backbone_kwargs(self, backbone: str) -> dict[str, Any]:
+        """A config with the task's label count (and, for STS-B, regression) for ``from_pretrained``."""
         config = load_pretrained(AutoConfig.from_pretrained, backbone, num_labels=self.task.num_labels)
         if self.task.is_regression:
             config.problem_type = "regression"
         # A backbone saved with another head (e.g. 2 labels, used for STS-B) gets a fresh head; transformers
         # reports which weights were re-initialized.
-        return load_pretrained(AutoModelForSequenceClassification.from_pretrained, backbone, config=config,
-                               ignore_mismatched_sizes=True)
+        return {"config": config, "ignore_mismatched_sizes": True}
 
-    def forward(self, **batch: torch.Tensor):
-        return self.model(**batch)
-
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = self.model(**batch).loss
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True)
-        return loss
-
-    def _eval_step(self, batch: dict[str, torch.Tensor], dataloader_idx: int, stage: str) -> None:
-        out = self.model(**batch)
+    def eval_step(self, batch: dict[str, torch.Tensor], stage: Stage, dataloader_idx: int = 0) -> None:
+        """Log the loss per validation split (``val/loss_validation_matched`` for MNLI) and update its metrics."""
+        out = self(**batch)
         split = self.task.val_split_names[dataloader_idx]
         self.log(f"{stage}/loss_{split}", out.loss, add_dataloader_idx=False)
         self.val_metrics[dataloader_idx].update(preds_from_logits(self.task.name, out.logits), batch["labels"])
 
-    def validation_step(self, batch, batch_idx, dataloader_idx: int = 0) -> None:
-        self._eval_step(batch, dataloader_idx, "val")
-
-    def test_step(self, batch, batch_idx, dataloader_idx: int = 0) -> None:
-        self._eval_step(batch, dataloader_idx, "test")
-
-    def _log_metrics(self, stage: str) -> None:
+    def log_eval_metrics(self, stage: Stage) -> None:
+        """The task's metrics per validation split (``val/mcc``; ``val/accuracy_validation_matched`` for MNLI)."""
         for split, metrics in zip(self.task.val_split_names, self.val_metrics, strict=True):
-            # "val/mcc" for single-validation tasks; "val/accuracy_validation_matched" for MNLI
             suffix = "" if len(self.task.val_split_names) == 1 else f"_{split}"
             values = {f"{stage}/{k}{suffix}": v for k, v in metrics.compute().items()}
             self.log_dict(values, prog_bar=True, add_dataloader_idx=False)
-            metrics.reset()
 
-    def on_validation_epoch_end(self) -> None:
-        self._log_metrics("val")
-
-    def on_test_epoch_end(self) -> None:
-        self._log_metrics("test")
-
-    def predict_step(self, batch, batch_idx, dataloader_idx: int = 0) -> torch.Tensor:
-        batch = {k: v for k, v in batch.items() if k != "labels"}
-        return preds_from_logits(self.task.name, self.model(**batch).logits)
+    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
+        """Predicted labels (scores for STS-B) of the batch; its labels, if any, are ignored."""
+        return preds_from_logits(self.task.name, self(**self.model_inputs(batch, drop=("labels",))).logits)

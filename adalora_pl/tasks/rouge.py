@@ -8,12 +8,12 @@ package to be installed.
 
 ROUGE-Lsum (summary-level LCS) needs the text split into sentences. torchmetrics does that with
 ``nltk.sent_tokenize``, which needs the ``punkt_tab`` model; that model is downloaded at first use
-and cannot be fetched on an offline machine. This module therefore does its own splitting
-(:func:`split_sentences`) and hands torchmetrics text whose sentences are already separated by
-``"\\n"``, with torchmetrics' splitter swapped for a plain ``"\\n"`` split for the duration of the
-call. The rule is the one Google's ``rouge_score`` uses for ``rougeLsum`` (sentences are the
-lines of the text), plus a rule-based splitter for text that has no newlines, such as generated
-predictions:
+and cannot be fetched on an offline machine, and torchmetrics has no public way to pass another
+splitter. This module therefore computes ROUGE-Lsum itself (:func:`rouge_lsum_f1`, the union-LCS
+of Lin 2004 §3.2 as Google's ``rouge_score`` and torchmetrics compute it, on the same tokens) over
+its own sentences (:func:`split_sentences`). The rule is the one Google's ``rouge_score`` uses for
+``rougeLsum`` (sentences are the lines of the text), plus a rule-based splitter for text that has
+no newlines, such as generated predictions:
 
 * a text that contains a newline is split at its newlines only (CNN/DailyMail highlights and XSum
   documents are already newline-separated);
@@ -26,10 +26,11 @@ predictions:
 from __future__ import annotations
 
 import re
-import threading
+from collections import Counter
 from collections.abc import Callable, Sequence
+from typing import Any
 
-__all__ = ["rouge_scores", "split_sentences"]
+__all__ = ["rouge_lsum_f1", "rouge_scores", "split_sentences", "tokenize"]
 
 _ABBREVIATIONS = frozenset(
     "mr mrs ms dr prof st sr jr mt ft gen col lt sgt capt rev gov sen rep vs etc inc ltd co corp "
@@ -40,9 +41,6 @@ _INITIALS = re.compile(r"^(?:[A-Za-z]\.)+$")
 _SENTENCE_END = re.compile(r"[.!?]+[\"'\u201d\u2019)\]]*$")
 _SENTENCE_START = re.compile(r"^[\"'\u201c\u2018(\[]*[A-Z0-9]")
 
-# torchmetrics looks its sentence splitter up as a module global at call time; swapping it is not
-# thread safe, so calls that swap it are serialised.
-_SPLITTER_LOCK = threading.Lock()
 
 
 def _is_abbreviation(word: str) -> bool:
@@ -89,12 +87,55 @@ def split_sentences(text: str) -> list[str]:
     return _split_line(text.strip()) if text.strip() else []
 
 
-def _newline_joined(text: str, splitter: Callable[[str], Sequence[str]]) -> str:
-    return "\n".join(sentence.replace("\n", " ") for sentence in splitter(text))
+def tokenize(text: str, stemmer: Any = None) -> list[str]:
+    """ROUGE's tokens: lower-cased runs of letters and digits, words of more than three characters stemmed
+    (the normalization of Google's ``rouge_score`` and torchmetrics)."""
+    tokens = re.sub(r"[^a-z0-9]+", " ", text.lower()).split()
+    return [stemmer.stem(t) if stemmer is not None and len(t) > 3 else t for t in tokens]
 
 
-def _split_on_newlines(text: str) -> list[str]:
-    return text.split("\n")
+def _lcs_indices(reference: Sequence[str], candidate: Sequence[str]) -> list[int]:
+    """Indices into ``reference`` of one longest common subsequence with ``candidate``, backtracked with the
+    reference implementation's tie rule (so the union below matches it token for token)."""
+    rows, cols = len(reference), len(candidate)
+    table = [[0] * (cols + 1) for _ in range(rows + 1)]
+    for i in range(1, rows + 1):
+        for j in range(1, cols + 1):
+            if reference[i - 1] == candidate[j - 1]:
+                table[i][j] = table[i - 1][j - 1] + 1
+            else:
+                table[i][j] = max(table[i - 1][j], table[i][j - 1])
+    i, j, found = rows, cols, []
+    while i > 0 and j > 0:
+        if reference[i - 1] == candidate[j - 1]:
+            found.append(i - 1)
+            i, j = i - 1, j - 1
+        elif table[i][j - 1] > table[i - 1][j]:
+            j -= 1
+        else:
+            i -= 1
+    return found[::-1]
+
+
+def rouge_lsum_f1(prediction: Sequence[Sequence[str]], reference: Sequence[Sequence[str]]) -> float:
+    """Summary-level ROUGE-L F-measure of one tokenized prediction against one tokenized reference, each a list
+    of sentences (lists of tokens): every reference sentence's union-LCS with all prediction sentences, its
+    tokens counted at most as often as they occur on both sides."""
+    pred_len, ref_len = sum(map(len, prediction)), sum(map(len, reference))
+    if pred_len == 0 or ref_len == 0:
+        return 0.0
+    pred_counts = Counter(t for sentence in prediction for t in sentence)
+    ref_counts = Counter(t for sentence in reference for t in sentence)
+    hits = 0
+    for sentence in reference:
+        union = sorted(set().union(*(_lcs_indices(sentence, p) for p in prediction)))
+        for token in (sentence[i] for i in union):
+            if pred_counts[token] > 0 and ref_counts[token] > 0:
+                hits += 1
+                pred_counts[token] -= 1
+                ref_counts[token] -= 1
+    precision, recall = hits / pred_len, hits / ref_len
+    return 0.0 if precision + recall == 0 else 2 * precision * recall / (precision + recall)
 
 
 def rouge_scores(
@@ -140,22 +181,18 @@ def rouge_scores(
         raw = tm_rouge.rouge_score(predictions, references, use_stemmer=use_stemmer, rouge_keys=keys)
         return {key: float(raw[f"{key}_fmeasure"]) for key in keys}
 
-    keys = (*keys, "rougeLsum")
+    raw = tm_rouge.rouge_score(predictions, references, use_stemmer=use_stemmer, rouge_keys=keys)
+    scores = {key: float(raw[f"{key}_fmeasure"]) for key in keys}
     splitter = sentence_splitter or split_sentences
-    # Sentences are joined by "\n"; newlines only ever act as separators, never as word content
-    # (the normaliser turns them into spaces), so rouge1/2/L are unchanged by the re-joining.
-    preds = [_newline_joined(t, splitter) for t in predictions]
-    refs = [_newline_joined(t, splitter) for t in references]
-    if not hasattr(tm_rouge, "_split_sentence"):  # pragma: no cover - depends on torchmetrics internals
-        raise RuntimeError(
-            "this torchmetrics version has no torchmetrics.functional.text.rouge._split_sentence; "
-            "adalora_pl.tasks.rouge cannot compute rougeLsum offline with it"
-        )
-    with _SPLITTER_LOCK:
-        original = tm_rouge._split_sentence
-        tm_rouge._split_sentence = _split_on_newlines
-        try:
-            raw = tm_rouge.rouge_score(preds, refs, use_stemmer=use_stemmer, rouge_keys=keys)
-        finally:
-            tm_rouge._split_sentence = original
-    return {key: float(raw[f"{key}_fmeasure"]) for key in keys}
+    stemmer = None
+    if use_stemmer:
+        from nltk.stem.porter import PorterStemmer  # the stemmer torchmetrics uses for rouge1/2/L
+
+        stemmer = PorterStemmer()
+
+    def sentences(text: str) -> list[list[str]]:
+        return [tokenize(s, stemmer) for s in splitter(text)]
+
+    lsum = [rouge_lsum_f1(sentences(p), sentences(r)) for p, r in zip(predictions, references, strict=True)]
+    scores["rougeLsum"] = sum(lsum) / len(lsum)
+    return scores

@@ -1,7 +1,8 @@
 """Abstractive summarization (XSum, CNN/DailyMail) on encoder-decoder models with AdaLoRA, LoRA or full fine-tuning.
 
 Training minimises the teacher-forced cross-entropy of the reference summary (the model's own loss on
-``labels``). Validation and test generate a summary for every document with beam search, decode it with
+``labels``). Validation and test generate a summary for every document with beam search, keep its token ids in a
+:class:`~adalora_pl.tasks.metrics.GeneratedTexts` (gathered from every process at the epoch's end), decode it with
 the data module's tokenizer and score it against the reference with ROUGE-1/2/L (plus ROUGE-Lsum when
 asked, as for CNN/DailyMail); the summaries are also written to the log folder, one JSON object a line.
 """
@@ -15,18 +16,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 from transformers import AutoModelForSeq2SeqLM
 
-from adalora_pl.module import AdapterModule
+from adalora_pl.module import AdapterModule, Stage
+from adalora_pl.tasks.metrics import GeneratedTexts
 from adalora_pl.tasks.rouge import rouge_scores
 
 __all__ = ["Seq2SeqSummarizer"]
 
 log = logging.getLogger(__name__)
 
-# Keys of an evaluation batch that the model does not take.
-_NOT_MODEL_INPUTS = ("example_index",)
 _SPLIT_OF_STAGE = {"val": "validation", "test": "test"}
 
 
@@ -59,6 +58,9 @@ class Seq2SeqSummarizer(AdapterModule):
         **kwargs: method, ranks, schedule and optimizer settings, see :class:`AdapterModule`.
     """
 
+    auto_class = AutoModelForSeq2SeqLM
+    bookkeeping_keys = ("example_index",)
+
     def __init__(
         self,
         backbone: str = "facebook/bart-large",
@@ -77,28 +79,14 @@ class Seq2SeqSummarizer(AdapterModule):
         if max_new_tokens is not None and max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         super().__init__(backbone=backbone, trainable_modules=tuple(trainable_modules), **kwargs)
-        self._eval_outputs: list[tuple[int, str]] = []
-
-    def build_backbone(self, backbone: str) -> nn.Module:
-        from adalora_pl.io.pretrained import check_backbone, load_pretrained
-
-        return load_pretrained(AutoModelForSeq2SeqLM.from_pretrained, check_backbone(backbone))
-
-    def forward(self, **batch: torch.Tensor):
-        return self.model(**batch)
-
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = self.model(**batch).loss  # the decoder inputs are the labels shifted right
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True)
-        return loss
+        self.generated = GeneratedTexts()
 
     # ------------------------------------------------------------------ generation
 
     @property
     def tokenizer(self):
         """The data module's tokenizer (it tokenized the inputs), else the backbone's."""
-        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
-        tokenizer = getattr(datamodule, "tokenizer", None)
+        tokenizer = getattr(self.trainer_datamodule, "tokenizer", None)
         if tokenizer is None:
             if getattr(self, "_own_tokenizer", None) is None:
                 from transformers import AutoTokenizer
@@ -112,8 +100,7 @@ class Seq2SeqSummarizer(AdapterModule):
         h = self.hparams
         max_new = h.max_new_tokens
         if max_new is None:
-            datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
-            max_new = getattr(datamodule, "max_target_length", None) or 128
+            max_new = getattr(self.trainer_datamodule, "max_target_length", None) or 128
         kwargs: dict[str, Any] = {"num_beams": h.num_beams, "max_new_tokens": int(max_new)}
         if h.num_beams > 1:
             kwargs["early_stopping"] = True
@@ -124,54 +111,40 @@ class Seq2SeqSummarizer(AdapterModule):
         return kwargs
 
     @torch.no_grad()
+    def generate_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Beam-search summaries of a batch of tokenized documents: ``(batch, width)`` token ids, padded."""
+        return self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **self.generation_kwargs())
+
+    def decode(self, token_ids: torch.Tensor | list[list[int]]) -> list[str]:
+        """Texts of rows of generated token ids (special tokens and padding dropped, outer spaces stripped)."""
+        texts = self.tokenizer.batch_decode(token_ids, skip_special_tokens=True, clean_up_tokenization_spaces=True)
+        return [t.strip() for t in texts]
+
     def generate_summaries(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> list[str]:
         """Beam-search summaries of a batch of tokenized documents, decoded to text."""
-        tokens = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **self.generation_kwargs())
-        texts = self.tokenizer.batch_decode(tokens, skip_special_tokens=True, clean_up_tokenization_spaces=True)
-        return [t.strip() for t in texts]
+        return self.decode(self.generate_ids(input_ids, attention_mask))
 
     # ------------------------------------------------------------------ evaluation
 
-    def _eval_step(self, batch: dict[str, torch.Tensor], stage: str) -> None:
-        inputs = {k: v for k, v in batch.items() if k not in _NOT_MODEL_INPUTS}
+    def eval_step(self, batch: dict[str, torch.Tensor], stage: Stage, dataloader_idx: int = 0) -> None:
+        """Log the teacher-forced loss (when the batch has labels) and keep the generated summaries' token ids."""
+        inputs = self.model_inputs(batch)
         if "labels" in inputs:
-            loss = self.model(**inputs).loss
+            loss = self(**inputs).loss
             self.log(f"{stage}/loss", loss, batch_size=len(batch["input_ids"]), sync_dist=True)
-        predictions = self.generate_summaries(inputs["input_ids"], inputs.get("attention_mask"))
-        self._eval_outputs.extend(zip(batch["example_index"].tolist(), predictions, strict=True))
+        tokens = self.generate_ids(inputs["input_ids"], inputs.get("attention_mask"))
+        self.generated.update(batch["example_index"], tokens)
 
-    def on_validation_epoch_start(self) -> None:
-        self._eval_outputs = []
-
-    def on_test_epoch_start(self) -> None:
-        self._eval_outputs = []
-
-    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self._eval_step(batch, "val")
-
-    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self._eval_step(batch, "test")
-
-    def _gathered_outputs(self) -> dict[int, str]:
-        """``{example_index: prediction}`` from every process (duplicates of a padded sampler collapse)."""
-        outputs = self._eval_outputs
-        if self.trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
-            everyone: list[Any] = [None] * torch.distributed.get_world_size()
-            torch.distributed.all_gather_object(everyone, outputs)
-            outputs = [pair for part in everyone for pair in part]
-        return dict(sorted(outputs))
-
-    def _score(self, stage: str) -> None:
-        predictions = self._gathered_outputs()
-        self._eval_outputs = []
-        if not predictions:
+    def log_eval_metrics(self, stage: Stage) -> None:
+        """ROUGE (percent) of the epoch's summaries, from every process; then the predictions file."""
+        if self.generated.update_count == 0:
             return
-        datamodule = getattr(self.trainer, "datamodule", None)
-        if datamodule is None or not hasattr(datamodule, "eval_references"):
-            raise RuntimeError(
-                "Seq2SeqSummarizer reads the reference summaries from its data module's eval_references "
-                "(datamodules.summarization.SummarizationDataModule); pass it as `datamodule=` to the Trainer"
-            )
+        self.generated.decode = self.decode
+        predictions = self.generated.compute()  # {example_index: summary}, sorted
+        datamodule = self.require_datamodule(
+            "eval_references", "reads the reference summaries from",
+            "datamodules.summarization.SummarizationDataModule",
+        )
         split = _SPLIT_OF_STAGE[stage]
         references = datamodule.eval_references(split)
         indices = list(predictions)
@@ -195,12 +168,6 @@ class Seq2SeqSummarizer(AdapterModule):
                 f.write(json.dumps({"id": example_id, "prediction": prediction, "reference": reference},
                                    ensure_ascii=False) + "\n")
         log.info("wrote %d %s summaries to %s", len(ids), stage, path)
-
-    def on_validation_epoch_end(self) -> None:
-        self._score("val")
-
-    def on_test_epoch_end(self) -> None:
-        self._score("test")
 
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> list[str]:
         """Generated summaries of the batch, as text."""

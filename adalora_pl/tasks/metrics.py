@@ -1,0 +1,129 @@
+"""torchmetrics ``Metric`` classes that hold a task's evaluation outputs until the epoch ends.
+
+SQuAD answers and generated summaries can only be scored once every window or example of the evaluation set has
+been seen, and under DDP each process sees a part of it. These metrics keep the per-batch outputs as list states
+reduced with ``dist_reduce_fx="cat"``, so that torchmetrics gathers them from every process when ``compute`` runs
+(a distributed sampler's padding repeats a few rows; both scorers below take duplicates). Text cannot be a
+Metric state, so what is kept are tensors (feature and example indices, logits, token ids); the scoring or decoding
+function, which needs the data module or the tokenizer, is set as an attribute before ``compute``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torchmetrics import Metric
+from torchmetrics.utilities import dim_zero_cat
+
+__all__ = ["GeneratedTexts", "SquadMetric"]
+
+#: ``scorer(feature_index, start_logits, end_logits, **settings) -> {metric name: value}``.
+SquadScorer = Callable[..., Mapping[str, float]]
+#: ``decode(token_rows) -> texts``: one text per row of token ids.
+Decoder = Callable[[list[list[int]]], list[str]]
+
+
+class SquadMetric(Metric):
+    """SQuAD exact match / F1 of span logits, scored by a post-processing function over the whole evaluation set.
+
+    ``update`` keeps each window's ``feature_index`` and its start/end logits (as float32); ``compute`` passes
+    all of them, gathered from every process, to :attr:`scorer` (the data module's ``compute_metrics``, which maps
+    windows back to questions, picks the answers and applies the official metric) with the answer settings.
+
+    Args:
+        n_best_size: start and end candidates per window combined into answer spans.
+        max_answer_length: longest answer, in tokens.
+        version_2: SQuAD v2.0 rules (the answer ``""`` when the no-answer score wins).
+        null_score_diff_threshold: v2 only: margin of the no-answer score over the best span's.
+        **kwargs: passed to :class:`torchmetrics.Metric`.
+
+    Attributes:
+        scorer: called by ``compute`` as ``scorer(feature_index, start_logits, end_logits, n_best_size=...,
+            max_answer_length=..., version_2=..., null_score_diff_threshold=...)``; returns ``{name: value}``
+            (empty when no question had all of its windows scored).
+    """
+
+    is_differentiable = False
+    higher_is_better = True
+    full_state_update = False
+
+    feature_index: list[torch.Tensor]
+    start_logits: list[torch.Tensor]
+    end_logits: list[torch.Tensor]
+
+    def __init__(
+        self,
+        n_best_size: int = 20,
+        max_answer_length: int = 30,
+        version_2: bool = False,
+        null_score_diff_threshold: float = 0.0,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.settings: dict[str, Any] = {
+            "n_best_size": n_best_size,
+            "max_answer_length": max_answer_length,
+            "version_2": version_2,
+            "null_score_diff_threshold": null_score_diff_threshold,
+        }
+        self.scorer: SquadScorer | None = None
+        for name in ("feature_index", "start_logits", "end_logits"):
+            self.add_state(name, default=[], dist_reduce_fx="cat")
+
+    def update(self, feature_index: torch.Tensor, start_logits: torch.Tensor, end_logits: torch.Tensor) -> None:
+        """Keep a batch of windows: ``feature_index`` ``(batch,)``, start/end logits ``(batch, seq_len)``."""
+        self.feature_index.append(feature_index.detach())
+        # float32 whatever the training precision: the post-processing compares sums of logits
+        self.start_logits.append(start_logits.detach().float())
+        self.end_logits.append(end_logits.detach().float())
+
+    def compute(self) -> dict[str, float]:
+        """``{name: value}`` from :attr:`scorer` over every window kept since the last reset, on every process."""
+        if self.scorer is None:
+            raise RuntimeError("SquadMetric.scorer is not set: assign the data module's compute_metrics first")
+        index, start, end = (dim_zero_cat(s).cpu() for s in (self.feature_index, self.start_logits, self.end_logits))
+        return {name: float(value) for name, value in self.scorer(index, start, end, **self.settings).items()}
+
+
+class GeneratedTexts(Metric):
+    """Generated token ids by example index, gathered from every process and decoded into ``{index: text}``.
+
+    Batches generate rows of different widths, so ``update`` flattens each batch's rows and keeps their widths
+    beside them (``cat`` states must agree in every dimension but the first); ``compute`` splits them back into
+    rows and decodes them with :attr:`decode`.
+
+    Attributes:
+        decode: called by ``compute`` with the rows of token ids (lists of ints, padding included, as ``generate``
+            returned them); returns one text per row.
+    """
+
+    is_differentiable = False
+    full_state_update = False
+
+    example_index: list[torch.Tensor]
+    token_ids: list[torch.Tensor]
+    widths: list[torch.Tensor]
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.decode: Decoder | None = None
+        for name in ("example_index", "token_ids", "widths"):
+            self.add_state(name, default=[], dist_reduce_fx="cat")
+
+    def update(self, example_index: torch.Tensor, token_ids: torch.Tensor) -> None:
+        """Keep a batch: ``example_index`` ``(batch,)`` and the generated ``token_ids`` ``(batch, width)``."""
+        rows, width = token_ids.shape
+        self.example_index.append(example_index.detach().reshape(-1).long())
+        self.token_ids.append(token_ids.detach().reshape(-1).long())
+        self.widths.append(torch.full((rows,), width, dtype=torch.long, device=token_ids.device))
+
+    def compute(self) -> dict[int, str]:
+        """``{example_index: text}`` sorted by index; the rows a padded sampler repeats collapse into one."""
+        if self.decode is None:
+            raise RuntimeError("GeneratedTexts.decode is not set: assign the tokenizer's decoding first")
+        index = dim_zero_cat(self.example_index).tolist()
+        rows = torch.split(dim_zero_cat(self.token_ids).cpu(), dim_zero_cat(self.widths).tolist())
+        texts = self.decode([row.tolist() for row in rows])
+        return dict(sorted(zip(index, texts, strict=True)))

@@ -1,0 +1,55 @@
+"""benchmarks/reproduce.py and glue_minilm.py in smoke mode (tiny model, a few steps), and the test statistic."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+from tests.builders import REPO_ROOT
+
+sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+
+import reproduce  # noqa: E402
+
+
+def test_sign_flip_test_exact_values():
+    # all 8 sign patterns of (1, 1, 1): only +++ and --- reach |sum| = 3
+    assert reproduce.sign_flip_test([1.0, 1.0, 1.0]) == pytest.approx(2 / 8)
+    # (2, -1): |sum| = 1; patterns give 1, 3, -3, -1 -> all four reach 1
+    assert reproduce.sign_flip_test([2.0, -1.0]) == pytest.approx(1.0)
+    assert 0 < reproduce.sign_flip_test([0.5] * 20) < 0.01  # Monte Carlo branch
+
+
+def test_table_layout_mean_std_and_average():
+    results = [
+        {"method": "lora", "task": "cola", "seed": 1, "metric": 60.0, "params": 1_327_104},
+        {"method": "lora", "task": "cola", "seed": 2, "metric": 62.0, "params": 1_327_104},
+        {"method": "lora", "task": "rte", "seed": 1, "metric": 80.0, "params": 1_327_104},
+        {"method": "lora", "task": "rte", "seed": 2, "metric": 80.0, "params": 1_327_104},
+        {"method": "adalora", "task": "cola", "seed": 1, "metric": 70.0, "params": 1_000_000},
+        {"method": "adalora", "task": "rte", "seed": 1, "metric": 90.0, "params": 1_000_000},
+    ]
+    lines = reproduce.table(results, ["lora", "adalora"], ["cola", "rte"]).splitlines()
+    assert lines[0] == "| Method | #Params | cola | rte | Avg. |"
+    # sample std of (60, 62) is sqrt(2) = 1.41; the average is over task means
+    assert lines[2] == "| lora | 1.327M | 61.00±1.41 | 80.00±0.00 | 70.50 |"
+    assert lines[3] == "| adalora | 1.000M | 70.00 | 90.00 | 80.00 |"  # one seed: no spread shown
+
+
+@pytest.mark.slow
+def test_reproduce_smoke_writes_table_and_json(tmp_path, real_data):
+    out = tmp_path / "out"
+    payload = reproduce.main(["--smoke", "--tasks", "cola", "--methods", "adalora", "lora", "houlsby",
+                              "--data-dir", str(real_data / "glue"), "--out", str(out)])
+    runs = payload["results"]
+    assert [(r["method"], r["task"]) for r in runs] == [("adalora", "cola"), ("lora", "cola"), ("houlsby", "cola")]
+    lora = next(r for r in runs if r["method"] == "lora")
+    # tiny BERT, LoRA at r = target_r = 8 on 2 layers x (four 32x32, 32->64, 64->32)
+    assert lora["params"] == 2 * 8 * (4 * 64 + 96 + 96)
+    assert "| adalora |" in payload["table"] and "| houlsby |" in payload["table"]
+    assert "sign-flip permutation test" in payload["significance"]
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["results"] == runs
+    assert (out / "results.md").read_text().startswith("| Method | #Params | cola | Avg. |")

@@ -1,0 +1,376 @@
+"""Plain builders shared by tests (no fixtures; those live in tests/conftest.py).
+
+Tiny models from configs and the folders they are saved to, tiny tokenizers, PEFT twins with the same adapter
+weights, writers of small data files in the official layouts (GLUE TSV, SQuAD JSON, summarization JSONL/CSV), and
+the command line run the CLI tests share. Heavy imports (the CLI, PEFT) happen inside the functions that need them.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import pathlib
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import (
+    BartConfig,
+    BartForSequenceClassification,
+    BertConfig,
+    BertForSequenceClassification,
+)
+
+from adalora_pl.injection import inject_adapters
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+# ---------------------------------------------------------------------------------------- tiny tokenizers
+TINY_WORDS = (
+    "the a an is was of and to in it that this he she they we you not no yes good bad movie "
+    "film great terrible love hate book read cat dog ran sat on mat what who where when why how "
+    "question answer paris france capital city river summary news said year people"
+).split()
+
+
+def make_tiny_tokenizer(directory: Path):
+    """A WordPiece BERT tokenizer over a few dozen words, saved to ``directory``."""
+    from transformers import BertTokenizerFast
+
+    directory.mkdir(parents=True, exist_ok=True)
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    chars = list("abcdefghijklmnopqrstuvwxyz0123456789.,?!'\"-")
+    vocab = specials + TINY_WORDS + chars + ["##" + c for c in chars]
+    vocab = {token: i for i, token in enumerate(dict.fromkeys(vocab))}
+    tokenizer = BertTokenizerFast(vocab=vocab, do_lower_case=True)
+    tokenizer.save_pretrained(directory)
+    return tokenizer
+
+
+# ---------------------------------------------------------------------------------------- tiny models
+BERT_TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
+
+
+def tiny_bert_config(**overrides) -> BertConfig:
+    kwargs = dict(
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        num_labels=2,
+    )
+    kwargs.update(overrides)
+    return BertConfig(**kwargs)
+
+
+def tiny_bert_classifier(seed: int = 0, **overrides) -> BertForSequenceClassification:
+    torch.manual_seed(seed)
+    model = BertForSequenceClassification(tiny_bert_config(**overrides))
+    model.eval()  # dropout off; the parity runs compare deterministic arithmetic
+    return model
+
+
+def random_batches(num: int, batch_size: int = 8, seq_len: int = 12, vocab: int = 100, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(num):
+        batches.append(
+            {
+                "input_ids": torch.randint(0, vocab, (batch_size, seq_len), generator=g),
+                "attention_mask": torch.ones(batch_size, seq_len, dtype=torch.long),
+                "labels": torch.randint(0, 2, (batch_size,), generator=g),
+            }
+        )
+    return batches
+
+
+def peft_twin(base_model, ours_adapters, *, init_r, target_r, tinit, tfinal, total_step, delta_t,
+              lora_alpha=32, orth_reg_weight=0.1, targets=BERT_TARGETS, modules_to_save=("classifier", "pooler")):
+    """PEFT's AdaLoRA on a copy of ``base_model`` with A, E, B copied from our adapters."""
+    from peft import AdaLoraConfig, get_peft_model
+
+    config = AdaLoraConfig(
+        init_r=init_r,
+        target_r=target_r,
+        tinit=tinit,
+        tfinal=tfinal,
+        deltaT=delta_t,
+        total_step=total_step,
+        lora_alpha=lora_alpha,
+        lora_dropout=0.0,
+        orth_reg_weight=orth_reg_weight,
+        target_modules=list(targets),
+        modules_to_save=list(modules_to_save),
+        # Without a task type PeftModel.forward bypasses AdaLoraModel.forward and never adds the
+        # orthogonal regularizer; SEQ_CLS routes through it.
+        task_type="SEQ_CLS",
+    )
+    peft_model = get_peft_model(copy.deepcopy(base_model), config)
+    copy_adapters_into_peft(peft_model, ours_adapters)
+    return peft_model
+
+
+def peft_layers(peft_model) -> dict:
+    """PEFT's SVDLinear layers keyed by the module path of the wrapped model (ours' naming)."""
+    from peft.tuners.adalora import SVDLinear as PeftSVDLinear
+
+    prefix = "base_model.model."
+    return {
+        name[len(prefix):]: module
+        for name, module in peft_model.named_modules()
+        if isinstance(module, PeftSVDLinear)
+    }
+
+
+@torch.no_grad()
+def copy_adapters_into_peft(peft_model, ours_adapters) -> None:
+    layers = peft_layers(peft_model)
+    assert sorted(layers) == sorted(ours_adapters), (sorted(layers), sorted(ours_adapters))
+    for name, ours in ours_adapters.items():
+        theirs = layers[name]
+        theirs.lora_A["default"].copy_(ours.lora_A)
+        theirs.lora_E["default"].copy_(ours.lora_E)
+        theirs.lora_B["default"].copy_(ours.lora_B)
+
+
+def max_adapter_diff(peft_model, ours_adapters) -> float:
+    layers = peft_layers(peft_model)
+    diff = 0.0
+    for name, ours in ours_adapters.items():
+        theirs = layers[name]
+        for key in ("lora_A", "lora_E", "lora_B"):
+            diff = max(diff, (getattr(ours, key) - getattr(theirs, key)["default"]).abs().max().item())
+    return diff
+
+
+def masks_equal(peft_model, ours_adapters) -> bool:
+    layers = peft_layers(peft_model)
+    return all(
+        torch.equal(ours.lora_E == 0, layers[name].lora_E["default"] == 0) for name, ours in ours_adapters.items()
+    )
+
+
+# ---------------------------------------------------------------------------------------- adapted models
+# Tiny BERT and BART classifiers whose adapters carry random nonzero singular values, a random rank mask and one
+# layer pruned to rank 0 (the export round trips of tests/io).
+
+
+BART_TARGETS = ["q_proj", "k_proj", "v_proj", "self_attn.out_proj", "encoder_attn.out_proj", "fc1", "fc2"]
+INIT_R, ALPHA = 4, 16
+
+
+def tiny_bart_classifier(seed: int = 0) -> BartForSequenceClassification:
+    torch.manual_seed(seed)
+    config = BartConfig(
+        vocab_size=100, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64,
+        dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, classifier_dropout=0.0, num_labels=2,
+        pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2,
+    )
+    return BartForSequenceClassification(config).eval()
+
+
+ARCHS = {
+    "bert": (tiny_bert_classifier, BERT_TARGETS, ["classifier", "pooler"]),
+    "bart": (tiny_bart_classifier, BART_TARGETS, ["classification_head"]),
+}
+
+
+def make_batch(seed: int = 7, batch_size: int = 4, seq_len: int = 10, labels: bool = False) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 100, (batch_size, seq_len), generator=g)
+    ids[:, -1] = 2  # BART classifies at the (single) eos token; BERT does not mind
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    if labels:
+        batch["labels"] = torch.randint(0, 2, (batch_size,), generator=g)
+    return batch
+
+
+@torch.no_grad()
+def logits(model, batch=None) -> torch.Tensor:
+    model.eval()
+    return model(**(batch or make_batch())).logits
+
+
+def float32_adapters(adapters) -> None:
+    """Float32 adapter tensors on a half-precision base, as PEFT's ``autocast_adapter_dtype=True`` leaves them
+    (a no-op where the adapters were created in float32 already)."""
+    for adapter in adapters.values():
+        for name in ("lora_A", "lora_E", "lora_B"):
+            old = getattr(adapter, name)
+            if old.dtype != torch.float32:
+                setattr(adapter, name, torch.nn.Parameter(old.detach().float(), requires_grad=old.requires_grad))
+        adapter.ranknum = adapter.ranknum.float()
+
+
+def trained_like(arch: str, seed: int = 0, dtype: torch.dtype = torch.float32):
+    """(fresh base, adapted model) with random E, random masks (E zero where pruned), the first layer
+    pruned to rank 0, the second fully kept, and perturbed head weights. The base model is in ``dtype``,
+    the adapters in float32."""
+    build, targets, heads = ARCHS[arch]
+    base = build(seed).to(dtype)
+    model = copy.deepcopy(base)
+    adapters = inject_adapters(model, targets, r=INIT_R, lora_alpha=ALPHA, trainable_modules=heads)
+    float32_adapters(adapters)
+    g = torch.Generator().manual_seed(seed + 100)
+    with torch.no_grad():
+        for i, adapter in enumerate(adapters.values()):
+            adapter.lora_E.copy_(torch.randn(adapter.lora_E.shape, generator=g))
+            mask = torch.rand(INIT_R, generator=g) > 0.4
+            mask[0] = i % 3 != 2  # make sure some layers lose a leading triplet too
+            if i == 0:
+                mask[:] = False
+            elif i == 1:
+                mask[:] = True
+            adapter.rank_mask.copy_(mask)
+            adapter.lora_E.masked_fill_(~mask.view(-1, 1), 0.0)
+        for name, p in model.named_parameters():
+            if p.requires_grad and "lora_" not in name:
+                p.add_(0.1 * torch.randn(p.shape, generator=g))
+    model.eval()
+    assert not torch.allclose(logits(model), logits(base), atol=1e-3), "adapters should change the outputs"
+    return base, model, targets, heads
+
+
+class TouchOnUnpickle:
+    """Unpickling this creates ``marker``: proof that a loader unpickled the file."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (pathlib.Path.touch, (pathlib.Path(self.marker),))
+
+
+# ---------------------------------------------------------------------------------------- saved backbones
+def save_tiny_backbone(folder: Path, **config) -> str:
+    """A tiny BERT sequence classifier with the tiny tokenizer, saved to ``folder``."""
+    tokenizer = make_tiny_tokenizer(folder)
+    torch.manual_seed(0)
+    BertForSequenceClassification(tiny_bert_config(vocab_size=len(tokenizer), **config)).save_pretrained(folder)
+    return str(folder)
+
+
+def save_tiny_qa_backbone(folder: Path) -> str:
+    """A tiny BERT span model (extractive QA) with the tiny tokenizer, saved to ``folder``."""
+    from transformers import BertForQuestionAnswering
+
+    tokenizer = make_tiny_tokenizer(folder)
+    torch.manual_seed(0)
+    BertForQuestionAnswering(tiny_bert_config(vocab_size=len(tokenizer))).save_pretrained(folder)
+    return str(folder)
+
+
+def save_tiny_bart(folder: Path) -> str:
+    """A one-layer BART saved with a WordPiece tokenizer: [CLS] starts and [SEP] ends every sequence."""
+    from transformers import BartForConditionalGeneration
+
+    tokenizer = make_tiny_tokenizer(folder)
+    config = BartConfig(
+        vocab_size=len(tokenizer), d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64,
+        dropout=0.0, attention_dropout=0.0, activation_dropout=0.0,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.cls_token_id,
+        eos_token_id=tokenizer.sep_token_id, forced_eos_token_id=tokenizer.sep_token_id,
+        decoder_start_token_id=tokenizer.sep_token_id,  # BART starts decoding from its end token
+    )
+    torch.manual_seed(0)
+    BartForConditionalGeneration(config).save_pretrained(folder)
+    return str(folder)
+
+
+# ---------------------------------------------------------------------------------------- data files
+def write_cola(folder: Path, rows: int = 48) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    sentences = ["the cat sat on the mat", "cat the on sat mat the", "a dog ran", "ran dog a the"]
+    for split in ("train", "dev"):
+        lines = [f"src\t{(i + 1) % 2}\t\t{sentences[i % 4]}" for i in range(rows)]
+        (folder / f"{split}.tsv").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+STSB_PAIRS = [
+    ("the cat sat", "a dog ran on the mat"), ("the cat sat on the mat", "the cat sat"),
+    ("a good movie", "a great film"), ("paris is the capital", "paris is a city in france"),
+    ("she read the book", "he ran"), ("we love the film", "they hate the movie"),
+]
+
+
+def write_stsb(folder: Path, rows: int = 48) -> Path:
+    """STS-B files whose pairs differ, so that even an untrained model's scores vary (a finite Pearson)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    header = "index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore"
+    for split in ("train", "dev"):
+        lines = [header] + [
+            f"{i}\tg\tf\t2012\t{i}\ts\ts\t{STSB_PAIRS[i % 6][0]}\t{STSB_PAIRS[i % 6][1]}\t{(i % 6) * 0.9:.1f}"
+            for i in range(rows)
+        ]
+        (folder / f"{split}.tsv").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+def vocab_words(tokenizer) -> list[str]:
+    """Whole words of the tiny tokenizer's vocabulary (one token each), in vocabulary order."""
+    vocab = tokenizer.get_vocab()
+    return [w for w in sorted(vocab, key=vocab.get) if w.isalpha() and len(w) > 1]
+
+
+def write_squad(path: Path, articles: list[dict], version: str = "1.1") -> Path:
+    path.write_text(json.dumps({"version": version, "data": articles}), encoding="utf-8")
+    return path
+
+
+def qa(qid: str, question: str, context: str, answer: str | None, occurrence: int = 0) -> dict:
+    """One question; the answer is the ``occurrence``-th appearance of ``answer`` in ``context``."""
+    if answer is None:
+        return {"id": qid, "question": question, "answers": [], "is_impossible": True}
+    start = -1
+    for _ in range(occurrence + 1):
+        start = context.index(answer, start + 1)
+    return {"id": qid, "question": question, "answers": [{"text": answer, "answer_start": start}]}
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def write_csv(path: Path, rows: list[dict]) -> Path:
+    with path.open("w", encoding="utf-8", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+# ---------------------------------------------------------------------------------------- the command line
+def fit_tiny(tmp_path, config: str, backbone: str, data_dir: Path, *extra: str):
+    """``cli.py fit`` of a GLUE config on a tiny backbone: 2 epochs, batches of 8, a schedule in fractions."""
+    from cli import main
+
+    cli = main([
+        "fit", "--config", str(REPO_ROOT / "configs" / config),
+        "--model.backbone", backbone, "--data.data_dir", str(data_dir),
+        "--model.tinit", "0.2", "--model.tfinal", "0.3", "--model.delta_t", "1", "--model.warmup_steps", "2",
+        "--trainer.max_epochs", "2", "--trainer.default_root_dir", str(tmp_path / "run"),
+        "--trainer.enable_progress_bar", "false", "--data.batch_size", "8",
+        *extra,
+    ])
+    return cli
+
+
+def print_config(capsys, config: Path) -> str:
+    """What ``fit --config CONFIG --print_config`` prints, checking that it exits with 0 (not a parse error's 2)."""
+    from cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(config), "--print_config"])
+    captured = capsys.readouterr()
+    assert exit_info.value.code == 0, captured.err
+    return captured.out

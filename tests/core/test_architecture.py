@@ -1,0 +1,188 @@
+"""Imports run one way: the method's core <- its Lightning glue <- the task recipes; the DataModules use only the
+task registries and the loading checks, never the method (README, "Project layout").
+
+Every import statement of the source files is read with ``ast``, those inside functions too (a lazy import is still
+a dependency), relative imports resolved, and ``importlib.import_module("constant")`` counted as an import.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.builders import REPO_ROOT
+
+PACKAGE = REPO_ROOT / "adalora_pl"
+DATAMODULES = REPO_ROOT / "datamodules"
+CORE_FILES = ("layers.py", "fused_add.py", "importance.py", "schedule.py", "allocator.py", "injection.py")
+CORE_MODULES = tuple(f"adalora_pl.{name.removesuffix('.py')}" for name in CORE_FILES)
+
+Rule = Callable[[str], bool]
+
+
+def under(*prefixes: str) -> Rule:
+    """True for a module that is one of ``prefixes`` or inside one of them (``lightning`` covers ``lightning.pytorch``,
+    not ``lightning_utilities``)."""
+    return lambda name: any(name == p or name.startswith(p + ".") for p in prefixes)
+
+
+CORE_MAY_NOT_IMPORT = under(
+    "lightning", "pytorch_lightning", "adalora_pl.tasks", "adalora_pl.io", "adalora_pl.baselines",
+    "adalora_pl.callback", "adalora_pl.module", "datamodules",
+)
+PACKAGE_MAY_NOT_IMPORT = under("datamodules")
+TASK_MODULE = re.compile(r"adalora_pl\.tasks\.\w+_module(\..+)?")
+
+
+def datamodules_may_not_import(name: str) -> bool:
+    """The core, the Lightning glue and the task LightningModules; the task registries (``adalora_pl.tasks.glue``,
+    ``adalora_pl.tasks.squad``) and the loading checks (``adalora_pl.io.pretrained``) are allowed."""
+    glue = under(*CORE_MODULES, "adalora_pl.callback", "adalora_pl.module")
+    return glue(name) or TASK_MODULE.fullmatch(name) is not None
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(REPO_ROOT).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def imported_modules(source: str, module: str, is_package: bool = False) -> Iterator[tuple[int, str, tuple[str, ...]]]:
+    """(line, module, names) for every import in ``source``, the text of ``module``: ``from a.b import c, d`` gives
+    ``(line, "a.b", ("c", "d"))`` (``c`` may be a submodule: ``from adalora_pl import callback``), ``import a.b``
+    gives ``(line, "a.b", ())``."""
+    package = module if is_package else module.rpartition(".")[0]
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                yield node.lineno, alias.name, ()
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                anchor = package.split(".")
+                anchor = anchor[: len(anchor) - (node.level - 1)]
+                base = ".".join(anchor + ([node.module] if node.module else []))
+            else:
+                base = node.module
+            yield node.lineno, base, tuple(alias.name for alias in node.names if alias.name != "*")
+        elif (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute | ast.Name)
+            and (node.func.attr if isinstance(node.func, ast.Attribute) else node.func.id) == "import_module"
+            and node.args
+            and isinstance(node.args[0], ast.Constant)
+            and isinstance(node.args[0].value, str)
+        ):
+            yield node.lineno, node.args[0].value, ()
+
+
+def forbidden_imports(source: str, module: str, label: str, rule: Rule, is_package: bool = False) -> list[str]:
+    """``label:line imports name`` for every import of ``source`` that ``rule`` forbids: the module, or else
+    those of the names imported from it that name a forbidden submodule."""
+    found = []
+    for line, name, members in sorted(imported_modules(source, module, is_package)):
+        if rule(name):
+            found.append(f"{label}:{line} imports {name}")
+        else:
+            found += [f"{label}:{line} imports {name}.{m}" for m in members if rule(f"{name}.{m}")]
+    return found
+
+
+def violations(files: list[Path], rule: Rule) -> list[str]:
+    assert files, "no files to check: did the layout move?"
+    found = []
+    for path in files:
+        label = str(path.relative_to(REPO_ROOT))
+        found += forbidden_imports(path.read_text(encoding="utf-8"), module_name(path), label, rule,
+                                   is_package=path.name == "__init__.py")
+    return found
+
+
+def test_core_files_exist():
+    """The rules below check these files by name: renaming one must not turn its check into a silent pass."""
+    missing = [name for name in CORE_FILES if not (PACKAGE / name).is_file()]
+    assert not missing, f"core files not found in adalora_pl/: {missing} (update CORE_FILES)"
+
+
+def test_core_imports_no_lightning_and_nothing_above_it():
+    found = violations([PACKAGE / name for name in CORE_FILES], CORE_MAY_NOT_IMPORT)
+    assert not found, "the core (no Lightning) imports Lightning or a layer above it:\n" + "\n".join(found)
+
+
+def test_the_package_does_not_import_the_datamodules():
+    found = violations(sorted(PACKAGE.rglob("*.py")), PACKAGE_MAY_NOT_IMPORT)
+    assert not found, "adalora_pl imports the datamodules:\n" + "\n".join(found)
+
+
+def test_datamodules_import_only_the_task_registries_and_loading_checks():
+    found = violations(sorted(DATAMODULES.rglob("*.py")), datamodules_may_not_import)
+    assert not found, "a DataModule imports the method or a task's LightningModule:\n" + "\n".join(found)
+
+
+SYNTHETIC_CORE = '''
+"""A core file that has gone wrong."""
+import torch
+from torch import nn
+
+from adalora_pl.layers import SVDLinear
+
+
+def late():
+    import lightning.pytorch as pl  # inside a function: still a dependency
+
+    return pl
+
+
+class Holder:
+    def method(self):
+        from ..callback import AdaLoRACallback  # relative, two levels up from adalora_pl.sub.core
+        from . import module
+        from adalora_pl import io
+
+        return AdaLoRACallback, module, io
+
+
+def dynamic():
+    import importlib
+
+    return importlib.import_module("datamodules.glue")
+'''
+
+
+def test_the_checker_reports_forbidden_imports_wherever_they_are():
+    """The checker itself can fail: a synthetic file with forbidden imports at top level, inside functions and
+    methods, relative and dynamic ones, is reported with file, line and module; the allowed ones are not."""
+    found = forbidden_imports(SYNTHETIC_CORE, "adalora_pl.sub.core", "adalora_pl/sub/core.py", CORE_MAY_NOT_IMPORT)
+    assert found == [
+        "adalora_pl/sub/core.py:10 imports lightning.pytorch",
+        "adalora_pl/sub/core.py:17 imports adalora_pl.callback",
+        "adalora_pl/sub/core.py:19 imports adalora_pl.io",
+        "adalora_pl/sub/core.py:27 imports datamodules.glue",
+    ], found
+    # ``from . import module`` in adalora_pl.sub names adalora_pl.sub.module, not the glue's adalora_pl.module
+    assert not any("sub.module" in line for line in found)
+
+
+@pytest.mark.parametrize(
+    ("source", "reported"),
+    [
+        ("from adalora_pl.tasks.glue import GlueTask", False),
+        ("from adalora_pl.tasks.squad import squad_metrics", False),
+        ("from adalora_pl.io.pretrained import LoadError", False),
+        ("from datamodules._base import TokenizedDataModule", False),
+        ("from adalora_pl.tasks.glue_module import GLUEClassifier", True),
+        ("from adalora_pl.tasks import qa_module", True),
+        ("def f():\n    from adalora_pl.tasks.summarization_module import Seq2SeqSummarizer", True),
+        ("from adalora_pl.injection import find_adapters", True),
+        ("import adalora_pl.fused_add", True),
+        ("from adalora_pl.module import AdapterModule", True),
+        ("from adalora_pl import callback", True),
+    ],
+)
+def test_the_datamodule_rule_allows_registries_and_refuses_the_method(source, reported):
+    found = forbidden_imports(source, "datamodules.example", "datamodules/example.py", datamodules_may_not_import)
+    assert bool(found) == reported, found
