@@ -216,13 +216,9 @@ class SVDLinear(AdapterLayer):
         self.register_buffer("rank_mask", torch.ones(r, dtype=torch.bool, device=factory["device"]))
         self.parameters_per_rank = self.in_features + self.out_features + 1  # a row of A, E_i, a column of B
 
-    @property
-    def scaling(self) -> float:
-        return self.lora_alpha
-
     def delta_weight(self) -> torch.Tensor:
-        """The (out, in) update ``B (A * E) * scaling / (ranknum + 1e-5)``."""
-        return self.lora_B @ (self.lora_A * self.lora_E) * self.scaling / (self.ranknum + RANKNUM_EPS)
+        """The (out, in) update ``B (A * E) * lora_alpha / (ranknum + 1e-5)``."""
+        return self.lora_B @ (self.lora_A * self.lora_E) * self.lora_alpha / (self.ranknum + RANKNUM_EPS)
 
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -231,10 +227,10 @@ class SVDLinear(AdapterLayer):
             return result
         x = x.to(self.lora_A.dtype)
         # Same operation order as the reference, so results match PEFT bitwise:
-        # result += update * scaling / (ranknum + 1e-5), fused into one pass where that is exact.
+        # result += update * lora_alpha / (ranknum + 1e-5), fused into one pass where that is exact.
         update = self.lora_dropout(x) @ (self.lora_A * self.lora_E).T @ self.lora_B.T
         # A float32 adapter on a half-precision base adds into the base output in place, rounding once (PEFT).
-        return add_scaled(result, update, self.scaling, self.ranknum + RANKNUM_EPS)
+        return add_scaled(result, update, self.lora_alpha, self.ranknum + RANKNUM_EPS)
 
 
 class LoRALinear(AdapterLayer):

@@ -8,7 +8,7 @@ import pickle
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 
@@ -20,7 +20,8 @@ from adalora_pl.module import MODULE_CLASS_KEY
 
 log = logging.getLogger(__name__)
 
-EXPORT_FORMATS = ("adapter", "peft", "merged")
+ExportFormat = Literal["adapter", "peft", "merged"]
+EXPORT_FORMATS: tuple[str, ...] = get_args(ExportFormat)
 # Task modules that moved in the 0.1 layout change (flat package -> adalora_pl.tasks): a checkpoint that names the
 # old path still loads, with a note.
 MOVED_MODULE_CLASSES = {
@@ -157,7 +158,7 @@ def peft_schedule_fields(hparams: Mapping[str, Any], ckpt: dict[str, Any], ckpt_
 
 
 def export_checkpoint(
-    ckpt_path: str | Path, fmt: Literal["adapter", "peft", "merged"], output: str | Path, *, zero_masked: bool = False
+    ckpt_path: str | Path, fmt: ExportFormat, output: str | Path, *, zero_masked: bool = False
 ) -> Path:
     """Write the adapters of a fit checkpoint as ``adapter`` (safetensors + JSON), ``peft`` (a folder
     ``PeftModel.from_pretrained`` loads) or ``merged`` (a plain transformers model, adapters folded in).

@@ -14,7 +14,7 @@ def _reference_output(layer, x):
     """The unfused expressions of the reference implementations: PEFT's AdaLoRA (in place) and LoRA."""
     result = layer.base_layer(x)
     if isinstance(layer, SVDLinear):
-        result += (x @ (layer.lora_A * layer.lora_E).T @ layer.lora_B.T) * layer.scaling / (layer.ranknum + 1e-5)
+        result += (x @ (layer.lora_A * layer.lora_E).T @ layer.lora_B.T) * layer.lora_alpha / (layer.ranknum + 1e-5)
         return result
     return result + (x @ layer.lora_A.T @ layer.lora_B.T) * layer.scaling
 
