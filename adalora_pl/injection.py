@@ -39,14 +39,19 @@ TARGET_MODULE_PRESETS: dict[str, list[PresetEntry]] = {
     "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
     "mistral": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
     "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "gemma": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "gemma2": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    # Phi-3 fuses q/k/v into one ``qkv_proj`` and gate/up into one ``gate_up_proj``: each gets one adapter.
+    "phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
     "gpt2": ["c_attn", "attn.c_proj", "c_fc", "mlp.c_proj"],
 }
 
 # Task heads trained in full next to the adapters, as the authors do (docs/method.md §7: classifier and pooler). They
 # cover the heads of the auto classes: ``classifier`` (BERT/RoBERTa/DeBERTa/MPNet sequence and token
 # classification; a module with ``dense`` and ``out_proj`` in RoBERTa and MPNet), ``pooler`` (BERT, DeBERTa),
-# ``classification_head`` (BART, T5), ``qa_outputs`` (question answering), ``score`` (Llama, Mistral, Qwen2,
-# GPT-2). A language model's ``lm_head`` is left out: many models tie it to the input embeddings.
+# ``classification_head`` (BART, T5), ``qa_outputs`` (question answering), ``score`` (Llama, Mistral, Qwen2, Gemma,
+# Gemma 2, Phi-3, GPT-2). A language model's ``lm_head`` is left out: many models (Gemma, Gemma 2) tie it to the
+# input embeddings, and a causal LM is tuned through its blocks only.
 DEFAULT_TRAINABLE_MODULES = ["classifier", "pooler", "classification_head", "qa_outputs", "score"]
 
 

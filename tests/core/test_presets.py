@@ -107,6 +107,13 @@ FAMILIES: dict[str, Family] = {
                       {SEQ: ["score"], QA: ["qa_outputs"], TOKEN: ["score"], CAUSAL: []}),
     "qwen2": Family(lambda: hf.Qwen2Config(**DECODER), {"layers": LLAMA_BLOCK},
                     {SEQ: ["score"], QA: ["qa_outputs"], TOKEN: ["score"], CAUSAL: []}),
+    "gemma": Family(lambda: hf.GemmaConfig(**DECODER, head_dim=8), {"layers": LLAMA_BLOCK},
+                    {SEQ: ["score"], TOKEN: ["score"], CAUSAL: []}),
+    "gemma2": Family(lambda: hf.Gemma2Config(**DECODER, head_dim=8), {"layers": LLAMA_BLOCK},
+                     {SEQ: ["score"], TOKEN: ["score"], CAUSAL: []}),
+    "phi3": Family(lambda: hf.Phi3Config(**DECODER),
+                   {"layers": {"self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"}},
+                   {SEQ: ["score"], TOKEN: ["score"], CAUSAL: []}),
     "gpt2": Family(
         lambda: hf.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=LAYERS, n_head=4, n_positions=64, resid_pdrop=0.0,
                               embd_pdrop=0.0, attn_pdrop=0.0, **SPECIAL_TOKENS),
