@@ -165,7 +165,8 @@ class RankAllocator:
 
     def follow_parameters(self) -> None:
         """Move the averages to the parameters' device (a no-op when they are already there)."""
-        device = self.params[0].device
+        # One parameter decides (all layers move together); no list of every parameter on the per-step path.
+        device = self.layer_params(self.layers[0])[0].device
         if self.exp_avg_ipt.device != device:
             self.exp_avg_ipt = self.exp_avg_ipt.to(device)
             self.exp_avg_unc = self.exp_avg_unc.to(device)

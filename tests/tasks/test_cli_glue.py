@@ -227,9 +227,8 @@ def test_real_minilm_learns_on_real_cola(tmp_path, minilm_dir, real_data):
         assert bool((values[mask] != 0).all()) and not values[~mask].any(), (name, values, mask)
     # No floor on val/mcc: 30 steps do not learn CoLA (measured -0.04 here; at most 0.15 over ten settings up to
     # 90 steps, ~0.0 on 512 dev rows; the README's 189-step run scores 0.02), so any floor above chance would be
-    # luck. The metric must still be a real MCC.
-    mcc = float(cli.trainer.callback_metrics["val/mcc"])
-    assert -1.0 <= mcc <= 1.0, mcc
+    # luck. What this test shows is that the adapters train on real data (above); learning is measured by
+    # benchmarks/reproduce.py --preset long.
 
 
 def test_hub_ids_pass_and_paths_are_checked(tmp_path, monkeypatch, tiny_backbone):
