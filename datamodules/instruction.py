@@ -190,6 +190,9 @@ class InstructionDataModule(TokenizedDataModule):
         input_column: Column of the optional input (Alpaca records; missing or empty means no input).
         output_column: Column of the response (Alpaca records).
         messages_column: Column of the chat messages; a record that has it is read as a chat.
+        instruction: One instruction for every Alpaca record (e.g. ``"Summarize the article in one sentence."``);
+            the records then need only ``input_column`` and ``output_column`` (e.g. XSum's ``document`` and
+            ``summary``), and ``instruction_column`` is not read. ``None``: read it from ``instruction_column``.
         use_chat_template: ``None`` uses the tokenizer's chat template when it has one; ``False`` always uses the
             plain format; ``True`` requires a chat template.
         max_seq_length: Maximum tokens per example (``None``: no limit). Longer examples lose the start of their
@@ -223,6 +226,7 @@ class InstructionDataModule(TokenizedDataModule):
         input_column: str = "input",
         output_column: str = "output",
         messages_column: str = "messages",
+        instruction: str | None = None,
         use_chat_template: bool | None = None,
         max_seq_length: int | None = 1024,
         min_response_tokens: int = 1,
@@ -264,6 +268,9 @@ class InstructionDataModule(TokenizedDataModule):
         self.input_column = input_column
         self.output_column = output_column
         self.messages_column = messages_column
+        if instruction is not None and not instruction.strip():
+            raise ValueError("instruction must be a non-empty text (or None to read it from instruction_column)")
+        self.instruction = instruction
         self.use_chat_template = use_chat_template
         self.max_seq_length = max_seq_length
         self.min_response_tokens = min_response_tokens
@@ -366,22 +373,25 @@ class InstructionDataModule(TokenizedDataModule):
             prompt = [{"role": m["role"], "content": m["content"]} for m in messages[:-1]]
             return _Example(where, prompt, "", "", messages[-1]["content"])
         values = {}
-        for name, required in ((self.instruction_column, True), (self.input_column, False), (self.output_column, True)):
+        columns = [(self.input_column, False), (self.output_column, True)]
+        if self.instruction is None:
+            columns.insert(0, (self.instruction_column, True))
+        for name, required in columns:
             value = row.get(name)
             if value is None:
                 if required:
                     state = "is missing" if name not in row else "is empty (null)"
-                    raise ValueError(
-                        f"{where}: column {name!r} {state} (columns: {list(row)}); a record needs "
-                        f"{self.instruction_column!r} and {self.output_column!r}, or {self.messages_column!r}"
+                    needs = (
+                        f"{self.output_column!r} (the instruction is fixed)" if self.instruction is not None
+                        else f"{self.instruction_column!r} and {self.output_column!r}, or {self.messages_column!r}"
                     )
+                    raise ValueError(f"{where}: column {name!r} {state} (columns: {list(row)}); a record needs {needs}")
                 value = ""
             if not isinstance(value, str):
                 raise ValueError(f"{where}, column {name!r}: expected a string, got {type(value).__name__}")
             values[name] = value
-        return _Example(
-            where, None, values[self.instruction_column], values[self.input_column], values[self.output_column]
-        )
+        instruction = self.instruction if self.instruction is not None else values[self.instruction_column]
+        return _Example(where, None, instruction, values[self.input_column], values[self.output_column])
 
     # ------------------------------------------------------------------ formatting
     def format_prompt(self, example: _Example) -> str:

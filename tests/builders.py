@@ -285,6 +285,26 @@ def save_tiny_bart(folder: Path) -> str:
     return str(folder)
 
 
+def save_tiny_causal_lm(folder: Path, family: str = "llama", seed: int = 0, tie_word_embeddings: bool = False) -> str:
+    """A two-block decoder LM of ``family`` (llama, mistral, qwen2, gemma, gemma2, phi3) with the tiny WordPiece
+    tokenizer (its [SEP] ends responses), saved to ``folder``."""
+    import transformers as hf
+
+    tokenizer = make_tiny_tokenizer(folder)
+    configs = {"llama": hf.LlamaConfig, "mistral": hf.MistralConfig, "qwen2": hf.Qwen2Config,
+               "gemma": hf.GemmaConfig, "gemma2": hf.Gemma2Config, "phi3": hf.Phi3Config}
+    extra = {"head_dim": 8} if family.startswith("gemma") else {}
+    config = configs[family](
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.cls_token_id, eos_token_id=tokenizer.sep_token_id,
+        tie_word_embeddings=tie_word_embeddings, **extra,
+    )
+    torch.manual_seed(seed)
+    hf.AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    return str(folder)
+
+
 # ---------------------------------------------------------------------------------------- data files
 def write_cola(folder: Path, rows: int = 48) -> Path:
     folder.mkdir(parents=True, exist_ok=True)

@@ -55,7 +55,9 @@ BOTTLENECK_SITES: dict[str, dict[str, list[str]]] = {
     "deberta-v2": {"attention": ["attention.output.dense"], "ffn": ["output.dense"]},
     "mpnet": {"attention": ["attn.o"], "ffn": ["output.dense"]},
     "bart": {"attention": ["out_proj"], "ffn": ["fc2"]},
-    "llama": {"attention": ["o_proj"], "ffn": ["down_proj"]},
+    # Decoder LLMs: the attention output and the MLP's down projection of every block.
+    **{family: {"attention": ["o_proj"], "ffn": ["down_proj"]}
+       for family in ("llama", "mistral", "qwen2", "gemma", "gemma2", "phi3")},
 }
 
 

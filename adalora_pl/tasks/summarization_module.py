@@ -9,27 +9,19 @@ asked, as for CNN/DailyMail); the summaries are also written to the log folder, 
 
 from __future__ import annotations
 
-import json
-import logging
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import AutoModelForSeq2SeqLM
 
-from adalora_pl.module import AdapterModule, Stage
-from adalora_pl.tasks.metrics import GeneratedTexts
-from adalora_pl.tasks.rouge import rouge_scores
+from adalora_pl.module import Stage
+from adalora_pl.tasks.generation import GenerativeModule
 
 __all__ = ["Seq2SeqSummarizer"]
 
-log = logging.getLogger(__name__)
 
-_SPLIT_OF_STAGE = {"val": "validation", "test": "test"}
-
-
-class Seq2SeqSummarizer(AdapterModule):
+class Seq2SeqSummarizer(GenerativeModule):
     """Summarization with an ``AutoModelForSeq2SeqLM`` backbone (BART, T5, ...).
 
     Generation settings left at ``None`` fall back to the backbone's ``generation_config`` (for
@@ -60,6 +52,7 @@ class Seq2SeqSummarizer(AdapterModule):
 
     auto_class = AutoModelForSeq2SeqLM
     bookkeeping_keys = ("example_index",)
+    reference_provider = "datamodules.summarization.SummarizationDataModule"
 
     def __init__(
         self,
@@ -78,22 +71,10 @@ class Seq2SeqSummarizer(AdapterModule):
             raise ValueError(f"num_beams must be >= 1, got {num_beams}")
         if max_new_tokens is not None and max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        super().__init__(backbone=backbone, trainable_modules=tuple(trainable_modules), **kwargs)
-        self.generated = GeneratedTexts()
+        super().__init__(backbone=backbone, trainable_modules=tuple(trainable_modules), rouge_lsum=rouge_lsum,
+                         write_predictions=write_predictions, **kwargs)
 
     # ------------------------------------------------------------------ generation
-
-    @property
-    def tokenizer(self):
-        """The data module's tokenizer (it tokenized the inputs), else the backbone's."""
-        tokenizer = getattr(self.trainer_datamodule, "tokenizer", None)
-        if tokenizer is None:
-            if getattr(self, "_own_tokenizer", None) is None:
-                from transformers import AutoTokenizer
-
-                self._own_tokenizer = AutoTokenizer.from_pretrained(self.backbone_name)
-            tokenizer = self._own_tokenizer
-        return tokenizer
 
     def generation_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``generate``: beams, length and the optional settings that are set."""
@@ -115,11 +96,6 @@ class Seq2SeqSummarizer(AdapterModule):
         """Beam-search summaries of a batch of tokenized documents: ``(batch, width)`` token ids, padded."""
         return self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **self.generation_kwargs())
 
-    def decode(self, token_ids: torch.Tensor | list[list[int]]) -> list[str]:
-        """Texts of rows of generated token ids (special tokens and padding dropped, outer spaces stripped)."""
-        texts = self.tokenizer.batch_decode(token_ids, skip_special_tokens=True, clean_up_tokenization_spaces=True)
-        return [t.strip() for t in texts]
-
     def generate_summaries(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> list[str]:
         """Beam-search summaries of a batch of tokenized documents, decoded to text."""
         return self.decode(self.generate_ids(input_ids, attention_mask))
@@ -137,37 +113,7 @@ class Seq2SeqSummarizer(AdapterModule):
 
     def log_eval_metrics(self, stage: Stage) -> None:
         """ROUGE (percent) of the epoch's summaries, from every process; then the predictions file."""
-        if self.generated.update_count == 0:
-            return
-        self.generated.decode = self.decode
-        predictions = self.generated.compute()  # {example_index: summary}, sorted
-        datamodule = self.require_datamodule(
-            "eval_references", "reads the reference summaries from",
-            "datamodules.summarization.SummarizationDataModule",
-        )
-        split = _SPLIT_OF_STAGE[stage]
-        references = datamodule.eval_references(split)
-        indices = list(predictions)
-        preds = [predictions[i] for i in indices]
-        refs = [references[i] for i in indices]
-        scores = rouge_scores(preds, refs, use_stemmer=True, lsum=self.hparams.rouge_lsum)
-        for name, value in scores.items():
-            self.log(f"{stage}/{name}", 100.0 * value, prog_bar=True)
-        if self.hparams.write_predictions and not self.trainer.sanity_checking:
-            ids = datamodule.example_ids(split) if hasattr(datamodule, "example_ids") else [str(i) for i in indices]
-            self._write_predictions(stage, [ids[i] for i in indices], preds, refs)
-
-    def _write_predictions(self, stage: str, ids: list[str], preds: list[str], refs: list[str]) -> None:
-        directory = self.trainer.log_dir or self.trainer.default_root_dir  # every rank asks (a collective)
-        if not self.trainer.is_global_zero:
-            return
-        path = Path(directory) / f"predictions_{stage}_epoch{self.current_epoch}.jsonl"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("w", encoding="utf-8") as f:
-            for example_id, prediction, reference in zip(ids, preds, refs, strict=True):
-                f.write(json.dumps({"id": example_id, "prediction": prediction, "reference": reference},
-                                   ensure_ascii=False) + "\n")
-        log.info("wrote %d %s summaries to %s", len(ids), stage, path)
+        self.log_generation_metrics(stage)
 
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> list[str]:
         """Generated summaries of the batch, as text."""

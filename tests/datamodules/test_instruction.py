@@ -255,3 +255,27 @@ def test_hub_dataset_rows(tok, monkeypatch):
     assert {c[2] for c in calls} == {"train", "test"} and calls[0][:2] == ("org/alpaca", None)
     assert dm.eval_references() == ["test dog", "test dog"]
     assert len(dm.features("train")) == 3
+
+
+# --------------------------------------------------------------------------- a fixed instruction
+def test_fixed_instruction_reads_documents_and_summaries(tok, tmp_path):
+    rows = [{"id": "1", "document": "the cat sat on the mat", "summary": "a cat sat"},
+            {"id": "2", "document": "the dog ran", "summary": "dog ran"}]
+    dm = module(tok, write_jsonl(tmp_path / "x.jsonl", rows), instruction="summary of the news",
+                input_column="document", output_column="summary")
+    expected = "### Instruction:\nsummary of the news\n\n### Input:\nthe cat sat on the mat\n\n### Response:\n"
+    assert dm.eval_prompts("train")[0] == expected
+    feature = dm.features("train")[0]
+    assert feature["input_ids"][-len(ids(tok, "a cat sat")) - 1:-1] == ids(tok, "a cat sat")
+    assert feature["labels"].count(-100) == len(dm.eval_prompt_ids("train")[0])
+
+
+def test_fixed_instruction_still_needs_the_output_column(tok, tmp_path):
+    path = write_jsonl(tmp_path / "x.jsonl", [{"document": "the cat", "summary": "a cat"}, {"document": "the dog"}])
+    with pytest.raises(ValueError, match=r"x.jsonl, line 2: column 'summary' is missing .*instruction is fixed"):
+        module(tok, path, instruction="summary", input_column="document", output_column="summary")
+
+
+def test_empty_fixed_instruction_is_refused(tok, tmp_path):
+    with pytest.raises(ValueError, match="instruction must be a non-empty text"):
+        InstructionDataModule(tokenizer=tok, train_file=str(write_jsonl(tmp_path / "x.jsonl", ROWS)), instruction=" ")

@@ -1,0 +1,230 @@
+"""Instruction tuning of decoder-only language models (Llama, Mistral, Qwen2, Gemma, Phi-3) with AdaLoRA, LoRA or
+full fine-tuning.
+
+Training minimises the cross-entropy of the response tokens: the data module
+(:class:`~datamodules.instruction.InstructionDataModule`) sets the labels of prompt tokens and padding to ``-100``,
+and the backbone's own loss skips them. Validation and test report, over all response tokens of the split,
+
+- ``{stage}/loss``: the mean negative log-likelihood per response token (token-weighted over the epoch, not a
+  mean of batch means), ``{stage}/perplexity`` = ``exp(loss)`` and ``{stage}/token_accuracy`` (the share of
+  response tokens that are the argmax of the model's next-token distribution, teacher forced);
+- with ``generate_on_validation``, ROUGE-1/2/L (percent) of responses generated from the prompts alone
+  (greedy or beam search, ``max_new_tokens``), and the generations as ``predictions_<stage>_epoch<N>.jsonl``
+  in the log folder.
+
+Large models: ``torch_dtype="bfloat16"`` loads the base weights in bfloat16 while the adapters stay in float32
+(as PEFT does); ``gradient_checkpointing`` recomputes each block's activations in backward (non-reentrant, so
+it works with frozen embeddings and needs no ``enable_input_require_grads``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any, Literal, get_args
+
+import torch
+from torchmetrics import SumMetric
+from transformers import AutoModelForCausalLM
+
+from adalora_pl.module import Stage
+from adalora_pl.tasks.generation import GenerativeModule
+
+__all__ = ["CausalLMModule"]
+
+log = logging.getLogger(__name__)
+
+TorchDtype = Literal["float32", "bfloat16", "float16"]
+TORCH_DTYPES: tuple[str, ...] = get_args(TorchDtype)
+
+
+class CausalLMModule(GenerativeModule):
+    """Supervised fine-tuning of an ``AutoModelForCausalLM`` backbone on prompt/response pairs.
+
+    Use it with :class:`~datamodules.instruction.InstructionDataModule`: its batches carry ``labels`` with
+    ``-100`` on the prompt, and its ``eval_prompt_ids`` / ``eval_references`` feed the generation-based
+    evaluation. The adapted layers default to the backbone family's preset (attention and MLP projections of
+    every block; see :data:`adalora_pl.injection.TARGET_MODULE_PRESETS`); ``lm_head`` and the embeddings stay
+    frozen.
+
+    Args:
+        backbone: hub name or local folder of a causal language model.
+        torch_dtype: dtype of the base weights (``"bfloat16"`` halves their memory; the adapters stay float32).
+            ``None`` keeps the checkpoint's default (float32 in transformers).
+        gradient_checkpointing: recompute activations in backward to save memory (same gradients).
+        trust_remote_code: let transformers run model code from the hub repository. Off by default: a model
+            folder then runs only code that ships with transformers.
+        generate_on_validation: generate a response for every validation/test prompt and score it with ROUGE.
+            Off, the evaluation is teacher forced only (loss, perplexity, token accuracy), which is much faster.
+        num_beams: beam width of the generation (1: greedy).
+        max_new_tokens: most tokens generated per response.
+        max_prompt_tokens: prompts longer than this lose their start before generation (the end, with the
+            response marker, is kept, as the data module's truncation does); ``None`` takes the data module's
+            ``max_seq_length`` minus ``max_new_tokens``.
+        rouge_lsum: also compute ROUGE-Lsum.
+        write_predictions: write the generations of every evaluation epoch into the log folder.
+        trainable_modules: modules trained in full next to the adapters; none by default (``lm_head`` is often
+            tied to the input embeddings).
+        **kwargs: method (``adalora``, ``lora``, ``full``, the baselines), ranks, schedule and optimizer
+            settings, see :class:`~adalora_pl.module.AdapterModule`.
+    """
+
+    auto_class = AutoModelForCausalLM
+    bookkeeping_keys = ("example_index",)
+    reference_provider = "datamodules.instruction.InstructionDataModule"
+
+    def __init__(
+        self,
+        backbone: str,
+        torch_dtype: TorchDtype | None = None,
+        gradient_checkpointing: bool = False,
+        trust_remote_code: bool = False,
+        generate_on_validation: bool = True,
+        num_beams: int = 1,
+        max_new_tokens: int = 64,
+        max_prompt_tokens: int | None = None,
+        rouge_lsum: bool = False,
+        write_predictions: bool = True,
+        trainable_modules: Sequence[str] = (),
+        **kwargs: Any,
+    ) -> None:
+        if torch_dtype is not None and torch_dtype not in TORCH_DTYPES:
+            raise ValueError(f"torch_dtype must be one of {list(TORCH_DTYPES)} or None, got {torch_dtype!r}")
+        if num_beams < 1:
+            raise ValueError(f"num_beams must be >= 1, got {num_beams}")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if max_prompt_tokens is not None and max_prompt_tokens < 1:
+            raise ValueError(f"max_prompt_tokens must be >= 1 or None, got {max_prompt_tokens}")
+        super().__init__(backbone=backbone, trainable_modules=tuple(trainable_modules), rouge_lsum=rouge_lsum,
+                         write_predictions=write_predictions, **kwargs)
+        if gradient_checkpointing:
+            # Non-reentrant checkpointing back-propagates into the adapters even though no input of a block
+            # requires grad (the embeddings are frozen); the reentrant kind would silently give them no gradient.
+            # (transformers 5.x renamed the switch; the old name still works there but warns.)
+            if hasattr(self.model, "activation_checkpointing_enable"):
+                self.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            self.model.config.use_cache = False  # a cache is useless in training and conflicts with recomputation
+        # Token-weighted sums over the epoch, gathered from every process.
+        self.nll_sum = SumMetric()
+        self.correct_tokens = SumMetric()
+        self.response_tokens = SumMetric()
+
+    def backbone_kwargs(self, backbone: str) -> dict[str, Any]:
+        """``dtype`` and ``trust_remote_code`` for ``from_pretrained``."""
+        kwargs: dict[str, Any] = {"trust_remote_code": self.hparams.trust_remote_code}
+        if self.hparams.torch_dtype is not None:
+            kwargs["dtype"] = getattr(torch, self.hparams.torch_dtype)
+        return kwargs
+
+    # ------------------------------------------------------------------ generation
+
+    def _special_ids(self) -> tuple[int, int | None]:
+        """(pad id, eos id) for generation: the data module's padding and the tokenizer's end token."""
+        tokenizer = self.tokenizer
+        eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+        pad = getattr(self.trainer_datamodule, "pad_token_id", None)
+        if pad is None:
+            pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+        return pad, eos
+
+    def prompt_limit(self) -> int | None:
+        """Most prompt tokens kept for generation (see ``max_prompt_tokens``)."""
+        if self.hparams.max_prompt_tokens is not None:
+            return self.hparams.max_prompt_tokens
+        seq = getattr(self.trainer_datamodule, "max_seq_length", None)
+        return None if seq is None else max(1, seq - self.hparams.max_new_tokens)
+
+    @torch.no_grad()
+    def generate_ids(self, prompts: Sequence[Sequence[int]]) -> torch.Tensor:
+        """Responses to tokenized prompts: the new tokens only, ``(batch, width)``, padded with the pad id.
+
+        Prompts are left-padded into one batch (a decoder continues from the last position of every row) and
+        cut to :meth:`prompt_limit` tokens from the left.
+        """
+        pad, eos = self._special_ids()
+        limit = self.prompt_limit()
+        rows = [list(p)[-limit:] if limit is not None else list(p) for p in prompts]
+        width = max(len(r) for r in rows)
+        input_ids = torch.full((len(rows), width), pad, dtype=torch.long, device=self.device)
+        attention_mask = torch.zeros((len(rows), width), dtype=torch.long, device=self.device)
+        for i, row in enumerate(rows):
+            input_ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
+            attention_mask[i, width - len(row):] = 1
+        kwargs: dict[str, Any] = {"max_new_tokens": self.hparams.max_new_tokens, "num_beams": self.hparams.num_beams,
+                                  "do_sample": False, "pad_token_id": pad, "eos_token_id": eos}
+        if self.hparams.num_beams > 1:
+            kwargs["early_stopping"] = True
+        output = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        return output[:, width:]
+
+    def generate_text(self, prompts: Sequence[str], chat: bool | None = None) -> list[str]:
+        """Responses to prompt texts, decoded.
+
+        Args:
+            prompts: user messages (``chat``) or complete prompt texts.
+            chat: wrap each prompt as a user message in the tokenizer's chat template (with the generation
+                prompt); ``None``: when the tokenizer has a chat template.
+        """
+        tokenizer = self.tokenizer
+        if chat is None:
+            chat = bool(getattr(tokenizer, "chat_template", None))
+        if chat:
+            texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                                   add_generation_prompt=True) for p in prompts]
+            ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+        else:
+            ids = tokenizer(list(prompts))["input_ids"]
+        was_training = self.training
+        self.eval()
+        try:
+            return self.decode(self.generate_ids(ids))
+        finally:
+            self.train(was_training)
+
+    # ------------------------------------------------------------------ evaluation
+
+    def eval_step(self, batch: dict[str, torch.Tensor], stage: Stage, dataloader_idx: int = 0) -> None:
+        """Teacher-forced NLL and accuracy of the response tokens; the generated responses' token ids."""
+        inputs = self.model_inputs(batch, drop=("labels",))
+        # Position t predicts token t + 1; only response tokens are scored, in float32 whatever the precision.
+        targets = batch["labels"][:, 1:]
+        scored = targets != -100
+        logits = self(**inputs).logits[:, :-1][scored].float()
+        targets = targets[scored]
+        self.nll_sum.update(torch.nn.functional.cross_entropy(logits, targets, reduction="sum"))
+        self.correct_tokens.update((logits.argmax(-1) == targets).sum().float())
+        self.response_tokens.update(scored.sum().float())
+        if self.hparams.generate_on_validation:
+            datamodule = self.require_datamodule("eval_prompt_ids", "generates from the prompts of",
+                                                 self.reference_provider)
+            prompts = datamodule.eval_prompt_ids("validation")
+            index = batch["example_index"]
+            self.generated.update(index, self.generate_ids([prompts[i] for i in index.tolist()]))
+
+    def log_eval_metrics(self, stage: Stage) -> None:
+        """Token-weighted loss, perplexity and accuracy of the epoch; ROUGE and predictions when generating."""
+        if self.response_tokens.update_count == 0:
+            return
+        tokens = self.response_tokens.compute()
+        if tokens > 0:
+            loss = self.nll_sum.compute() / tokens
+            self.log(f"{stage}/loss", loss, prog_bar=True)
+            self.log(f"{stage}/perplexity", torch.exp(loss))
+            self.log(f"{stage}/token_accuracy", self.correct_tokens.compute() / tokens)
+        self.log_generation_metrics(stage, split="validation")
+
+    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> list[str]:
+        """Responses generated from each row's prompt: its tokens before the first label (all of them without
+        labels)."""
+        prompts = []
+        for i, ids in enumerate(batch["input_ids"]):
+            keep = batch["attention_mask"][i].bool() if "attention_mask" in batch else torch.ones_like(ids).bool()
+            if "labels" in batch:
+                answer = (batch["labels"][i] != -100).nonzero()
+                if len(answer):
+                    keep[int(answer[0]):] = False
+            prompts.append(ids[keep].tolist())
+        return self.decode(self.generate_ids(prompts))
