@@ -4,8 +4,9 @@ The YAML names the LightningModule and the DataModule (``class_path``) with thei
 argument can be overridden on the command line (``--model.backbone``, ``--data.data_dir``, ...).
 ``python cli.py fit --config configs/cola.yaml --print_config`` prints the complete, re-runnable config.
 
-``python cli.py export --ckpt_path CKPT --format {adapter,peft,merged} --output DIR`` turns a fit
-checkpoint into an adapter-only safetensors file, a PEFT adapter folder or a merged transformers model.
+``python cli.py export --ckpt_path CKPT --format {adapter,peft,lora,merged} --output DIR`` turns a fit
+checkpoint into an adapter-only safetensors file, a PEFT AdaLoRA folder, a PEFT LoRA folder or a merged
+transformers model.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from adalora_pl.io.pretrained import LoadError
 
 # Lightning's own subcommands are listed by its parser; `export` is dispatched before it, so the help names it here.
 EXPORT_HELP = (
-    "Also: export  Turn a fit checkpoint into adapter safetensors, a PEFT folder or a merged model "
+    "Also: export  Turn a fit checkpoint into adapter safetensors, a PEFT AdaLoRA or LoRA folder or a merged model "
     "(cli.py export --help)."
 )
 # ckpt_path values Lightning resolves itself (ModelCheckpoint's files, SLURM's, the model registry's) or fetches
@@ -96,7 +97,8 @@ def export_main(args: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="cli.py export", description="Export the adapters of a fit checkpoint.")
     parser.add_argument("--ckpt_path", required=True, help="checkpoint written by `cli.py fit`")
     parser.add_argument("--format", required=True, choices=EXPORT_FORMATS,
-                        help="adapter: safetensors + JSON; peft: PeftModel folder; merged: plain transformers model")
+                        help="adapter: safetensors + JSON; peft: PeftModel AdaLoRA folder; "
+                             "lora: PeftModel LoRA folder; merged: plain transformers model")
     parser.add_argument("--output", required=True, help="output folder")
     ns = parser.parse_args(args)
     try:

@@ -13,6 +13,7 @@ from adalora_pl.injection import (
 )
 from adalora_pl.io import (
     compact_adapters,
+    export_lora,
     export_peft,
     import_peft,
     load_adapter,
@@ -36,6 +37,7 @@ __all__ = [
     "budget_at",
     "compact_adapters",
     "count_adapter_parameters",
+    "export_lora",
     "export_peft",
     "import_peft",
     "load_adapter",

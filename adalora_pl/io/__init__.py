@@ -3,6 +3,7 @@ allocation report, and the loading of pretrained backbones.
 
 - :mod:`~adalora_pl.io.adapter`: :func:`save_adapter` / :func:`load_adapter`, our adapter-only folder;
 - :mod:`~adalora_pl.io.peft`: :func:`export_peft` / :func:`import_peft`, PEFT's AdaLoRA folder (docs/method.md §8);
+- :mod:`~adalora_pl.io.lora`: :func:`export_lora`, the adapters rewritten as a standard PEFT LoRA folder (§10);
 - :mod:`~adalora_pl.io.surgery`: :func:`merge_adapters`, :func:`compact_adapters`, :func:`check_pruned_triplets`;
 - :mod:`~adalora_pl.io.checkpoint`: a fit checkpoint of a task module to any of the above (``cli.py export``);
 - :mod:`~adalora_pl.io.report`: the rank heatmap and budget curve;
@@ -10,12 +11,14 @@ allocation report, and the loading of pretrained backbones.
 """
 
 from adalora_pl.io.adapter import load_adapter, save_adapter
+from adalora_pl.io.lora import export_lora
 from adalora_pl.io.peft import export_peft, import_peft
 from adalora_pl.io.surgery import check_pruned_triplets, compact_adapters, merge_adapters
 
 __all__ = [
     "check_pruned_triplets",
     "compact_adapters",
+    "export_lora",
     "export_peft",
     "import_peft",
     "load_adapter",

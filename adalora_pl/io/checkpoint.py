@@ -14,13 +14,14 @@ import torch
 
 from adalora_pl.injection import find_adapters
 from adalora_pl.io.adapter import save_adapter
+from adalora_pl.io.lora import export_lora
 from adalora_pl.io.peft import export_peft
 from adalora_pl.io.surgery import check_pruned_triplets, merge_adapters
 from adalora_pl.module import MODULE_CLASS_KEY
 
 log = logging.getLogger(__name__)
 
-ExportFormat = Literal["adapter", "peft", "merged"]
+ExportFormat = Literal["adapter", "peft", "lora", "merged"]
 EXPORT_FORMATS: tuple[str, ...] = get_args(ExportFormat)
 # Task modules that moved in the 0.1 layout change (flat package -> adalora_pl.tasks): a checkpoint that names the
 # old path still loads, with a note.
@@ -160,8 +161,9 @@ def peft_schedule_fields(hparams: Mapping[str, Any], ckpt: dict[str, Any], ckpt_
 def export_checkpoint(
     ckpt_path: str | Path, fmt: ExportFormat, output: str | Path, *, zero_masked: bool = False
 ) -> Path:
-    """Write the adapters of a fit checkpoint as ``adapter`` (safetensors + JSON), ``peft`` (a folder
-    ``PeftModel.from_pretrained`` loads) or ``merged`` (a plain transformers model, adapters folded in).
+    """Write the adapters of a fit checkpoint as ``adapter`` (safetensors + JSON), ``peft`` (an AdaLoRA folder
+    ``PeftModel.from_pretrained`` loads), ``lora`` (the same adapters folded into a standard PEFT LoRA folder, see
+    :func:`~adalora_pl.io.lora.export_lora`) or ``merged`` (a plain transformers model, adapters folded in).
 
     Every format holds the model its rank pattern describes: a checkpoint whose pruned triplets
     (``rank_mask`` False) still have a nonzero ``lora_E`` is refused, unless ``zero_masked=True`` zeroes them
@@ -184,6 +186,8 @@ def export_checkpoint(
     elif fmt == "peft":
         export_peft(model, output, base_model_name_or_path=h.get("backbone"),
                     **peft_schedule_fields(module.hparams, ckpt, ckpt_path))
+    elif fmt == "lora":
+        export_lora(model, output, base_model_name_or_path=h.get("backbone"))
     else:
         merged = merge_adapters(model)
         merged.save_pretrained(output)

@@ -90,6 +90,64 @@ def _peft_suffix_match(module_path: str, entries: Iterable[str]) -> bool:
     return any(full.endswith(entry) for entry in entries)
 
 
+def peft_modules_to_save(
+    model: nn.Module,
+    adapters: Iterable[str],
+    task_type: str | None,
+    head_modules: Iterable[str] | None = None,
+) -> tuple[list[str], dict[str, torch.Tensor]]:
+    """PEFT's ``modules_to_save`` entries for ``model`` and the head tensors a PEFT folder stores for them.
+
+    The entries are ``head_modules`` or, by default, the modules owning the trainable parameters that are not
+    adapter tensors. The tensors cover every module PEFT will wrap on load: those the entries match by its
+    suffix rule plus the ones its ``task_type`` adds (:data:`PEFT_IMPLICIT_MODULES_TO_SAVE`), keyed
+    ``base_model.model.<module path>.<state key>``.
+
+    Args:
+        model: the model being exported.
+        adapters: the module paths of its adapters (a wrapped module must not overlap one).
+        task_type: PEFT's task type of the export.
+        head_modules: explicit ``modules_to_save`` entries; None infers them from the trainable parameters.
+
+    Raises:
+        ValueError: a trainable parameter on the root module, or a module PEFT would wrap that overlaps an
+            adapter.
+    """
+    adapters = list(adapters)
+    heads = head_tensor_names(model, head_modules)
+    modules_to_save = list(head_modules) if head_modules is not None else owner_modules(heads)
+    if "" in modules_to_save:
+        raise ValueError("a trainable parameter sits on the root module; PEFT's modules_to_save cannot hold it")
+    entries = modules_to_save + PEFT_IMPLICIT_MODULES_TO_SAVE.get(task_type or "", [])
+    wrapped = [n for n, _ in model.named_modules(remove_duplicate=False) if n and _peft_suffix_match(n, entries)]
+    for name in wrapped:
+        clash = [p for p in adapters if p == name or p.startswith(name + ".") or name.startswith(p + ".")]
+        if clash:
+            raise ValueError(
+                f"module {name!r} would be a PEFT modules_to_save entry but overlaps adapter {clash[0]!r}"
+            )
+    tensors = {
+        f"{PEFT_PREFIX}{name}.{key}": cpu_copy(value)
+        for name in wrapped
+        for key, value in model.get_submodule(name).state_dict().items()
+    }
+    return modules_to_save, tensors
+
+
+def peft_target_modules(model: nn.Module, paths: Iterable[str]) -> list[str] | str:
+    """PEFT's ``target_modules`` naming exactly the modules at ``paths``.
+
+    PEFT matches a list entry to a module whose name equals it or ends with ``"." + entry``, so the plain
+    paths are returned unless one of them is also such a suffix of another module's name; then one anchored
+    regex (which PEFT full-matches) is returned instead.
+    """
+    paths = list(paths)
+    names = [n for n, _ in model.named_modules()]
+    if any(n != p and n.endswith("." + p) for p in paths for n in names):
+        return "^(?:" + "|".join(re.escape(p) for p in paths) + ")$"
+    return paths
+
+
 def export_peft(
     model: nn.Module,
     directory: str | Path,
@@ -172,19 +230,7 @@ def export_peft(
     if merged:
         raise ValueError(f"adapter {merged[0]!r} is merged into its base weight; unmerge it before export_peft")
 
-    # modules_to_save: the heads, plus whatever PEFT's suffix rule (and the task type) will wrap on load.
-    heads = head_tensor_names(model, head_modules)
-    modules_to_save = list(head_modules) if head_modules is not None else owner_modules(heads)
-    if "" in modules_to_save:
-        raise ValueError("a trainable parameter sits on the root module; PEFT's modules_to_save cannot hold it")
-    entries = modules_to_save + PEFT_IMPLICIT_MODULES_TO_SAVE.get(task_type or "", [])
-    wrapped = [n for n, _ in model.named_modules(remove_duplicate=False) if n and _peft_suffix_match(n, entries)]
-    for name in wrapped:
-        clash = [p for p in adapters if p == name or p.startswith(name + ".") or name.startswith(p + ".")]
-        if clash:
-            raise ValueError(
-                f"module {name!r} would be a PEFT modules_to_save entry but overlaps adapter {clash[0]!r}"
-            )
+    modules_to_save, head_tensors = peft_modules_to_save(model, adapters, task_type, head_modules)
     # Last check, as with zero_masked=True it changes the model.
     check_pruned_triplets(adapters, "export_peft", zero_masked=zero_masked)
 
@@ -201,16 +247,8 @@ def export_peft(
         tensors[f"{prefix}.lora_B"] = cpu_copy(adapter.lora_B[:, keep])
     if target_r is None:
         target_r = round(kept_total / len(adapters))
-    for name in wrapped:
-        for key, value in model.get_submodule(name).state_dict().items():
-            tensors[f"{PEFT_PREFIX}{name}.{key}"] = cpu_copy(value)
-
-    # target_modules: the exact module paths, or an anchored regex if a path is also a suffix of another name.
-    names = [n for n, _ in model.named_modules()]
-    ambiguous = any(n != p and n.endswith("." + p) for p in adapters for n in names)
-    target_modules: list[str] | str = list(adapters)
-    if ambiguous:
-        target_modules = "^(?:" + "|".join(re.escape(p) for p in adapters) + ")$"
+    tensors.update(head_tensors)
+    target_modules = peft_target_modules(model, adapters)
 
     peft_config = {
         "peft_type": "ADALORA",

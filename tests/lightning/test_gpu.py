@@ -64,3 +64,31 @@ def test_fused_adamw_fp16_on_cuda(tmp_path):
     assert cb.allocator.exp_avg_ipt.device.type == "cuda" and cb.allocator.frozen
     assert sum(m.kept_rank for m in cb.allocator.layers) == 12
     assert all(torch.isfinite(p).all() for p in module.parameters())
+
+
+def test_decoder_llm_bf16_base_with_checkpointing_on_cuda(tmp_path):
+    """The LLM path as users run it: bfloat16 base weights, float32 adapters, bf16-mixed autocast, gradient
+    checkpointing, generation-based validation, then the PEFT export."""
+    from tests.builders import save_tiny_causal_lm, write_jsonl
+
+    backbone = save_tiny_causal_lm(tmp_path / "llama", "llama")
+    rows = [{"document": "the cat sat on the mat and the dog ran", "summary": "the cat sat"}] * 8
+    data = write_jsonl(tmp_path / "xsum.jsonl", rows)
+    cli = main([
+        "fit", "--config", str(REPO_ROOT / "configs" / "smollm2_xsum.yaml"),
+        "--model.backbone", backbone, "--data.dataset_name", "null", "--data.train_file", str(data),
+        "--data.validation_file", str(data), "--data.max_seq_length", "48", "--data.batch_size", "2",
+        "--model.init_r", "4", "--model.target_r", "2", "--model.delta_t", "1", "--model.max_new_tokens", "4",
+        "--model.torch_dtype", "bfloat16", "--model.gradient_checkpointing", "true",
+        "--trainer.accelerator", "gpu", "--trainer.devices", "1", "--trainer.precision", "bf16-mixed",
+        "--trainer.max_epochs", "2", "--trainer.default_root_dir", str(tmp_path / "run"),
+        "--trainer.enable_progress_bar", "false",
+    ])
+    metrics = cli.trainer.callback_metrics
+    assert torch.isfinite(metrics["val/loss"]) and "val/rougeL" in metrics
+    for layer in find_adapters(cli.model).values():
+        assert layer.lora_A.device.type == "cuda" and layer.lora_A.dtype == torch.float32
+        assert layer.base_layer.weight.dtype == torch.bfloat16
+    ckpt = Path(cli.trainer.log_dir) / "checkpoints" / "last.ckpt"
+    main(["export", "--ckpt_path", str(ckpt), "--format", "peft", "--output", str(tmp_path / "peft")])
+    assert json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["task_type"] == "CAUSAL_LM"
