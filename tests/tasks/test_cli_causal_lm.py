@@ -96,3 +96,16 @@ def test_fit_xsum_rows_then_test_and_export(tmp_path, tiny_llama):
         out = peft_model.generate(input_ids=torch.tensor([prompt]), max_new_tokens=6, do_sample=False,
                                   pad_token_id=pad, eos_token_id=eos)[0, len(prompt):]
         assert out.tolist() == ours[i, : len(out)].tolist()
+
+    # merged (a plain causal LM) and lora (PEFT LoRA) give the logits of the trained module.
+    batch = next(iter(cli.datamodule.val_dataloader()))
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
+    with torch.no_grad():
+        ours_logits = module.model(**inputs).logits
+        main(["export", "--ckpt_path", str(ckpt), "--format", "merged", "--output", str(tmp_path / "merged")])
+        merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged")).eval()
+        assert torch.allclose(merged(**inputs).logits, ours_logits, atol=1e-5)
+        main(["export", "--ckpt_path", str(ckpt), "--format", "lora", "--output", str(tmp_path / "lora")])
+        lora = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama), str(tmp_path / "lora"))
+        assert lora.peft_config["default"].peft_type.value == "LORA"
+        assert torch.allclose(lora.eval()(**inputs).logits, ours_logits, atol=1e-5)
