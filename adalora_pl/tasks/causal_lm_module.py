@@ -54,6 +54,8 @@ class CausalLMModule(GenerativeModule):
         gradient_checkpointing: recompute activations in backward to save memory (same gradients).
         trust_remote_code: let transformers run model code from the hub repository. Off by default: a model
             folder then runs only code that ships with transformers.
+        attn_implementation: transformers' attention kernel (``"sdpa"``, ``"flash_attention_2"``, ``"eager"``);
+            ``None`` lets transformers choose (SDPA where the model supports it).
         generate_on_validation: generate a response for every validation/test prompt and score it with ROUGE.
             Off, the evaluation is teacher forced only (loss, perplexity, token accuracy), which is much faster.
         num_beams: beam width of the generation (1: greedy).
@@ -79,6 +81,7 @@ class CausalLMModule(GenerativeModule):
         torch_dtype: TorchDtype | None = None,
         gradient_checkpointing: bool = False,
         trust_remote_code: bool = False,
+        attn_implementation: str | None = None,
         generate_on_validation: bool = True,
         num_beams: int = 1,
         max_new_tokens: int = 64,
@@ -113,10 +116,12 @@ class CausalLMModule(GenerativeModule):
         self.response_tokens = SumMetric()
 
     def backbone_kwargs(self, backbone: str) -> dict[str, Any]:
-        """``dtype`` and ``trust_remote_code`` for ``from_pretrained``."""
+        """``dtype``, ``trust_remote_code`` and ``attn_implementation`` for ``from_pretrained``."""
         kwargs: dict[str, Any] = {"trust_remote_code": self.hparams.trust_remote_code}
         if self.hparams.torch_dtype is not None:
             kwargs["dtype"] = getattr(torch, self.hparams.torch_dtype)
+        if self.hparams.attn_implementation is not None:
+            kwargs["attn_implementation"] = self.hparams.attn_implementation
         return kwargs
 
     # ------------------------------------------------------------------ generation

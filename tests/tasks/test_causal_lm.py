@@ -226,5 +226,7 @@ def test_remote_code_is_off_unless_asked(tiny_llama, monkeypatch):
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", spy)
     CausalLMModule(backbone=tiny_llama, method="lora")
     assert seen["trust_remote_code"] is False
-    CausalLMModule(backbone=tiny_llama, method="lora", trust_remote_code=True)
-    assert seen["trust_remote_code"] is True
+    assert "attn_implementation" not in seen
+    module = CausalLMModule(backbone=tiny_llama, method="lora", trust_remote_code=True, attn_implementation="eager")
+    assert seen["trust_remote_code"] is True and seen["attn_implementation"] == "eager"
+    assert module.model.config._attn_implementation == "eager"
