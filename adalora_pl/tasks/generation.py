@@ -65,7 +65,8 @@ class GenerativeModule(AdapterModule):
 
     def decode(self, token_ids: torch.Tensor | Sequence[Sequence[int]]) -> list[str]:
         """Texts of rows of generated token ids (special tokens and padding dropped, outer spaces stripped)."""
-        texts = self.tokenizer.batch_decode(token_ids, skip_special_tokens=True, clean_up_tokenization_spaces=True)
+        # The tokenizer's own clean-up setting: forcing it on would strip spaces before punctuation from BPE text.
+        texts = self.tokenizer.batch_decode(token_ids, skip_special_tokens=True)
         return [t.strip() for t in texts]
 
     def log_generation_metrics(self, stage: Stage, split: str | None = None) -> dict[int, str]:
