@@ -15,7 +15,6 @@ from peft 0.21 (``save_pretrained`` of a ``LoraConfig`` model) and checked by th
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from collections import Counter
@@ -23,18 +22,16 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from adalora_pl.injection import find_adapters
 from adalora_pl.io._common import cpu_copy, dropout_p
 from adalora_pl.io.peft import (
-    PEFT_CONFIG_NAME,
     PEFT_PREFIX,
-    PEFT_WEIGHTS_NAME,
     infer_peft_task_type,
     peft_modules_to_save,
     peft_target_modules,
+    write_peft_folder,
 )
 from adalora_pl.io.surgery import check_pruned_triplets
 from adalora_pl.layers import RANKNUM_EPS, SVDLinear
@@ -192,10 +189,7 @@ def export_lora(
         "init_lora_weights": True,
         "modules_to_save": modules_to_save or None,
     }
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(directory / PEFT_WEIGHTS_NAME), metadata={"format": "pt"})
-    (directory / PEFT_CONFIG_NAME).write_text(json.dumps(peft_config, indent=2) + "\n", encoding="utf-8")
+    directory = write_peft_folder(directory, tensors, peft_config)
     if pruned:
         log.info("export_lora: %d layers pruned to rank 0 carry no update and are left out: %s",
                  len(pruned), ", ".join(pruned))

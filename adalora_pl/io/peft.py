@@ -67,6 +67,15 @@ PEFT_IMPLICIT_MODULES_TO_SAVE = {
 
 
 # ====================================================================== PEFT format
+def write_peft_folder(directory: str | Path, tensors: dict[str, torch.Tensor], config: dict) -> Path:
+    """Write a PEFT adapter folder: ``adapter_model.safetensors`` (``tensors``) and ``adapter_config.json``."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(directory / PEFT_WEIGHTS_NAME), metadata={"format": "pt"})
+    (directory / PEFT_CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    return directory
+
+
 def infer_peft_task_type(model: nn.Module) -> str | None:
     """PEFT's ``task_type`` for a transformers model class, from its name (None when not recognised)."""
     name = type(model).__name__
@@ -274,10 +283,7 @@ def export_peft(
         "init_lora_weights": True,
         "modules_to_save": modules_to_save or None,
     }
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(directory / PEFT_WEIGHTS_NAME), metadata={"format": "pt"})
-    (directory / PEFT_CONFIG_NAME).write_text(json.dumps(peft_config, indent=2) + "\n", encoding="utf-8")
+    directory = write_peft_folder(directory, tensors, peft_config)
     log.info("exported %d AdaLoRA layers (init_r=%d, %d kept triplets) to %s in PEFT format",
              len(adapters), init_r, kept_total, directory)
     return directory

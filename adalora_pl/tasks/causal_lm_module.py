@@ -28,7 +28,7 @@ from torchmetrics import SumMetric
 from transformers import AutoModelForCausalLM
 
 from adalora_pl.module import Stage
-from adalora_pl.tasks.generation import GenerativeModule
+from adalora_pl.tasks.generation import GenerativeModule, check_generation_settings
 
 __all__ = ["CausalLMModule"]
 
@@ -93,10 +93,7 @@ class CausalLMModule(GenerativeModule):
     ) -> None:
         if torch_dtype is not None and torch_dtype not in TORCH_DTYPES:
             raise ValueError(f"torch_dtype must be one of {list(TORCH_DTYPES)} or None, got {torch_dtype!r}")
-        if num_beams < 1:
-            raise ValueError(f"num_beams must be >= 1, got {num_beams}")
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        check_generation_settings(num_beams, max_new_tokens)
         if max_prompt_tokens is not None and max_prompt_tokens < 1:
             raise ValueError(f"max_prompt_tokens must be >= 1 or None, got {max_prompt_tokens}")
         super().__init__(backbone=backbone, trainable_modules=tuple(trainable_modules), rouge_lsum=rouge_lsum,

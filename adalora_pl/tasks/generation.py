@@ -21,12 +21,20 @@ from adalora_pl.module import AdapterModule, Stage
 from adalora_pl.tasks.metrics import GeneratedTexts
 from adalora_pl.tasks.rouge import rouge_scores
 
-__all__ = ["GenerativeModule"]
+__all__ = ["GenerativeModule", "check_generation_settings"]
 
 log = logging.getLogger(__name__)
 
 #: The data split evaluated at each stage (the data modules keep a test set only as "validation" files).
 SPLIT_OF_STAGE = {"val": "validation", "test": "test"}
+
+
+def check_generation_settings(num_beams: int, max_new_tokens: int | None) -> None:
+    """Refuse a beam width below 1 or a generation length below 1 (``None``: left to the module's default)."""
+    if num_beams < 1:
+        raise ValueError(f"num_beams must be >= 1, got {num_beams}")
+    if max_new_tokens is not None and max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
 
 
 class GenerativeModule(AdapterModule):

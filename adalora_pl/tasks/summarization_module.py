@@ -16,7 +16,7 @@ import torch
 from transformers import AutoModelForSeq2SeqLM
 
 from adalora_pl.module import Stage
-from adalora_pl.tasks.generation import GenerativeModule
+from adalora_pl.tasks.generation import GenerativeModule, check_generation_settings
 
 __all__ = ["Seq2SeqSummarizer"]
 
@@ -67,10 +67,7 @@ class Seq2SeqSummarizer(GenerativeModule):
         trainable_modules: Sequence[str] = (),
         **kwargs: Any,
     ) -> None:
-        if num_beams < 1:
-            raise ValueError(f"num_beams must be >= 1, got {num_beams}")
-        if max_new_tokens is not None and max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        check_generation_settings(num_beams, max_new_tokens)
         super().__init__(backbone=backbone, trainable_modules=tuple(trainable_modules), rouge_lsum=rouge_lsum,
                          write_predictions=write_predictions, **kwargs)
 
