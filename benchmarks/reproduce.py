@@ -72,7 +72,7 @@ TASK_DIRS = {"cola": "CoLA", "sst2": "SST-2", "mrpc": "MRPC", "qqp": "QQP", "sts
              "qnli": "QNLI", "rte": "RTE"}
 MAIN_METRIC = {"cola": "val/mcc", "stsb": "val/pearson", "mrpc": "val/accuracy", "qqp": "val/accuracy",
                "mnli": "val/accuracy_validation_matched"}  # the paper reports accuracy for MRPC/QQP/MNLI-m
-METHODS = ("adalora", "lora", "lora_init_r", "full", "houlsby", "pfeiffer", "svd_lora", "prune_lora",
+METHODS = ("adalora", "lora", "lora_init_r", "lora_scaled", "full", "houlsby", "pfeiffer", "svd_lora", "prune_lora",
            "adalora_no_orth", "adalora_sensitivity", "adalora_magnitude", "adalora_orthogonal_init")
 # The authors' schedules as fractions of their runs (configs/<task>.yaml; batch 32, 25 epochs of the full train
 # set: CoLA 8551 rows = 6700 steps, STS-B 5749 rows = 4500 steps): tinit, tfinal and warm-up in steps / total.
@@ -107,8 +107,13 @@ BACKBONES = {
 DEFAULT_BACKBONE = "minilm"
 
 
-def method_args(method: str, init_r: int, target_r: int, bottleneck: int) -> list[str]:
-    """CLI overrides for one method of the table. LoRA runs at r = target_r: the final budget of AdaLoRA."""
+def method_args(method: str, init_r: int, target_r: int, bottleneck: int, lora_alpha: float = 32.0) -> list[str]:
+    """CLI overrides for one method of the table. LoRA runs at r = target_r: the final budget of AdaLoRA.
+
+    ``lora_scaled`` is LoRA at that rank with ``lora_alpha * target_r / init_r``, so that its scaling alpha / r
+    equals AdaLoRA's alpha / init_r (the same update per unit of B A); plain ``lora`` keeps the config's alpha,
+    which at r = 1 makes its scaling init_r times AdaLoRA's.
+    """
     ablations = {
         "adalora_no_orth": ["--model.method", "adalora", "--model.orth_reg_weight", "0"],
         "adalora_sensitivity": ["--model.method", "adalora", "--model.importance", "sensitivity"],
@@ -118,6 +123,9 @@ def method_args(method: str, init_r: int, target_r: int, bottleneck: int) -> lis
         return ablations[method] + ["--model.init_r", str(init_r), "--model.target_r", str(target_r)]
     if method == "lora":
         return ["--model.method", "lora", "--model.init_r", str(target_r)]
+    if method == "lora_scaled":
+        alpha = lora_alpha * target_r / init_r
+        return ["--model.method", "lora", "--model.init_r", str(target_r), "--model.lora_alpha", f"{alpha:.6g}"]
     if method == "lora_init_r":  # LoRA at AdaLoRA's initial rank: more parameters than AdaLoRA ends with
         return ["--model.method", "lora", "--model.init_r", str(init_r)]
     if method == "adalora_orthogonal_init":
@@ -138,6 +146,13 @@ def config_ranks(task: str) -> tuple[int, int]:
     return int(model["init_r"]), int(model["target_r"])
 
 
+def config_alpha(task: str) -> float:
+    """``lora_alpha`` of ``configs/<task>.yaml``."""
+    import yaml
+
+    return float(yaml.safe_load((REPO / "configs" / f"{task}.yaml").read_text())["model"]["init_args"]["lora_alpha"])
+
+
 def long_args(task: str) -> list[str]:
     """The long preset's overrides of configs/<task>.yaml: run length and the schedule as fractions of it."""
     if task not in LONG_EPOCHS:
@@ -154,7 +169,8 @@ def settings(method: str, task: str, seed: int, args: argparse.Namespace) -> lis
         init_r, target_r = config_ranks(task)
     else:
         init_r, target_r = args.init_r, args.target_r
-    cli_args = ["--seed_everything", str(seed), *method_args(method, init_r, target_r, args.bottleneck)]
+    cli_args = ["--seed_everything", str(seed),
+                *method_args(method, init_r, target_r, args.bottleneck, config_alpha(task))]
     if args.preset == "long":
         cli_args += long_args(task)
     elif not args.paper:  # a short CPU run: the paper's step counts assume DeBERTa's long schedules
@@ -332,7 +348,7 @@ def parse_args(argv: list[str] | None = None, **defaults) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # None: the grid's default, filled in below (the preset has its own; an explicit value always wins).
     parser.add_argument("--methods", nargs="+", default=None, choices=METHODS,
-                        help="default: adalora lora (--preset long: adalora lora lora_init_r)")
+                        help="default: adalora lora (--preset long: adalora lora lora_init_r lora_scaled)")
     parser.add_argument("--tasks", nargs="+", default=None, choices=sorted(TASK_DIRS),
                         help="default: cola rte mrpc stsb (--preset long: cola stsb)")
     parser.add_argument("--seeds", nargs="+", type=int, default=None, help="default: 1 (--preset long: 1 2 3)")
@@ -374,7 +390,7 @@ def parse_args(argv: list[str] | None = None, **defaults) -> argparse.Namespace:
     if args.seeds is None:
         args.seeds = [1, 2, 3] if long else [1]
     if args.methods is None:
-        args.methods = ["adalora", "lora", "lora_init_r"] if long else ["adalora", "lora"]
+        args.methods = ["adalora", "lora", "lora_init_r", "lora_scaled"] if long else ["adalora", "lora"]
     if long:
         args.max_train_samples = None
         args.results_dir = args.results_dir or str(REPO / "benchmarks" / "results" / "long")
@@ -444,8 +460,9 @@ def main(argv: list[str] | None = None, **defaults) -> dict:
     results = [run_one(m, t, s, args) for s in args.seeds for t in args.tasks for m in args.methods]
     report = table(results, args.methods, args.tasks)
     test = significance(results) if {"adalora", "lora"} <= set(args.methods) else ""
-    if "lora_init_r" in args.methods and "adalora" in args.methods:
-        test += "\n" + significance(results, "adalora", "lora_init_r")
+    for peer in ("lora_scaled", "lora_init_r"):
+        if peer in args.methods and "adalora" in args.methods:
+            test += "\n" + significance(results, "adalora", peer)
     if "adalora_orthogonal_init" in args.methods and "adalora" in args.methods:
         test += "\n" + significance(results, "adalora_orthogonal_init", "adalora")
     for task in args.tasks:

