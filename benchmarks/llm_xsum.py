@@ -433,6 +433,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "data": files, "methods": {},
     }
 
+    # A run of some --parts adds to an earlier run's JSON of the same settings (e.g. after an interruption).
+    if args.json and Path(args.json).is_file():
+        earlier = json.loads(Path(args.json).read_text(encoding="utf-8"))
+        same = {k: v for k, v in earlier.get("config", {}).items() if k != "parts"} == {
+            k: v for k, v in json.loads(json.dumps(results["config"], default=str)).items() if k != "parts"}
+        if same and earlier.get("data") == results["data"]:
+            results["methods"] = earlier.get("methods", {})
+            if "step_time" in earlier:
+                results["step_time"] = earlier["step_time"]
+            print(f"adding to {args.json} (kept: {sorted(results['methods'])})", flush=True)
+        else:
+            raise SystemExit(f"{args.json} holds a run with other settings; pass another --json")
+
     def save() -> None:
         results["seconds"] = time.perf_counter() - started
         if args.json:
