@@ -138,19 +138,12 @@ def method_args(method: str, init_r: int, target_r: int, bottleneck: int, lora_a
     return ["--model.method", method, "--model.init_r", str(init_r), "--model.target_r", str(target_r)]
 
 
-def config_ranks(task: str) -> tuple[int, int]:
-    """``(init_r, target_r)`` of ``configs/<task>.yaml`` (the authors' per-task ranks)."""
+def config_adapter_settings(task: str) -> tuple[int, int, float]:
+    """``(init_r, target_r, lora_alpha)`` of ``configs/<task>.yaml`` (the authors' per-task settings)."""
     import yaml
 
     model = yaml.safe_load((REPO / "configs" / f"{task}.yaml").read_text())["model"]["init_args"]
-    return int(model["init_r"]), int(model["target_r"])
-
-
-def config_alpha(task: str) -> float:
-    """``lora_alpha`` of ``configs/<task>.yaml``."""
-    import yaml
-
-    return float(yaml.safe_load((REPO / "configs" / f"{task}.yaml").read_text())["model"]["init_args"]["lora_alpha"])
+    return int(model["init_r"]), int(model["target_r"]), float(model["lora_alpha"])
 
 
 def long_args(task: str) -> list[str]:
@@ -166,11 +159,10 @@ def long_args(task: str) -> list[str]:
 def settings(method: str, task: str, seed: int, args: argparse.Namespace) -> list[str]:
     """The command-line overrides that define one run (what a stored result must match to be reused)."""
     if args.preset == "long":
-        init_r, target_r = config_ranks(task)
+        init_r, target_r, alpha = config_adapter_settings(task)
     else:
-        init_r, target_r = args.init_r, args.target_r
-    cli_args = ["--seed_everything", str(seed),
-                *method_args(method, init_r, target_r, args.bottleneck, config_alpha(task))]
+        init_r, target_r, alpha = args.init_r, args.target_r, config_adapter_settings(task)[2]
+    cli_args = ["--seed_everything", str(seed), *method_args(method, init_r, target_r, args.bottleneck, alpha)]
     if args.preset == "long":
         cli_args += long_args(task)
     elif not args.paper:  # a short CPU run: the paper's step counts assume DeBERTa's long schedules

@@ -216,7 +216,7 @@ class CausalLMModule(GenerativeModule):
             self.log(f"{stage}/loss", loss, prog_bar=True)
             self.log(f"{stage}/perplexity", torch.exp(loss))
             self.log(f"{stage}/token_accuracy", self.correct_tokens.compute() / tokens)
-        self.log_generation_metrics(stage, split="validation")
+        self.log_generation_metrics(stage)
 
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> list[str]:
         """Responses generated from each row's prompt: its tokens before the first label (all of them without

@@ -77,22 +77,20 @@ class GenerativeModule(AdapterModule):
         texts = self.tokenizer.batch_decode(token_ids, skip_special_tokens=True)
         return [t.strip() for t in texts]
 
-    def log_generation_metrics(self, stage: Stage, split: str | None = None) -> dict[int, str]:
+    def log_generation_metrics(self, stage: Stage) -> None:
         """ROUGE (percent) of the epoch's generated texts, from every process; then the predictions file.
 
         Args:
-            stage: ``"val"`` or ``"test"``; names the logged values (``val/rougeL``) and the file.
-            split: the data module's split holding the references; default from ``stage``.
-
-        Returns:
-            ``{example_index: text}`` of the generated texts (empty when nothing was generated).
+            stage: ``"val"`` or ``"test"``; names the logged values (``val/rougeL``), the file and the data
+                module's split holding the references (:data:`SPLIT_OF_STAGE`; a data module without a test
+                split maps ``"test"`` to its validation data itself).
         """
         if self.generated.update_count == 0:
-            return {}
+            return
         self.generated.decode = self.decode
         predictions = self.generated.compute()  # {example_index: text}, sorted
         datamodule = self.require_datamodule("eval_references", "reads the references from", self.reference_provider)
-        split = split or SPLIT_OF_STAGE[stage]
+        split = SPLIT_OF_STAGE[stage]
         references = datamodule.eval_references(split)
         indices = list(predictions)
         preds = [predictions[i] for i in indices]
@@ -103,7 +101,6 @@ class GenerativeModule(AdapterModule):
         if self.hparams.write_predictions and not self.trainer.sanity_checking:
             ids = datamodule.example_ids(split) if hasattr(datamodule, "example_ids") else [str(i) for i in indices]
             self.write_predictions(stage, [ids[i] for i in indices], preds, refs)
-        return predictions
 
     def write_predictions(self, stage: str, ids: list[str], preds: list[str], refs: list[str]) -> Path | None:
         """Write ``predictions_<stage>_epoch<N>.jsonl`` into the log folder (on the global-zero process)."""

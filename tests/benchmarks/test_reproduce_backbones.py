@@ -209,9 +209,10 @@ def test_reproduce_turns_missing_mpnet_wheels_into_a_one_line_exit(tmp_path, mon
 def test_lora_scaled_keeps_adalora_scaling_per_rank():
     """CoLA's config: alpha 32, init_r 3 -> target_r 1. LoRA at r = 1 with alpha 32/3 has scaling alpha/r = 32/3,
     AdaLoRA's alpha/init_r; plain lora keeps alpha 32 (scaling 32)."""
-    from benchmarks.reproduce import config_alpha, config_ranks, method_args
+    from benchmarks.reproduce import config_adapter_settings, method_args
 
-    init_r, target_r = config_ranks("cola")
-    args = method_args("lora_scaled", init_r, target_r, 64, config_alpha("cola"))
+    init_r, target_r, alpha = config_adapter_settings("cola")
+    assert (init_r, target_r, alpha) == (3, 1, 32.0)
+    args = method_args("lora_scaled", init_r, target_r, 64, alpha)
     assert args == ["--model.method", "lora", "--model.init_r", "1", "--model.lora_alpha", "10.6667"]
-    assert "--model.lora_alpha" not in method_args("lora", init_r, target_r, 64, config_alpha("cola"))
+    assert "--model.lora_alpha" not in method_args("lora", init_r, target_r, 64, alpha)

@@ -12,7 +12,7 @@ import torch
 from adalora_pl.io.pretrained import LoadError
 from adalora_pl.tasks.squad import postprocess_qa_predictions
 from datamodules.squad import SquadDataModule, read_squad_json
-from tests.builders import qa, vocab_words, write_squad
+from tests.builders import qa, tiny_bert_config, vocab_words, write_squad
 
 
 def long_context(tokenizer) -> tuple[str, int]:
@@ -234,19 +234,13 @@ class _TinyQA:
     @staticmethod
     def build(vocab_size: int, datamodule: SquadDataModule):
         import lightning as L
-        from transformers import BertConfig, BertForQuestionAnswering
+        from transformers import BertForQuestionAnswering
 
         class Module(L.LightningModule):
             def __init__(self):
                 super().__init__()
-                config = BertConfig(
-                    vocab_size=vocab_size,
-                    hidden_size=16,
-                    num_hidden_layers=1,
-                    num_attention_heads=2,
-                    intermediate_size=32,
-                    max_position_embeddings=512,
-                )
+                config = tiny_bert_config(vocab_size=vocab_size, hidden_size=16, num_hidden_layers=1,
+                                          num_attention_heads=2, intermediate_size=32, max_position_embeddings=512)
                 self.model = BertForQuestionAnswering(config)
                 self.outputs = []
                 self.metrics = None

@@ -48,7 +48,6 @@ def test_configs_parse_with_the_documented_settings(capsys, config):
     assert printed["model"]["class_path"] == "adalora_pl.tasks.causal_lm_module.CausalLMModule"
     # The schedule fractions of the authors' XSum script (tinit 6000, tfinal 25000 of ~79.7k steps).
     assert (model["tinit"], model["tfinal"]) == (0.075, 0.31)
-    assert abs(6000 / (204_045 / 64 * 25) - 0.075) < 0.001 and abs(25000 / (204_045 / 64 * 25) - 0.31) < 0.01
     assert (model["init_r"], model["target_r"], model["method"]) == (12, 8, "adalora")
     if config == "llama_alpaca.yaml":  # alpaca-lora's recipe: lr 3e-4, 3 epochs, 128 per step, 256 tokens
         assert model["learning_rate"] == 3e-4 and printed["trainer"]["max_epochs"] == 3
