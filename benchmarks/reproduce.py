@@ -74,6 +74,8 @@ MAIN_METRIC = {"cola": "val/mcc", "stsb": "val/pearson", "mrpc": "val/accuracy",
                "mnli": "val/accuracy_validation_matched"}  # the paper reports accuracy for MRPC/QQP/MNLI-m
 METHODS = ("adalora", "lora", "lora_init_r", "lora_scaled", "full", "houlsby", "pfeiffer", "svd_lora", "prune_lora",
            "adalora_no_orth", "adalora_sensitivity", "adalora_magnitude", "adalora_orthogonal_init")
+# The LoRA rows AdaLoRA is tested against (paired test, catch-up step), in the order the report lists them.
+LORA_PEERS = ("lora", "lora_scaled", "lora_init_r")
 # The authors' schedules as fractions of their runs (configs/<task>.yaml; batch 32, 25 epochs of the full train
 # set: CoLA 8551 rows = 6700 steps, STS-B 5749 rows = 4500 steps): tinit, tfinal and warm-up in steps / total.
 PAPER_FRACTIONS = {"cola": {"tinit": 800 / 6700, "tfinal": 3500 / 6700, "warmup": 100 / 6700},
@@ -219,19 +221,38 @@ def read_curve(log_dir: Path, metric: str) -> list[list[float]]:
     return [[int(r["step"]), 100 * float(r[metric])] for r in rows]
 
 
+def planned_settings(method: str, task: str, seed: int, args: argparse.Namespace) -> list[str]:
+    """What identifies a run: the backbone's label and the command-line overrides of :func:`settings`."""
+    return [f"backbone={run_backbone_label(args)}", *settings(method, task, seed, args)]
+
+
+def stored_result(method: str, task: str, seed: int, args: argparse.Namespace) -> dict | None:
+    """The finished run's result from ``--results-dir``, None when there is none.
+
+    Raises:
+        SystemExit: the stored result was made with other settings (reusing it would mix two grids).
+    """
+    stored = result_path(method, task, seed, args) if args.results_dir else None
+    if stored is None or not stored.is_file():
+        return None
+    result = json.loads(stored.read_text())
+    planned = planned_settings(method, task, seed, args)
+    if result.get("settings") != planned:
+        raise SystemExit(f"{stored} was made with other settings ({result.get('settings')}); move it away or "
+                         f"choose another --results-dir to run {planned}")
+    return result
+
+
 def run_one(method: str, task: str, seed: int, args: argparse.Namespace) -> dict:
     """One fit through the CLI, or its stored result when ``--results-dir`` has one made with the same settings."""
     from cli import main
 
-    planned = [f"backbone={run_backbone_label(args)}", *settings(method, task, seed, args)]
-    stored = result_path(method, task, seed, args) if args.results_dir else None
-    if stored is not None and stored.is_file():
-        result = json.loads(stored.read_text())
-        if result.get("settings") != planned:
-            raise SystemExit(f"{stored} was made with other settings ({result.get('settings')}); move it away or "
-                             f"choose another --results-dir to run {planned}")
-        print(f"skipping {stored.name}: finished earlier ({result['metric']:.2f})")
+    result = stored_result(method, task, seed, args)
+    if result is not None:
+        print(f"skipping {result_path(method, task, seed, args).name}: finished earlier ({result['metric']:.2f})")
         return result
+    planned = planned_settings(method, task, seed, args)
+    stored = result_path(method, task, seed, args) if args.results_dir else None
     run_dir = Path(args.out) / f"{method}_{task}_{seed}{backbone_suffix(args)}"
     logger = json.dumps({"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(run_dir)}})
     cli_args = ["fit", "--config", str(REPO / "configs" / f"{task}.yaml"), "--trainer.default_root_dir",
@@ -270,17 +291,31 @@ def sign_flip_test(differences: list[float], samples: int = 20000, seed: int = 0
 
 
 def table(results: list[dict], methods: list[str], tasks: list[str]) -> str:
+    """The paper's layout: method, #Params, mean±std over seeds per task, average of the task means.
+
+    A cell with fewer seeds than the fullest cell of the table says how many it has (``(n=1)``), a cell without
+    runs is ``-``, and so is the average of a row that misses a task (a mean over other tasks would mislead).
+    """
+    counts = {(m, t): [r["metric"] for r in results if r["method"] == m and r["task"] == t]
+              for m in methods for t in tasks}
+    fullest = max((len(v) for v in counts.values()), default=0)
     lines = [f"| Method | #Params | {' | '.join(tasks)} | Avg. |", "|---|---:|" + "---:|" * (len(tasks) + 1)]
     for method in methods:
         cells, means = [], []
         for task in tasks:
-            values = [r["metric"] for r in results if r["method"] == method and r["task"] == task]
+            values = counts[(method, task)]
+            if not values:
+                cells.append("-")
+                continue
             mean = statistics.mean(values)
             # One seed has no spread to show; "±0.00" would claim a measured zero.
-            cells.append(f"{mean:.2f}±{statistics.stdev(values):.2f}" if len(values) > 1 else f"{mean:.2f}")
+            cell = f"{mean:.2f}±{statistics.stdev(values):.2f}" if len(values) > 1 else f"{mean:.2f}"
+            cells.append(cell + (f" (n={len(values)})" if len(values) < fullest else ""))
             means.append(mean)
-        params = statistics.mean(r["params"] for r in results if r["method"] == method)
-        lines.append(f"| {method} | {params / 1e6:.3f}M | {' | '.join(cells)} | {statistics.mean(means):.2f} |")
+        params = [r["params"] for r in results if r["method"] == method]
+        params_cell = f"{statistics.mean(params) / 1e6:.3f}M" if params else "-"
+        average = f"{statistics.mean(means):.2f}" if len(means) == len(tasks) else "-"
+        lines.append(f"| {method} | {params_cell} | {' | '.join(cells)} | {average} |")
     return "\n".join(lines)
 
 
@@ -350,6 +385,9 @@ def parse_args(argv: list[str] | None = None, **defaults) -> argparse.Namespace:
                              "benchmarks/results/long")
     parser.add_argument("--results-dir", default=None,
                         help="one JSON per finished run; runs with a result there are skipped (resume)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="train nothing: the table, tests and curves of the grid's finished runs in "
+                             "--results-dir, naming the runs still missing")
     parser.add_argument("--plot", default=None, help="write the learning curves of the runs to this PNG")
     parser.add_argument("--paper", action="store_true",
                         help="DeBERTaV3-base from the hub, all 8 tasks, seeds 1-5, the configs' settings as they are")
@@ -449,20 +487,31 @@ def tiny_backbone(folder: Path) -> str:
 def main(argv: list[str] | None = None, **defaults) -> dict:
     args = parse_args(argv, **defaults)
     # Seed-major: an interrupted grid has whole seeds of every task rather than every seed of one task.
-    results = [run_one(m, t, s, args) for s in args.seeds for t in args.tasks for m in args.methods]
-    report = table(results, args.methods, args.tasks)
-    test = significance(results) if {"adalora", "lora"} <= set(args.methods) else ""
-    for peer in ("lora_scaled", "lora_init_r"):
-        if peer in args.methods and "adalora" in args.methods:
-            test += "\n" + significance(results, "adalora", peer)
-    if "adalora_orthogonal_init" in args.methods and "adalora" in args.methods:
-        test += "\n" + significance(results, "adalora_orthogonal_init", "adalora")
+    grid = [(m, t, s) for s in args.seeds for t in args.tasks for m in args.methods]
+    if args.report_only:
+        if not args.results_dir:
+            raise SystemExit("--report-only reads finished runs from --results-dir (or --preset long's folder)")
+        found = {run: stored_result(*run, args) for run in grid}
+        results = [r for r in found.values() if r is not None]
+        missing = [f"{t}-{m}-{s}" for (m, t, s), r in found.items() if r is None]
+        if not results:
+            raise SystemExit(f"--report-only: no finished runs of this grid in {args.results_dir}")
+        methods = [m for m in args.methods if any(r["method"] == m for r in results)]
+    else:
+        results, missing, methods = [run_one(*run, args) for run in grid], [], args.methods
+    report = table(results, methods, args.tasks)
+    tests = [significance(results, "adalora", peer) for peer in LORA_PEERS if {"adalora", peer} <= set(methods)]
+    if {"adalora_orthogonal_init", "adalora"} <= set(methods):
+        tests.append(significance(results, "adalora_orthogonal_init", "adalora"))
     for task in args.tasks:
         curves = mean_curves(results, task)
-        step = catch_up_step(curves)
-        if {"adalora", "lora"} <= set(curves):  # without both curves there is nothing to compare
-            verdict = f"stays at or above LoRA's from step {step}" if step is not None else "stays below LoRA's"
-            test += f"\n{task}: AdaLoRA's mean curve {verdict}"
+        for peer in (p for p in LORA_PEERS if {"adalora", p} <= set(curves)):  # else nothing to compare
+            step = catch_up_step(curves, "adalora", peer)
+            verdict = f"stays at or above {peer}'s from step {step}" if step is not None else f"ends below {peer}'s"
+            tests.append(f"{task}: AdaLoRA's mean curve {verdict}")
+    if missing:
+        tests.append(f"not finished yet ({len(missing)}): {', '.join(missing)}")
+    test = "\n".join(tests)
     if args.plot:
         plot_curves(results, args.tasks, args.plot)
         test += f"\nlearning curves: {args.plot}"

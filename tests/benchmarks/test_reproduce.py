@@ -35,7 +35,8 @@ def test_table_layout_mean_std_and_average():
     assert lines[0] == "| Method | #Params | cola | rte | Avg. |"
     # sample std of (60, 62) is sqrt(2) = 1.41; the average is over task means
     assert lines[2] == "| lora | 1.327M | 61.00±1.41 | 80.00±0.00 | 70.50 |"
-    assert lines[3] == "| adalora | 1.000M | 70.00 | 90.00 | 80.00 |"  # one seed: no spread shown
+    # one seed: no spread shown, and the cell says it has fewer seeds than lora's
+    assert lines[3] == "| adalora | 1.000M | 70.00 (n=1) | 90.00 (n=1) | 80.00 |"
 
 
 @pytest.mark.slow
