@@ -373,6 +373,16 @@ def table(results: list[dict], methods: list[str], tasks: list[str]) -> str:
     return "\n".join(lines)
 
 
+def runs_table(results: list[dict]) -> str:
+    """One row per run: its metric, optimizer steps and wall time (and the step it resumed from, if it did)."""
+    lines = ["| task | method | seed | metric | steps | minutes | resumed from |", "|---|---|---:|---:|---:|---:|---:|"]
+    for r in sorted(results, key=lambda r: (r["task"], r["method"], r["seed"])):
+        resumed = r.get("resumed_from_step", "")
+        lines.append(f"| {r['task']} | {r['method']} | {r['seed']} | {r['metric']:.2f} | {r.get('steps', '')} | "
+                     f"{r['seconds'] / 60:.1f} | {resumed} |")
+    return "\n".join(lines)
+
+
 def significance(results: list[dict], a: str = "adalora", b: str = "lora") -> str:
     pairs = {(r["task"], r["seed"]): r["metric"] for r in results if r["method"] == a}
     diffs = [pairs[(r["task"], r["seed"])] - r["metric"] for r in results
@@ -569,13 +579,14 @@ def main(argv: list[str] | None = None, **defaults) -> dict:
     if args.plot:
         plot_curves(results, args.tasks, args.plot)
         test += f"\nlearning curves: {args.plot}"
-    print("\n" + report + "\n\n" + test)
+    runs = runs_table(results)
+    print("\n" + report + "\n\n" + test + "\n\n" + runs)
     out = Path(args.json or Path(args.out) / "results.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     payload = {"args": {k: v for k, v in vars(args).items()}, "results": results, "table": report,
-               "significance": test}
+               "significance": test, "runs": runs}
     out.write_text(json.dumps(payload, indent=1))
-    (out.with_suffix(".md")).write_text(report + "\n\n" + test + "\n")
+    (out.with_suffix(".md")).write_text(report + "\n\n" + test + "\n\n" + runs + "\n")
     print(f"wrote {out} and {out.with_suffix('.md')}")
     return payload
 

@@ -94,7 +94,8 @@ def test_report_only_reads_finished_runs_and_names_the_missing(tmp_path, monkeyp
     args = reproduce.parse_args(argv)
     results_dir.mkdir()
     for method, seed, metric in [("adalora", 1, 30.0), ("lora", 1, 20.0), ("adalora", 2, 34.0)]:
-        run = {"method": method, "task": "cola", "seed": seed, "metric": metric, "params": 100,
+        run = {"method": method, "task": "cola", "seed": seed, "metric": metric, "params": 100, "steps": 20,
+               "seconds": 90.0 * seed,
                "curve": [[10, metric - 5], [20, metric]], "settings": reproduce.planned_settings(method, "cola", seed,
                                                                                               args)}
         reproduce.result_path(method, "cola", seed, args).write_text(json.dumps(run))
@@ -105,6 +106,9 @@ def test_report_only_reads_finished_runs_and_names_the_missing(tmp_path, monkeyp
     assert lines[0].startswith("adalora - lora: mean difference +10.00 points over 1 (task, seed) pairs")
     assert "cola: AdaLoRA's mean curve stays at or above lora's from step 10" in lines
     assert "not finished yet (1): cola-lora-2" in lines
+    assert payload["runs"].splitlines()[2:] == ["| cola | adalora | 1 | 30.00 | 20 | 1.5 |  |",
+                                                "| cola | adalora | 2 | 34.00 | 20 | 3.0 |  |",
+                                                "| cola | lora | 1 | 20.00 | 20 | 1.5 |  |"]
 
     stale = json.loads(reproduce.result_path("lora", "cola", 1, args).read_text())
     stale["settings"] = [*stale["settings"], "--model.learning_rate", "0.5"]
