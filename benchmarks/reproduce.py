@@ -366,7 +366,9 @@ def table(results: list[dict], methods: list[str], tasks: list[str]) -> str:
             cell = f"{mean:.2f}±{statistics.stdev(values):.2f}" if len(values) > 1 else f"{mean:.2f}"
             cells.append(cell + (f" (n={len(values)})" if len(values) < fullest else ""))
             means.append(mean)
-        params = [r["params"] for r in results if r["method"] == method]
+        # Per task first: a task with more finished seeds must not weigh more in the row's one #Params.
+        params = [statistics.mean(r["params"] for r in results if r["method"] == method and r["task"] == task)
+                  for task in tasks if counts[(method, task)]]
         params_cell = f"{statistics.mean(params) / 1e6:.3f}M" if params else "-"
         average = f"{statistics.mean(means):.2f}" if len(means) == len(tasks) else "-"
         lines.append(f"| {method} | {params_cell} | {' | '.join(cells)} | {average} |")

@@ -73,8 +73,9 @@ def test_table_marks_partial_cells_and_missing_tasks():
         {"method": "lora", "task": "cola", "seed": 1, "metric": 10.0, "params": 41_472},
     ]
     lines = reproduce.table(results, ["adalora", "lora"], ["cola", "stsb"]).splitlines()
-    # (20, 30): mean 25, sample std 7.07; STS-B has one of the two seeds the fullest cell has
-    assert lines[2] == "| adalora | 0.037M | 25.00±7.07 | 80.00 (n=1) | 52.50 |"
+    # (20, 30): mean 25, sample std 7.07; STS-B has one of the two seeds the fullest cell has;
+    # #Params averages the tasks (40,000 and 30,000), not the three runs
+    assert lines[2] == "| adalora | 0.035M | 25.00±7.07 | 80.00 (n=1) | 52.50 |"
     assert lines[3] == "| lora | 0.041M | 10.00 (n=1) | - | - |"  # no average over a missing task
 
 
