@@ -250,12 +250,12 @@ def run_one(method: str, task: str, seed: int, args: argparse.Namespace) -> dict
     """One fit through the CLI, or its stored result when ``--results-dir`` has one made with the same settings."""
     from cli import main
 
+    stored = result_path(method, task, seed, args) if args.results_dir else None
     result = stored_result(method, task, seed, args)
     if result is not None:
-        print(f"skipping {result_path(method, task, seed, args).name}: finished earlier ({result['metric']:.2f})")
+        print(f"skipping {stored.name}: finished earlier ({result['metric']:.2f})")
         return result
     planned = planned_settings(method, task, seed, args)
-    stored = result_path(method, task, seed, args) if args.results_dir else None
     run_dir = Path(args.out) / f"{method}_{task}_{seed}{backbone_suffix(args)}"
     key = MAIN_METRIC.get(task, "val/accuracy")
     attempt = start_attempt(run_dir, planned, key)

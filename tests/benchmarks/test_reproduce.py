@@ -39,6 +39,20 @@ def test_table_layout_mean_std_and_average():
     assert lines[3] == "| adalora | 1.000M | 70.00 (n=1) | 90.00 (n=1) | 80.00 |"
 
 
+def test_table_marks_partial_cells_and_missing_tasks():
+    results = [
+        {"method": "adalora", "task": "cola", "seed": 1, "metric": 20.0, "params": 40_000},
+        {"method": "adalora", "task": "cola", "seed": 2, "metric": 30.0, "params": 40_000},
+        {"method": "adalora", "task": "stsb", "seed": 1, "metric": 80.0, "params": 30_000},
+        {"method": "lora", "task": "cola", "seed": 1, "metric": 10.0, "params": 41_472},
+    ]
+    lines = reproduce.table(results, ["adalora", "lora"], ["cola", "stsb"]).splitlines()
+    # (20, 30): mean 25, sample std 7.07; STS-B has one of the two seeds the fullest cell has;
+    # #Params averages the tasks (40,000 and 30,000), not the three runs
+    assert lines[2] == "| adalora | 0.035M | 25.00±7.07 | 80.00 (n=1) | 52.50 |"
+    assert lines[3] == "| lora | 0.041M | 10.00 (n=1) | - | - |"  # no average over a missing task
+
+
 @pytest.mark.slow
 def test_reproduce_smoke_writes_table_and_json(tmp_path, real_data):
     out = tmp_path / "out"
