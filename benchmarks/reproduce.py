@@ -26,7 +26,9 @@ Every finished run is written to ``--results-dir`` (``benchmarks/results/long/<t
 preset; the folder is committed): a rerun skips the runs that have a result there, so an interrupted grid goes
 on where it stopped, on another day or machine. A run cut off midway resumes from its last checkpoint in
 ``--out`` (written at every validation) when the grid is started again with the same settings and the same
-``--out`` (see :func:`start_attempt`), so an MPNet run of hours can span several sessions. Each result holds the
+``--out`` (see :func:`start_attempt`), so an MPNet run of hours can span several sessions; the rest of the cut
+epoch comes in another order than in an uncut run (the dataloaders keep no mid-epoch position), so it is a
+run of the same settings, not a bitwise replay. Each result holds the
 validation curve (metric vs optimizer step); ``--plot`` draws the learning curves of the finished runs, and
 ``--report-only`` writes the table, tests and curves of the finished runs without training anything.
 
