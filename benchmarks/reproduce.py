@@ -78,9 +78,12 @@ TASK_DIRS = {"cola": "CoLA", "sst2": "SST-2", "mrpc": "MRPC", "qqp": "QQP", "sts
 MAIN_METRIC = {"cola": "val/mcc", "stsb": "val/pearson", "mrpc": "val/accuracy", "qqp": "val/accuracy",
                "mnli": "val/accuracy_validation_matched"}  # the paper reports accuracy for MRPC/QQP/MNLI-m
 METHODS = ("adalora", "lora", "lora_init_r", "lora_scaled", "full", "houlsby", "pfeiffer", "svd_lora", "prune_lora",
-           "adalora_no_orth", "adalora_sensitivity", "adalora_magnitude", "adalora_orthogonal_init")
+           "adalora_no_orth", "adalora_sensitivity", "adalora_magnitude", "adalora_orthogonal_init", "svd_lora_init_r")
 # The LoRA rows AdaLoRA is tested against (paired test, catch-up step), in the order the report lists them.
 LORA_PEERS = ("lora", "lora_scaled", "lora_init_r")
+# Variants of AdaLoRA itself, each tested against adalora (paired test): the orthogonal initialisation, and the
+# same SVD adapters at the initial rank never pruned (isolates what the budget schedule does).
+ADALORA_VARIANTS = ("adalora_orthogonal_init", "svd_lora_init_r")
 # The authors' schedules as fractions of their runs (configs/<task>.yaml; batch 32, 25 epochs of the full train
 # set: CoLA 8551 rows = 6700 steps, STS-B 5749 rows = 4500 steps): tinit, tfinal and warm-up in steps / total.
 PAPER_FRACTIONS = {"cola": {"tinit": 800 / 6700, "tfinal": 3500 / 6700, "warmup": 100 / 6700},
@@ -142,6 +145,8 @@ def method_args(method: str, init_r: int, target_r: int, bottleneck: int, lora_a
         return ["--model.method", method, "--model.bottleneck_size", str(bottleneck)]
     if method == "svd_lora":
         return ["--model.method", "svd_lora", "--model.init_r", str(target_r), "--model.target_r", str(target_r)]
+    if method == "svd_lora_init_r":  # AdaLoRA up to its first pruning step (same init, scaling, importance EMAs)
+        return ["--model.method", "svd_lora", "--model.init_r", str(init_r)]
     return ["--model.method", method, "--model.init_r", str(init_r), "--model.target_r", str(target_r)]
 
 
@@ -569,8 +574,8 @@ def main(argv: list[str] | None = None, **defaults) -> dict:
         results, missing, methods = [run_one(*run, args) for run in grid], [], args.methods
     report = table(results, methods, args.tasks)
     tests = [significance(results, "adalora", peer) for peer in LORA_PEERS if {"adalora", peer} <= set(methods)]
-    if {"adalora_orthogonal_init", "adalora"} <= set(methods):
-        tests.append(significance(results, "adalora_orthogonal_init", "adalora"))
+    tests += [significance(results, variant, "adalora") for variant in ADALORA_VARIANTS
+              if {variant, "adalora"} <= set(methods)]
     for task in args.tasks:
         curves = mean_curves(results, task)
         for peer in (p for p in LORA_PEERS if {"adalora", p} <= set(curves)):  # else nothing to compare

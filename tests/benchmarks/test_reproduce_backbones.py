@@ -216,3 +216,16 @@ def test_lora_scaled_keeps_adalora_scaling_per_rank():
     args = method_args("lora_scaled", init_r, target_r, 64, alpha)
     assert args == ["--model.method", "lora", "--model.init_r", "1", "--model.lora_alpha", "10.6667"]
     assert "--model.lora_alpha" not in method_args("lora", init_r, target_r, 64, alpha)
+
+
+def test_svd_lora_init_r_is_adalora_without_its_budget_schedule():
+    """The ablation that isolates pruning: AdaLoRA's arguments but for the method (svd_lora keeps the budget at
+    init_r, so nothing is masked; tests/tasks/test_baselines.py checks that), at AdaLoRA's initial rank and alpha."""
+    from benchmarks.reproduce import METHODS, config_adapter_settings, method_args
+
+    init_r, target_r, alpha = config_adapter_settings("cola")
+    adalora = method_args("adalora", init_r, target_r, 64, alpha)
+    ablation = method_args("svd_lora_init_r", init_r, target_r, 64, alpha)
+    assert ablation == ["--model.method", "svd_lora", "--model.init_r", "3"]
+    assert adalora[:4] == ["--model.method", "adalora", "--model.init_r", "3"]
+    assert "svd_lora_init_r" in METHODS
