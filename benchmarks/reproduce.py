@@ -57,6 +57,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 import random
 import re
 import statistics
@@ -332,6 +333,13 @@ def start_attempt(run_dir: Path, planned: list[str], metric: str) -> dict:
     return attempt
 
 
+def reported(value: float) -> float:
+    """A metric as the report counts it. A correlation is undefined (NaN) when the model gives every example the
+    same prediction (or a non-finite one); the report counts that as 0, no association (sklearn's MCC does the
+    same for constant predictions). The stored result keeps the NaN, and the report names such runs."""
+    return 0.0 if math.isnan(value) else value
+
+
 def sign_flip_test(differences: list[float], samples: int = 20000, seed: int = 0) -> float:
     """Two-sided p-value of a paired sign-flip permutation test (exact up to 16 pairs)."""
     n = len(differences)
@@ -357,7 +365,7 @@ def table(results: list[dict], methods: list[str], tasks: list[str]) -> str:
     A cell with fewer seeds than the fullest cell of the table says how many it has (``(n=1)``), a cell without
     runs is ``-``, and so is the average of a row that misses a task (a mean over other tasks would mislead).
     """
-    counts = {(m, t): [r["metric"] for r in results if r["method"] == m and r["task"] == t]
+    counts = {(m, t): [reported(r["metric"]) for r in results if r["method"] == m and r["task"] == t]
               for m in methods for t in tasks}
     fullest = max((len(v) for v in counts.values()), default=0)
     lines = [f"| Method | #Params | {' | '.join(tasks)} | Avg. |", "|---|---:|" + "---:|" * (len(tasks) + 1)]
@@ -393,8 +401,8 @@ def runs_table(results: list[dict]) -> str:
 
 
 def significance(results: list[dict], a: str = "adalora", b: str = "lora") -> str:
-    pairs = {(r["task"], r["seed"]): r["metric"] for r in results if r["method"] == a}
-    diffs = [pairs[(r["task"], r["seed"])] - r["metric"] for r in results
+    pairs = {(r["task"], r["seed"]): reported(r["metric"]) for r in results if r["method"] == a}
+    diffs = [pairs[(r["task"], r["seed"])] - reported(r["metric"]) for r in results
              if r["method"] == b and (r["task"], r["seed"]) in pairs]
     if not diffs:
         return f"no paired runs of {a} and {b}"
@@ -406,7 +414,8 @@ def mean_curves(results: list[dict], task: str) -> dict[str, list[tuple[int, flo
     """Per method, the validation metric averaged over seeds at each step every seed of it was validated at."""
     curves: dict[str, list[tuple[int, float]]] = {}
     for method in dict.fromkeys(r["method"] for r in results if r["task"] == task and r.get("curve")):
-        runs = [{int(s): v for s, v in r["curve"]} for r in results if r["task"] == task and r["method"] == method]
+        runs = [{int(s): reported(v) for s, v in r["curve"]} for r in results
+                if r["task"] == task and r["method"] == method]
         steps = sorted(set.intersection(*(set(run) for run in runs)))
         curves[method] = [(s, statistics.mean(run[s] for run in runs)) for s in steps]
     return curves
@@ -582,6 +591,9 @@ def main(argv: list[str] | None = None, **defaults) -> dict:
             step = catch_up_step(curves, "adalora", peer)
             verdict = f"stays at or above {peer}'s from step {step}" if step is not None else f"ends below {peer}'s"
             tests.append(f"{task}: AdaLoRA's mean curve {verdict}")
+    undefined = [f"{r['task']}-{r['method']}-{r['seed']}" for r in results if math.isnan(r["metric"])]
+    if undefined:
+        tests.append(f"metric undefined (NaN) at the last step, counted as 0: {', '.join(undefined)}")
     if missing:
         tests.append(f"not finished yet ({len(missing)}): {', '.join(missing)}")
     test = "\n".join(tests)

@@ -53,6 +53,25 @@ def test_table_marks_partial_cells_and_missing_tasks():
     assert lines[3] == "| lora | 0.041M | 10.00 (n=1) | - | - |"  # no average over a missing task
 
 
+
+def test_an_undefined_correlation_counts_as_zero_and_is_named():
+    """Constant predictions make Pearson NaN (torchmetrics); table, paired test and curves count it as 0."""
+    nan = float("nan")
+    results = [
+        {"method": "adalora", "task": "stsb", "seed": 1, "metric": 86.0, "params": 1,
+         "curve": [[10, 80.0], [20, 86.0]]},
+        {"method": "adalora", "task": "stsb", "seed": 2, "metric": 84.0, "params": 1,
+         "curve": [[10, 70.0], [20, 84.0]]},
+        {"method": "lora", "task": "stsb", "seed": 1, "metric": nan, "params": 1, "curve": [[10, 60.0], [20, nan]]},
+        {"method": "lora", "task": "stsb", "seed": 2, "metric": 6.0, "params": 1, "curve": [[10, 50.0], [20, 6.0]]},
+    ]
+    lines = reproduce.table(results, ["adalora", "lora"], ["stsb"]).splitlines()
+    assert lines[3] == "| lora | 0.000M | 3.00±4.24 | 3.00 |"  # (0, 6): mean 3, sample std 4.24
+    assert reproduce.significance(results, "adalora", "lora").startswith(
+        "adalora - lora: mean difference +82.00 points over 2 (task, seed) pairs")  # (86 - 0 + 84 - 6) / 2
+    assert reproduce.mean_curves(results, "stsb")["lora"] == [(10, 55.0), (20, 3.0)]
+    assert reproduce.catch_up_step(reproduce.mean_curves(results, "stsb"), "adalora", "lora") == 10
+
 @pytest.mark.slow
 def test_reproduce_smoke_writes_table_and_json(tmp_path, real_data):
     out = tmp_path / "out"
