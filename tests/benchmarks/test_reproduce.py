@@ -53,8 +53,7 @@ def test_table_marks_partial_cells_and_missing_tasks():
     assert lines[3] == "| lora | 0.041M | 10.00 (n=1) | - | - |"  # no average over a missing task
 
 
-
-def test_an_undefined_correlation_counts_as_zero_and_is_named():
+def test_an_undefined_correlation_counts_as_zero():
     """Constant predictions make Pearson NaN (torchmetrics); table, paired test and curves count it as 0."""
     nan = float("nan")
     results = [
@@ -71,6 +70,7 @@ def test_an_undefined_correlation_counts_as_zero_and_is_named():
         "adalora - lora: mean difference +82.00 points over 2 (task, seed) pairs")  # (86 - 0 + 84 - 6) / 2
     assert reproduce.mean_curves(results, "stsb")["lora"] == [(10, 55.0), (20, 3.0)]
     assert reproduce.catch_up_step(reproduce.mean_curves(results, "stsb"), "adalora", "lora") == 10
+
 
 @pytest.mark.slow
 def test_reproduce_smoke_writes_table_and_json(tmp_path, real_data):
