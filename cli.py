@@ -7,20 +7,33 @@ argument can be overridden on the command line (``--model.backbone``, ``--data.d
 ``python cli.py export --ckpt_path CKPT --format {adapter,peft,lora,merged} --output DIR`` turns a fit
 checkpoint into an adapter-only safetensors file, a PEFT AdaLoRA folder, a PEFT LoRA folder or a merged
 transformers model.
+
+A wrong setting or input file (:class:`~adalora_pl.errors.ConfigError`, wherever it is raised: a module or DataModule
+constructor, a DataModule's ``setup``, the module's ``setup`` or a callback during fit) ends the run with one line,
+``cli.py <subcommand>: error: <message>``, and exit status 2. Any other exception is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import inspect
+import os
 import sys
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
+import torch
+import yaml
+from jsonargparse import Namespace
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities import rank_zero_only
 
-from adalora_pl.io.checkpoint import torch_archive_problem
-from adalora_pl.io.pretrained import LoadError
+from adalora_pl.errors import ConfigError
+from adalora_pl.io.checkpoint import output_folder_problem, torch_archive_problem
 
 # Lightning's own subcommands are listed by its parser; `export` is dispatched before it, so the help names it here.
 EXPORT_HELP = (
@@ -62,19 +75,157 @@ def _exit(prog: str, message: str) -> None:
     raise SystemExit(2)
 
 
-def load_error(err: BaseException) -> LoadError | None:
-    """The LoadError that caused ``err`` (jsonargparse wraps errors raised while building the model ``from`` them)."""
-    seen = set()
-    while err is not None and id(err) not in seen:
-        if isinstance(err, LoadError):
-            return err
-        seen.add(id(err))
-        err = err.__cause__
+def config_error(err: BaseException) -> ConfigError | None:
+    """The ConfigError behind ``err``: ``err`` itself or one in its chain of causes and contexts, else None.
+
+    jsonargparse wraps an error raised while building the model or the data (``raise ... from err``), and an error
+    raised while another is handled carries that one as its ``__context__``: both are followed, causes first.
+    """
+    pending: list[BaseException | None] = [err]
+    seen: set[int] = set()
+    while pending:
+        current = pending.pop(0)
+        if current is None or id(current) in seen:
+            continue
+        if isinstance(current, ConfigError):
+            return current
+        seen.add(id(current))
+        pending += [current.__cause__, current.__context__]
     return None
 
 
+def one_line(message: str) -> str:
+    """``message`` on one line (its lines joined by spaces), as the last line of the output must hold it all."""
+    return " ".join(line.strip() for line in message.splitlines() if line.strip())
+
+
+# ---------------------------------------------------------------------------------------- optimizer blocks
+# LightningCLI's own `optimizer:` / `lr_scheduler:` blocks replace the module's AdamW and linear schedule. Lightning
+# builds them only after the backbone has loaded, and torch's refusal ("Invalid learning rate: -1.0") then names
+# neither the key nor the file: they are built once on a stand-in parameter first.
+OPTIMIZER_BLOCKS = ("optimizer", "lr_scheduler")
+
+
+def _import_class(class_path: str) -> type:
+    module_name, _, class_name = class_path.rpartition(".")
+    return getattr(importlib.import_module(module_name), class_name)
+
+
+def _build(cls: type, target: Any, init_args: dict[str, Any]) -> tuple[Any, str | None]:
+    """``(cls(target, **init_args), None)``, or ``(None, why)`` when it raises."""
+    try:
+        return cls(target, **init_args), None
+    except Exception as err:  # whatever the class refuses, with its own words
+        return None, one_line(str(err)) or type(err).__name__
+
+
+def _culprit(cls: type, target: Any, init_args: dict[str, Any], reason: str) -> str | None:
+    """The first of ``init_args`` whose reset to the class default changes the outcome: the one ``reason`` is about.
+
+    Arguments without a default are never reset (leaving them out would be an error of its own).
+    """
+    try:
+        parameters = inspect.signature(cls).parameters
+    except (TypeError, ValueError):
+        return None
+    for key in init_args:
+        parameter = parameters.get(key)
+        if parameter is None or parameter.default is inspect.Parameter.empty:
+            continue
+        _, other = _build(cls, target, {k: v for k, v in init_args.items() if k != key})
+        if other != reason:
+            return key
+    return None
+
+
+def block_source(block: str, argv: Sequence[str], config_files: Sequence[Any], subcommand: str) -> str:
+    """Where the ``block`` settings came from: the command line, or the last ``--config`` file that has them."""
+    if any(arg == f"--{block}" or arg.startswith((f"--{block}.", f"--{block}=")) for arg in argv):
+        return "on the command line"
+    for path in reversed(list(config_files or ())):
+        try:
+            with open(os.fspath(path), encoding="utf-8") as handle:
+                content = yaml.safe_load(handle) or {}
+        except (OSError, yaml.YAMLError):
+            continue
+        if not isinstance(content, dict):
+            continue
+        nested = content.get(subcommand)  # a file given before the subcommand holds `fit: {optimizer: ...}`
+        if block in content or (isinstance(nested, dict) and block in nested):
+            return f"in {path}"
+    return "in the config"
+
+
+def optimizer_blocks_problem(config: Namespace, source_of: Any) -> str | None:
+    """Why the ``optimizer`` / ``lr_scheduler`` blocks of a subcommand's config cannot be built, or None.
+
+    Each is built once on a stand-in parameter (the scheduler on the configured optimizer, or on SGD when there is
+    none). The message names the key (``optimizer.init_args.lr``), its value, where it was set (``source_of(block)``)
+    and the class's own reason.
+    """
+    stand_in = torch.nn.Parameter(torch.zeros(1))
+    optimizer: Any = torch.optim.SGD([stand_in], lr=0.1)
+    for block in OPTIMIZER_BLOCKS:
+        settings = config.get(block)
+        if not isinstance(settings, Namespace) or not settings.get("class_path"):
+            continue
+        class_path = settings.class_path
+        init_args = settings.init_args.as_dict() if isinstance(settings.get("init_args"), Namespace) else {}
+        try:
+            cls = _import_class(class_path)
+        except (ImportError, AttributeError) as err:
+            return f"{block}.class_path = {class_path!r} ({source_of(block)}) cannot be imported: {err}"
+        target = [stand_in] if block == "optimizer" else optimizer
+        built, reason = _build(cls, target, init_args)
+        if reason is None:
+            if block == "optimizer":
+                optimizer = built
+            continue
+        key = _culprit(cls, target, init_args, reason)
+        if key is None:
+            return f"{block} ({source_of(block)}): {class_path} refuses init_args {init_args}: {reason}"
+        return f"{block}.init_args.{key} = {init_args[key]!r} ({source_of(block)}): {class_path} refuses it: {reason}"
+    return None
+
+
+# ---------------------------------------------------------------------------------------- checkpoint settings
+def _plain(value: Any) -> Any:
+    """``value`` with tuples as lists and Namespaces as dicts, so that a YAML list equals a saved tuple."""
+    if isinstance(value, Namespace):
+        value = value.as_dict()
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _model_settings(model: Namespace) -> dict[str, Any]:
+    """The keyword arguments a ``model`` config block builds its module with (``dict_kwargs`` win, as there)."""
+    settings: dict[str, Any] = {"class_path": model.get("class_path")}
+    for key in ("init_args", "dict_kwargs"):
+        part = model.get(key)
+        settings.update(_plain(part) if isinstance(part, (Namespace, dict)) else {})
+    return settings
+
+
+def changed_model_settings(given: Namespace, used: Namespace) -> list[str]:
+    """``key=used (given: value)`` for each model setting where ``used`` differs from ``given``."""
+    before, after = _model_settings(given), _model_settings(used)
+    return [f"{key}={value!r} (given: {before[key]!r})" for key, value in after.items()
+            if key in before and before[key] != value]
+
+
+@rank_zero_only
+def _note(prog: str, message: str) -> None:
+    sys.stderr.write(f"{prog}: note: {message}\n")
+    sys.stderr.flush()
+
+
 class AdaLoRACLI(LightningCLI):
-    """LightningCLI that links the tokenizer to ``--model.backbone`` and checks ``--ckpt_path`` before loading it."""
+    """LightningCLI that links the tokenizer to ``--model.backbone``, checks ``--ckpt_path`` before loading it, says
+    which model settings a checkpoint replaces, and checks ``optimizer:`` / ``lr_scheduler:`` blocks before the
+    backbone loads."""
 
     def add_arguments_to_parser(self, parser) -> None:
         # The tokenizer is the backbone's own, unless the data section names another one.
@@ -82,6 +233,8 @@ class AdaLoRACLI(LightningCLI):
 
     def parse_arguments(self, parser, args) -> None:
         super().parse_arguments(parser, args)
+        self._argv = list(sys.argv[1:] if args is None else args) if not isinstance(args, (dict, Namespace)) else []
+        self._given_model = None
         # Right after parsing, Lightning torch.loads ckpt_path to read its hyperparameters, whatever the file is
         # (README.md makes torch suggest weights_only=False): check it first.
         subcommand = self.config.get("subcommand")
@@ -89,6 +242,31 @@ class AdaLoRACLI(LightningCLI):
             problem = ckpt_path_problem(self.config[subcommand].get("ckpt_path"))
             if problem:
                 _exit(f"cli.py {subcommand}", problem)
+            # What the command line and its configs ask for, before Lightning lays the checkpoint's over it.
+            model = self.config[subcommand].get("model")
+            self._given_model = model.clone() if isinstance(model, Namespace) else None
+
+    def before_instantiate_classes(self) -> None:
+        subcommand = self.config.get("subcommand")
+        if subcommand is None:
+            return
+        config = self.config[subcommand]
+        self._report_checkpoint_settings(subcommand, config)
+        problem = optimizer_blocks_problem(
+            config, lambda block: block_source(block, self._argv, config.get("config") or (), subcommand)
+        )
+        if problem:
+            raise ConfigError(problem)
+
+    def _report_checkpoint_settings(self, subcommand: str, config: Namespace) -> None:
+        """One line naming the model settings the checkpoint's hyperparameters replaced (Lightning uses those)."""
+        ckpt_path, model = config.get("ckpt_path"), config.get("model")
+        if not ckpt_path or self._given_model is None or not isinstance(model, Namespace):
+            return
+        changes = changed_model_settings(self._given_model, model)
+        if changes:
+            _note(f"cli.py {subcommand}", f"{ckpt_path} was saved with other model settings than the command line "
+                                          f"and its config; using the checkpoint's: {', '.join(changes)}")
 
 
 def export_main(args: list[str]) -> None:
@@ -99,12 +277,18 @@ def export_main(args: list[str]) -> None:
     parser.add_argument("--format", required=True, choices=EXPORT_FORMATS,
                         help="adapter: safetensors + JSON; peft: PeftModel AdaLoRA folder; "
                              "lora: PeftModel LoRA folder; merged: plain transformers model")
-    parser.add_argument("--output", required=True, help="output folder")
+    parser.add_argument("--output", required=True, help="output folder (new, or empty unless --overwrite)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="write into an --output folder that already holds files (same names are replaced)")
     ns = parser.parse_args(args)
+    # Checked here too, before the checkpoint and backbone load, to name the command line's options.
+    problem = output_folder_problem(ns.output, overwrite=ns.overwrite, overwrite_hint="pass --overwrite")
+    if problem is not None:
+        parser.exit(2, f"cli.py export: error: --output {problem}\n")
     try:
-        export_checkpoint(ns.ckpt_path, ns.format, ns.output)
+        export_checkpoint(ns.ckpt_path, ns.format, ns.output, overwrite=ns.overwrite)
     except (FileNotFoundError, ValueError) as err:
-        parser.exit(2, f"cli.py export: error: {err}\n")
+        parser.exit(2, f"cli.py export: error: {one_line(str(err))}\n")
 
 
 def main(args: list[str] | None = None) -> AdaLoRACLI | None:
@@ -130,13 +314,13 @@ def main(args: list[str] | None = None) -> AdaLoRACLI | None:
                 args=args,
             )
     except Exception as err:
-        # A backbone/tokenizer/hub error already says what to do; jsonargparse would bury it in ~100 lines of
-        # Union output. Other errors keep their traceback.
-        cause = load_error(err)
+        # A wrong setting already says what to do; jsonargparse would bury it under two tracebacks, ~100 lines of
+        # Union output and the whole Namespace. Other errors are bugs and keep their traceback.
+        cause = config_error(err)
         if cause is None:
             raise
         subcommand = next((a for a in argv if a in AdaLoRACLI.subcommands()), "")
-        _exit(f"cli.py {subcommand}".strip(), str(cause))
+        _exit(f"cli.py {subcommand}".strip(), one_line(str(cause)))
 
 
 if __name__ == "__main__":

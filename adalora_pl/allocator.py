@@ -1,7 +1,9 @@
 """The state object of AdaLoRA: importance averages, the schedule and the rank pattern of a set of layers.
 
 :class:`RankAllocator` is called once per optimizer step, after ``optimizer.step()`` and before
-``zero_grad()``, with the 0-based step index (docs/method.md §6). It follows PEFT's ``update_and_allocate``:
+``zero_grad()``, with the 0-based step index (docs/method.md §6). It follows PEFT's ``update_and_allocate``,
+in two halves that may run at different points: :meth:`~RankAllocator.update_importance` needs the gradients (right
+after the step), :meth:`~RankAllocator.allocate` only the averages (any time before the next step):
 
 - ``step < total_step - tfinal``: update importance; mask to the cubic budget on multiples of delta_t.
 - ``step == total_step - tfinal``: mask to the target budget, freeze that pattern, drop the averages.
@@ -12,7 +14,8 @@ per-step update is a handful of vectorized tensor ops on one flat float32 buffer
 parameters wherever they move (Lightning moves the module to its device after the callback's ``setup``).
 
 A step without gradients (a ``training_step`` that returned None), with inf/NaN gradients, or that a
-GradScaler skipped (``applied`` False) leaves the averages unchanged.
+GradScaler skipped (``applied`` False) leaves the averages unchanged. A mask event before any gradient reached the
+averages raises instead of masking every triplet (all scores would tie at zero).
 """
 
 from __future__ import annotations
@@ -117,6 +120,9 @@ class RankAllocator:
         self.last_step: int | None = None
         self.frozen = False
         self.last_finite: torch.Tensor | None = None
+        # Optimizer steps whose gradients reached update_importance (a host-side count: no sync to keep it).
+        self.importance_steps = 0
+        self._kept_total: torch.Tensor | None = None
 
     @staticmethod
     def layer_params(layer: nn.Module) -> tuple[torch.Tensor, ...]:
@@ -129,16 +135,29 @@ class RankAllocator:
         its parameter objects (``Module.to`` does between incompatible tensor types, e.g. to ``meta``)."""
         return [p for m in self.layers for p in self.layer_params(m)]
 
-    # ------------------------------------------------------------------ per-step entry point
+    # ------------------------------------------------------------------ per-step entry points
     @torch.no_grad()
     def update_and_allocate(self, step: int, applied: torch.Tensor | None = None) -> MaskEvent:
         """Run the allocator for the optimizer step ``step`` (0-based) just taken; see module docstring.
+
+        PEFT's ``update_and_allocate``: :meth:`update_importance` (while the pattern is not fixed yet), then
+        :meth:`allocate`. Callers that cannot run both at the same point (the callback reads the gradients right
+        after ``optimizer.step()`` and masks at the end of the batch) call the two halves themselves.
 
         Args:
             step: 0-based index of the optimizer step just taken.
             applied: optional 0-dim bool tensor, False when the optimizer step was skipped (GradScaler found
                 inf/NaN in some gradient): the averages are then left unchanged.
         """
+        if step < self.schedule.final_step:
+            self.update_importance(applied)
+        return self.allocate(step)
+
+    @torch.no_grad()
+    def allocate(self, step: int) -> MaskEvent:
+        """The schedule's part of optimizer step ``step`` (0-based): mask to the budget on mask steps, fix the
+        pattern at ``total_step - tfinal``, re-apply it afterwards. Needs no gradients (the importance averages of
+        the step must already hold it)."""
         self.follow_parameters()
         schedule = self.schedule
         final_step = schedule.final_step
@@ -146,7 +165,6 @@ class RankAllocator:
         first_call = self.last_step is None
         self.last_step = step
         if step < final_step:
-            self.update_importance(applied)
             budget = schedule.budget_at(step)
             if schedule.is_mask_step(step):
                 return MaskEvent(step, phase, budget, True, self.mask_to_budget(budget))
@@ -201,6 +219,7 @@ class RankAllocator:
         if all(p.grad is None for p in params):
             return
         self.follow_parameters()
+        self.importance_steps += 1
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         ipt = elementwise_importance([p.detach() for p in params], grads)
         unc = self.exp_avg_unc if self.importance == "sensitivity_uncertainty" else None
@@ -235,6 +254,14 @@ class RankAllocator:
         """
         all_scores = torch.cat(self.layer_scores())
         threshold = mask_threshold(all_scores, self.schedule.init_budget - budget)
+        if threshold is not None and self.importance != "magnitude" and self.importance_steps == 0:
+            # Every score would tie at zero and the ties rule would mask every triplet: the adapters would be
+            # wiped without a word. Nothing reached the averages, so something upstream is wrong.
+            raise RuntimeError(
+                f"AdaLoRA: no importance was collected before the mask event at step {self.last_step}: the "
+                "adapters had no gradient after any optimizer step, so every triplet would be masked. Check that "
+                "the optimizer holds the adapter parameters and that the loss depends on them."
+            )
         if threshold is None:
             keep = torch.ones_like(all_scores, dtype=torch.bool)
         else:
@@ -247,6 +274,14 @@ class RankAllocator:
             keep = self.sync_keep(keep)
         self.set_rank_masks(keep.split([m.r for m in self.layers]))
         self.apply_rank_pattern()
+        self._kept_total = None
+
+    def kept_total(self) -> torch.Tensor:
+        """Triplets kept by the last mask, over all layers: a 0-dim tensor on the device (no host sync), computed
+        once per mask."""
+        if self._kept_total is None:
+            self._kept_total = torch.cat([m.rank_mask.view(-1) for m in self.layers]).sum()
+        return self._kept_total
 
     @torch.no_grad()
     def set_rank_masks(self, keeps: Sequence[torch.Tensor]) -> None:
@@ -279,6 +314,7 @@ class RankAllocator:
             "exp_avg_unc": self.exp_avg_unc.clone(),
             "last_step": self.last_step,
             "frozen": self.frozen,
+            "importance_steps": self.importance_steps,
             "rank_mask": {n: m.rank_mask.clone() for n, m in zip(self.names, self.layers, strict=True)},
         }
 
@@ -296,5 +332,7 @@ class RankAllocator:
         self.exp_avg_unc.copy_(state["exp_avg_unc"])
         self.last_step = state["last_step"]
         self.frozen = bool(state["frozen"])
+        self.importance_steps = int(state["importance_steps"])
         for name, layer in zip(self.names, self.layers, strict=True):
             layer.rank_mask.copy_(state["rank_mask"][name])
+        self._kept_total = None

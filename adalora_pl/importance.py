@@ -11,13 +11,15 @@ from typing import Literal, get_args
 
 import torch
 
+from adalora_pl.errors import ConfigError
+
 Importance = Literal["sensitivity_uncertainty", "sensitivity", "magnitude"]
 IMPORTANCE_VARIANTS: tuple[str, ...] = get_args(Importance)
 
 
 def validate_importance(importance: str) -> None:
     if importance not in IMPORTANCE_VARIANTS:
-        raise ValueError(f"importance must be one of {list(IMPORTANCE_VARIANTS)}, got {importance!r}")
+        raise ConfigError(f"importance must be one of {list(IMPORTANCE_VARIANTS)}, got {importance!r}")
 
 
 def orthogonal_regularizer(factors: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:

@@ -9,6 +9,7 @@ from typing import Any
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from adalora_pl.errors import ConfigError
 from adalora_pl.layers import AdapterLayer, LoRALinear, SVDLinear
 
 log = logging.getLogger(__name__)
@@ -73,12 +74,12 @@ def preset_targets(model: nn.Module, trainable_modules: Sequence[str] = DEFAULT_
     on as ``target_modules`` (to :func:`inject_adapters`, or to PEFT).
 
     Raises:
-        ValueError: no preset for the model type (or no config), or a required entry (or every alternative
+        ConfigError: no preset for the model type (or no config), or a required entry (or every alternative
             of a tuple entry) matches no module of ``model``; the message lists the linear layers it has.
     """
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type not in TARGET_MODULE_PRESETS:
-        raise ValueError(
+        raise ConfigError(
             f"no preset of target modules for model_type {model_type!r}; pass target_modules explicitly. "
             f"Presets exist for: {sorted(TARGET_MODULE_PRESETS)}. "
             f"Linear layers of this model: {linear_layer_suffixes(model)}"
@@ -94,7 +95,7 @@ def preset_targets(model: nn.Module, trainable_modules: Sequence[str] = DEFAULT_
             missing.append(entry)
         targets.extend(present)
     if missing:
-        raise ValueError(
+        raise ConfigError(
             f"the {model_type!r} preset entries {missing} match no module of {type(model).__name__} outside "
             f"the trainable modules {list(trainable_modules)}; pass target_modules explicitly. "
             f"Linear layers of this model: {linear_layer_suffixes(model)}"
@@ -174,8 +175,9 @@ def inject_adapters(
         r: initial rank for AdaLoRA, rank for LoRA.
         lora_alpha: adapter scaling numerator.
         lora_dropout: dropout on the adapter branch.
-        trainable_modules: name suffixes of modules trained in full (task heads). Names that match
-            nothing are allowed (a model without a pooler); they are logged.
+        trainable_modules: name suffixes of modules trained in full (task heads). A known head name
+            (:data:`DEFAULT_TRAINABLE_MODULES`) may match nothing (a model without a pooler); any other name
+            must match a module (see :func:`set_trainable_modules`), which is checked before the model changes.
         autocast_adapter_dtype: float32 adapters on a float16/bfloat16 model (default, as PEFT); False keeps
             the model's dtype.
         **layer_options: further keyword arguments of the adapter class (:class:`SVDLinear`: ``adapter_init``).
@@ -184,23 +186,25 @@ def inject_adapters(
         The adapters by module path.
 
     Raises:
-        ValueError: an explicit target matches nothing, or lies inside a trainable module; a target matches
+        ConfigError: an explicit target matches nothing, or lies inside a trainable module; a target matches
             a layer that is not linear; the preset misses a required entry (see :func:`preset_targets`). The
             message lists the linear layers the model has.
+        ConfigError: a trainable module name that is not a known head name matches nothing.
     """
     if isinstance(method, type) and issubclass(method, AdapterLayer):
         layer_cls = method
     elif method in CORE_ADAPTER_CLASSES:
         layer_cls = CORE_ADAPTER_CLASSES[method]
     else:
-        raise ValueError(f"method must be one of {sorted(CORE_ADAPTER_CLASSES)} or an AdapterLayer class, "
+        raise ConfigError(f"method must be one of {sorted(CORE_ADAPTER_CLASSES)} or an AdapterLayer class, "
                          f"got {method!r}")
     if find_adapters(model):
-        raise ValueError("model already has adapters; use find_adapters(model) to adopt them")
+        raise ConfigError("model already has adapters; use find_adapters(model) to adopt them")
+    check_trainable_modules(model, trainable_modules)  # before anything is replaced or frozen
     from_preset = target_modules is None
     targets = preset_targets(model, trainable_modules) if from_preset else list(target_modules)
     if not targets:
-        raise ValueError("target_modules is empty: name at least one linear layer to adapt")
+        raise ConfigError("target_modules is empty: name at least one linear layer to adapt")
     heads = trainable_module_names(model, trainable_modules)
     # A preset is a convenience: where one of its names also matches inside a head, the head wins. An
     # explicit target is what the user asked for, so an adapter it would put inside a head is an error.
@@ -208,7 +212,7 @@ def inject_adapters(
     for name in matched:
         head = inside_any(name, heads)
         if head is not None:
-            raise ValueError(
+            raise ConfigError(
                 f"adapter target {name!r} lies inside trainable module {head!r}; "
                 "narrow target_modules or trainable_modules"
             )
@@ -231,7 +235,7 @@ def match_targets(model: nn.Module, targets: Sequence[str], skip: Sequence[str] 
     """The linear layers of ``model`` that ``targets`` name, by path; modules inside ``skip`` are passed over.
 
     Raises:
-        ValueError: a target matches a module that is not linear, or matches nothing (outside ``skip``).
+        ConfigError: a target matches a module that is not linear, or matches nothing (outside ``skip``).
     """
     matched: dict[str, nn.Module] = {}
     hits = dict.fromkeys(targets, 0)
@@ -242,22 +246,72 @@ def match_targets(model: nn.Module, targets: Sequence[str], skip: Sequence[str] 
             if name_matches(name, target):
                 hits[target] += 1
                 if not is_linear(module):
-                    raise ValueError(
+                    raise ConfigError(
                         f"target {target!r} matches {name!r}, a {type(module).__name__}, not a linear layer. "
                         f"Linear layers of this model: {linear_layer_suffixes(model)}"
                     )
                 matched[name] = module
     missing = [t for t, n in hits.items() if n == 0]
     if missing:
-        raise ValueError(
+        raise ConfigError(
             f"target_modules {missing} match no module of {type(model).__name__}. "
             f"Linear layers of this model: {linear_layer_suffixes(model)}"
         )
     return matched
 
 
-def set_trainable_modules(model: nn.Module, trainable_modules: Sequence[str]) -> list[str]:
-    """Unfreeze the modules whose names end in one of ``trainable_modules``; returns their names."""
+def unmatched_trainable_modules(
+    model: nn.Module, trainable_modules: Sequence[str], optional: Sequence[str] = DEFAULT_TRAINABLE_MODULES
+) -> list[str]:
+    """The entries of ``trainable_modules`` outside ``optional`` that match no module of ``model``."""
+    names = [n for n, _ in model.named_modules() if n]
+    return [t for t in trainable_modules if t not in optional and not any(name_matches(n, t) for n in names)]
+
+
+def module_overview(model: nn.Module, depth: int = 2, limit: int = 24) -> list[str]:
+    """Names of ``model``'s modules down to ``depth`` dot-separated components, skipping numbered blocks (at most
+    ``limit``): what a name suffix could be, for error messages."""
+    names = [n for n, _ in model.named_modules()
+             if n and n.count(".") < depth and not any(part.isdigit() for part in n.split("."))]
+    return names[:limit]
+
+
+def check_trainable_modules(
+    model: nn.Module, trainable_modules: Sequence[str], optional: Sequence[str] = DEFAULT_TRAINABLE_MODULES
+) -> None:
+    """Refuse trainable module names that match nothing, unless they are ``optional`` (see
+    :func:`set_trainable_modules`).
+
+    Raises:
+        ConfigError: naming the unmatched names, the model class, its modules' names down to two levels and its
+            linear layers.
+    """
+    unmatched = unmatched_trainable_modules(model, trainable_modules, optional)
+    if unmatched:
+        raise ConfigError(
+            f"trainable_modules {unmatched} match no module of {type(model).__name__}; a name matches a module "
+            f"whose path ends in it. Modules of this model: {module_overview(model)}; linear layers: "
+            f"{linear_layer_suffixes(model)}. Known head names, which may be absent: {list(optional)}"
+        )
+
+
+def set_trainable_modules(
+    model: nn.Module, trainable_modules: Sequence[str], optional: Sequence[str] = DEFAULT_TRAINABLE_MODULES
+) -> list[str]:
+    """Unfreeze the modules whose names end in one of ``trainable_modules``; returns their names.
+
+    A name that matches nothing is almost always a typo (``classifer``): the head it meant would silently stay
+    frozen, so it is refused. The exception are the known head names of ``optional``
+    (:data:`DEFAULT_TRAINABLE_MODULES` by default: ``classifier``, ``pooler``, ``classification_head``,
+    ``qa_outputs``, ``score``): each exists in some model families and not in others by design (RoBERTa's and
+    BART's classifiers have no pooler, only decoder classifiers have ``score``), so the default list, or such a
+    name given explicitly, may find nothing in a model; that is logged at INFO.
+
+    Raises:
+        ConfigError: a name outside ``optional`` matches no module (see :func:`check_trainable_modules`); nothing
+            is unfrozen then.
+    """
+    check_trainable_modules(model, trainable_modules, optional)
     unfrozen = []
     for name, module in model.named_modules():
         if name and any(name_matches(name, t) for t in trainable_modules):
@@ -265,5 +319,5 @@ def set_trainable_modules(model: nn.Module, trainable_modules: Sequence[str]) ->
             unfrozen.append(name)
     unmatched = [t for t in trainable_modules if not any(name_matches(n, t) for n in unfrozen)]
     if unmatched:
-        log.info("trainable_modules %s match nothing in %s", unmatched, type(model).__name__)
+        log.info("trainable_modules %s match nothing in %s (heads it does not have)", unmatched, type(model).__name__)
     return unfrozen

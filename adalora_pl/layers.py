@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from adalora_pl.errors import ConfigError
 from adalora_pl.fused_add import add_scaled
 
 # Added to ranknum before dividing, as in the reference code (keeps a rank-0 layer finite).
@@ -71,9 +72,9 @@ class AdapterLayer(nn.Module):
     ) -> None:
         super().__init__()
         if r < 0:
-            raise ValueError(f"adapter rank r must be >= 0, got {r}")
+            raise ConfigError(f"adapter rank r must be >= 0, got {r}")
         if not 0.0 <= lora_dropout < 1.0:
-            raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout}")
+            raise ConfigError(f"lora_dropout must be in [0, 1), got {lora_dropout}")
         self.in_features, self.out_features, self.fan_in_fan_out = linear_shape(base_layer)
         self.base_layer = base_layer
         for p in self.base_layer.parameters():
@@ -117,23 +118,28 @@ class AdapterLayer(nn.Module):
             return self.kept_rank * self.parameters_per_rank
         return sum(p.numel() for p in self.adapter_parameters())
 
-    @torch.no_grad()
-    def restore_adapter_dtype(self) -> bool:
-        """Upcast half-precision adapter tensors back to float32 (``autocast_adapter_dtype``); True if any was.
+    def _apply(self, fn, recurse: bool = True):
+        """``Module.to``/``half``/``bfloat16`` and friends: the base layer converts, and with
+        ``autocast_adapter_dtype`` a float32 adapter keeps its dtype (it still moves between devices).
 
-        A "bf16-true"/"16-true" Trainer converts the whole module after the adapters exist; this undoes that for
-        the adapter alone, in place (``.data``), so optimizers keep the same parameter objects.
+        A "bf16-true"/"16-true" Trainer converts the whole module with ``module.to(dtype)`` while setting up its
+        strategy, after the callback injected the adapters: refusing the cast here keeps the adapter's float32
+        values exact (no round trip through bfloat16, also for a checkpoint restored before that conversion), and
+        keeps its parameter objects before DDP registers them.
         """
+        if recurse:
+            for child in self.children():
+                child._apply(fn)
         if not self.autocast_adapter_dtype:
-            return False
-        changed = False
-        tensors = [*self.adapter_parameters()]
-        tensors += [b for n, b in self.named_buffers() if not n.startswith("base_layer.")]
-        for t in tensors:
-            if t.dtype in HALF_DTYPES:
-                t.data = t.data.float()
-                changed = True
-        return changed
+            return super()._apply(fn, recurse=False)
+
+        def keep_float32(t: torch.Tensor) -> torch.Tensor:
+            out = fn(t)
+            if t.dtype == torch.float32 and out.dtype in HALF_DTYPES:
+                return t.to(device=out.device)  # the move without the cast
+            return out
+
+        return super()._apply(keep_float32, recurse=False)
 
     def delta_weight(self) -> torch.Tensor:
         raise NotImplementedError
@@ -198,7 +204,7 @@ class SVDLinear(AdapterLayer):
     ) -> None:
         super().__init__(base_layer, r, lora_alpha, lora_dropout, autocast_adapter_dtype)
         if adapter_init not in ADAPTER_INITS:
-            raise ValueError(f"adapter_init must be one of {list(ADAPTER_INITS)}, got {adapter_init!r}")
+            raise ConfigError(f"adapter_init must be one of {list(ADAPTER_INITS)}, got {adapter_init!r}")
         factory = self.adapter_factory()
         self.lora_A = nn.Parameter(torch.empty(r, self.in_features, **factory))
         self.lora_E = nn.Parameter(torch.zeros(r, 1, **factory))
@@ -254,7 +260,7 @@ class LoRALinear(AdapterLayer):
         autocast_adapter_dtype: bool = True,
     ) -> None:
         if r <= 0:
-            raise ValueError(f"LoRA rank r must be > 0, got {r}")
+            raise ConfigError(f"LoRA rank r must be > 0, got {r}")
         super().__init__(base_layer, r, lora_alpha, lora_dropout, autocast_adapter_dtype)
         factory = self.adapter_factory()
         self.lora_A = nn.Parameter(torch.empty(r, self.in_features, **factory))

@@ -31,6 +31,7 @@ from adalora_pl.baselines import (
     match_budget,
 )
 from adalora_pl.callback import AdaLoRACallback
+from adalora_pl.errors import ConfigError
 from adalora_pl.importance import Importance
 from adalora_pl.injection import (
     DEFAULT_TRAINABLE_MODULES,
@@ -61,6 +62,28 @@ BUDGET_NAME_OF_METHOD = {"adalora": "adalora", "svd_lora": "adalora", "lora": "l
 MODULE_CLASS_KEY = "adalora_pl_module_class"
 # The evaluation stages, as they prefix the logged names ("val/f1").
 Stage = Literal["val", "test"]
+# Names transformers gives the learned absolute position embeddings: BERT, RoBERTa, MPNet, ELECTRA, DeBERTa with
+# position_biased_input (``position_embeddings``), BART (``embed_positions``), GPT-2 (``wpe``).
+ABSOLUTE_POSITION_MODULES = ("position_embeddings", "embed_positions", "wpe")
+
+
+def max_input_positions(model: nn.Module) -> int | None:
+    """The most tokens ``model`` takes in one sequence, from its learned absolute position embeddings, or None when
+    it has none (only relative or rotary positions: DeBERTa-v3 with ``position_biased_input=False``, T5, Llama).
+
+    That is ``max_position_embeddings`` for BERT, GPT-2 and BART (whose table has two more rows, its ``offset``), and
+    ``max_position_embeddings - pad_token_id - 1`` for RoBERTa and MPNet, whose positions start after the padding
+    index. With several tables (an encoder-decoder) the smallest limit counts.
+    """
+    limits = []
+    for name, module in model.named_modules():
+        if name.rpartition(".")[2] not in ABSOLUTE_POSITION_MODULES or not isinstance(module, nn.Embedding):
+            continue
+        offset = getattr(module, "offset", None)
+        if not isinstance(offset, int):
+            offset = module.padding_idx + 1 if module.padding_idx is not None else 0
+        limits.append(module.num_embeddings - offset)
+    return min(limits) if limits else None
 
 
 class AdapterModule(pl.LightningModule):
@@ -76,7 +99,9 @@ class AdapterModule(pl.LightningModule):
             ``importance``.
         target_modules: name suffixes of the linear layers to adapt; ``None`` takes the preset of the
             backbone's model type.
-        trainable_modules: name suffixes of modules trained in full next to the adapters (task heads).
+        trainable_modules: name suffixes of modules trained in full next to the adapters (task heads). A name
+            that matches no module is refused, unless it is one of the known head names that some model families
+            lack by design (:func:`~adalora_pl.injection.set_trainable_modules`).
         init_r: AdaLoRA's initial rank, or LoRA's rank.
         target_r: AdaLoRA's average final rank.
         lora_alpha: adapter scaling numerator.
@@ -102,7 +127,13 @@ class AdapterModule(pl.LightningModule):
             columns; E = 0 still, see :class:`~adalora_pl.layers.SVDLinear`).
 
     A task module sets :attr:`auto_class` (and, if its evaluation batches carry them, :attr:`bookkeeping_keys`) and
-    implements :meth:`eval_step` and :meth:`log_eval_metrics`.
+    implements :meth:`eval_step` and :meth:`log_eval_metrics`. A task module that overrides :meth:`setup` calls
+    ``super().setup(stage)``, which checks the data module's lengths against the backbone.
+
+    Raises:
+        ConfigError: an unknown ``method``, a learning rate that is not > 0, a ``param_budget`` that is not a
+            positive integer, ``adapter_init`` on a method without SVD adapters, or a ``trainable_modules`` name that
+            matches nothing; the message names the argument and the value.
     """
 
     #: The transformers Auto class whose ``from_pretrained`` loads the backbone, e.g.
@@ -111,6 +142,9 @@ class AdapterModule(pl.LightningModule):
     #: Keys of evaluation batches that the evaluation reads but the model does not take (``feature_index``);
     #: :meth:`model_inputs` drops them.
     bookkeeping_keys: ClassVar[tuple[str, ...]] = ()
+    #: Data module attributes that set how many tokens enter the backbone in one sequence; :meth:`setup` checks them
+    #: against :func:`max_input_positions`.
+    data_length_options: ClassVar[tuple[str, ...]] = ("max_seq_length",)
 
     def __init__(
         self,
@@ -141,9 +175,16 @@ class AdapterModule(pl.LightningModule):
         super().__init__()
         self.save_hyperparameters()  # collects the subclass's init arguments too (task_name, ...)
         if method not in METHODS:
-            raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}")
-        if learning_rate <= 0 or (head_learning_rate is not None and head_learning_rate <= 0):
-            raise ValueError(f"learning rates must be > 0, got {learning_rate} and {head_learning_rate}")
+            raise ConfigError(f"method must be one of {list(METHODS)}, got {method!r}")
+        if not learning_rate > 0:  # also refuses nan
+            raise ConfigError(f"learning_rate must be > 0, got {learning_rate!r}")
+        if head_learning_rate is not None and not head_learning_rate > 0:
+            raise ConfigError(
+                f"head_learning_rate must be > 0 (or None: the learning_rate), got {head_learning_rate!r}"
+            )
+        if param_budget is not None and (isinstance(param_budget, bool) or not isinstance(param_budget, int)
+                                         or param_budget <= 0):
+            raise ConfigError(f"param_budget must be a positive integer (a #Params), got {param_budget!r}")
         resolve_steps("warmup_steps", warmup_steps, total_step or 1_000_000)  # checks the value now
         self.backbone_name = backbone
         self.method = method
@@ -167,8 +208,8 @@ class AdapterModule(pl.LightningModule):
             r, actual = match_budget(shapes, BUDGET_NAME_OF_METHOD[method], param_budget)
             log.info("param_budget %d -> r/bottleneck %d (%d params)", param_budget, r, actual)
         if adapter_init != "reference" and ADAPTER_OF_METHOD[method] != "adalora":
-            raise ValueError(f"adapter_init={adapter_init!r} applies to SVD adapters (adalora, svd_lora), "
-                             f"not to method={method!r}")
+            raise ConfigError(f"adapter_init={adapter_init!r} applies to SVD adapters (adalora, svd_lora), "
+                              f"not to method={method!r}")
         svd_options = {"adapter_init": adapter_init} if ADAPTER_OF_METHOD[method] == "adalora" else {}
         self.adapters = inject_adapters(
             self.model, targets, method=ADAPTER_OF_METHOD[method], r=r, lora_alpha=lora_alpha,
@@ -227,6 +268,31 @@ class AdapterModule(pl.LightningModule):
                 "pass it as `datamodule=` to the Trainer"
             )
         return datamodule
+
+    def setup(self, stage: str) -> None:
+        """Check the data module's lengths against the backbone (see :meth:`check_data_lengths`)."""
+        self.check_data_lengths()
+
+    def check_data_lengths(self) -> None:
+        """Refuse a data module length (:attr:`data_length_options`) above the backbone's absolute positions.
+
+        Too long a sequence would otherwise fail deep in the embeddings, possibly many steps in (only once a batch is
+        that long). Backbones without absolute positions (:func:`max_input_positions` is None) take any length.
+
+        Raises:
+            ConfigError: naming ``--data.<option>``, its value and the backbone's maximum.
+        """
+        datamodule = self.trainer_datamodule
+        limit = max_input_positions(self.model) if datamodule is not None else None
+        if limit is None:
+            return
+        for option in self.data_length_options:
+            value = getattr(datamodule, option, None)
+            if isinstance(value, int) and value > limit:
+                raise ConfigError(
+                    f"--data.{option} {value} exceeds the {limit} positions of the backbone {self.backbone_name!r} "
+                    f"({type(self.model).__name__} has learned absolute positions); set it to at most {limit}"
+                )
 
     # ------------------------------------------------------------------ training and evaluation
 

@@ -7,17 +7,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from adalora_pl.errors import ConfigError
+
 
 def resolve_steps(name: str, value: int | float, total_step: int) -> int:
     """``value`` steps (int >= 0) or a fraction of ``total_step`` (float in [0, 1)), as a number of steps."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{name} must be a number of steps (int) or a fraction of training (float), got {value!r}")
+        raise ConfigError(f"{name} must be a number of steps (int) or a fraction of training (float), got {value!r}")
     if isinstance(value, float):
         if not 0.0 <= value < 1.0:
-            raise ValueError(f"{name} as a fraction of training must be in [0, 1), got {value!r}")
+            raise ConfigError(f"{name} as a fraction of training must be in [0, 1), got {value!r}")
         return int(round(value * total_step))
     if value < 0:
-        raise ValueError(f"{name} must be >= 0 steps, got {value}")
+        raise ConfigError(f"{name} must be >= 0 steps, got {value}")
     return value
 
 
@@ -25,29 +27,29 @@ def validate_ranks(init_r: int, target_r: int) -> None:
     """Ranks must be positive and ``target_r <= init_r``."""
     for name, value in (("init_r", init_r), ("target_r", target_r)):
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            raise ConfigError(f"{name} must be a positive integer, got {value!r}")
     if target_r > init_r:
-        raise ValueError(f"target_r ({target_r}) must not exceed init_r ({init_r}): pruning only removes rank")
+        raise ConfigError(f"target_r ({target_r}) must not exceed init_r ({init_r}): pruning only removes rank")
 
 
 def validate_betas(beta1: float, beta2: float) -> None:
     """EMA coefficients must lie in [0, 1)."""
     for name, value in (("beta1", beta1), ("beta2", beta2)):
         if not 0.0 <= value < 1.0:
-            raise ValueError(f"{name} must be in [0, 1), got {value!r}")
+            raise ConfigError(f"{name} must be in [0, 1), got {value!r}")
 
 
 def validate_schedule(tinit: int, tfinal: int, total_step: int, delta_t: int) -> None:
     """Step counts must be non-negative integers leaving a budgeting phase: ``tinit + tfinal < total_step``."""
     for name, value in (("tinit", tinit), ("tfinal", tfinal)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-            raise ValueError(f"{name} must be a non-negative number of steps, got {value!r}")
+            raise ConfigError(f"{name} must be a non-negative number of steps, got {value!r}")
     if not isinstance(total_step, int) or isinstance(total_step, bool) or total_step <= 0:
-        raise ValueError(f"total_step must be a positive number of optimizer steps, got {total_step!r}")
+        raise ConfigError(f"total_step must be a positive number of optimizer steps, got {total_step!r}")
     if not isinstance(delta_t, int) or isinstance(delta_t, bool) or delta_t < 1:
-        raise ValueError(f"delta_t must be an integer >= 1 (steps between mask events), got {delta_t!r}")
+        raise ConfigError(f"delta_t must be an integer >= 1 (steps between mask events), got {delta_t!r}")
     if tinit + tfinal >= total_step:
-        raise ValueError(
+        raise ConfigError(
             f"tinit + tfinal must be < total_step to leave a budgeting phase: tinit={tinit} + "
             f"tfinal={tfinal} = {tinit + tfinal} >= total_step={total_step}. "
             "Decrease tinit/tfinal or train for more steps."
@@ -100,7 +102,7 @@ class BudgetSchedule:
     def __post_init__(self) -> None:
         validate_schedule(self.tinit, self.tfinal, self.total_step, self.delta_t)
         if not 0 <= self.target_budget <= self.init_budget:
-            raise ValueError(
+            raise ConfigError(
                 f"target_budget ({self.target_budget}) must be in [0, init_budget={self.init_budget}]"
             )
 

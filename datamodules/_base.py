@@ -5,6 +5,9 @@ here: the loader arguments and their checks (:class:`TokenizedDataModule`), the 
 :mod:`adalora_pl.io.pretrained`, so a missing folder or an offline hub gets the same message everywhere),
 hub downloads with an offline hint, the ``DataLoader`` settings, the truncation report, and the error for a
 local file that is not UTF-8.
+
+Wrong arguments and wrong files raise :class:`~adalora_pl.errors.ConfigError` (a missing file:
+:class:`~adalora_pl.errors.MissingFileError`, also a ``FileNotFoundError``), which ``cli.py`` prints as one line.
 """
 
 from __future__ import annotations
@@ -15,26 +18,40 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+from lightning.pytorch.accelerators import CUDAAccelerator
 from torch.utils.data import DataLoader
 
+from adalora_pl.errors import ConfigError, MissingFileError
 from adalora_pl.io.pretrained import LoadError, check_tokenizer, load_pretrained
 
-__all__ = ["TokenizedDataModule", "check_positive", "untruncated_lengths", "utf8_error"]
+__all__ = [
+    "ConfigError", "MissingFileError", "TokenizedDataModule", "check_positive", "pin_memory_for",
+    "untruncated_lengths", "utf8_error",
+]
 
 
 def check_positive(name: str, value: int | None, *, allow_none: bool = False) -> None:
-    """Raise ValueError unless ``value`` is a positive int (or ``None`` when ``allow_none``).
+    """Raise ConfigError unless ``value`` is a positive int (or ``None`` when ``allow_none``).
 
     ``bool`` is refused although it is an ``int``: ``batch_size: true`` in a config is a mistake, not a batch of 1.
     """
     if value is None and allow_none:
         return
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
 
 
-def utf8_error(path: Path, err: UnicodeDecodeError) -> ValueError:
-    """A ValueError naming ``path`` and the 1-based line of its first bytes that are not UTF-8.
+def pin_memory_for(trainer: Any) -> bool:
+    """Whether loaders feeding ``trainer`` pin their batches: on a CUDA accelerator only.
+
+    Pinned (page-locked) host memory makes the copies to the GPU faster and lets them overlap with compute; on any
+    other accelerator, or with no Trainer attached (``None``), it only costs memory.
+    """
+    return isinstance(getattr(trainer, "accelerator", None), CUDAAccelerator)
+
+
+def utf8_error(path: Path, err: UnicodeDecodeError) -> ConfigError:
+    """A ConfigError naming ``path`` and the 1-based line of its first bytes that are not UTF-8.
 
     The decoder's offset counts from its last buffer, not from the file start, so the line is found again by
     decoding the file line by line (``\\n`` is never part of a multi-byte UTF-8 character).
@@ -45,11 +62,11 @@ def utf8_error(path: Path, err: UnicodeDecodeError) -> ValueError:
                 raw.decode("utf-8")
             except UnicodeDecodeError as line_err:
                 bad = raw[line_err.start : line_err.end]
-                return ValueError(
+                return ConfigError(
                     f"{path}, line {line_no}: bytes {bad!r} are not valid UTF-8 ({line_err.reason}); "
                     "convert the file to UTF-8 (e.g. iconv -f latin1 -t utf-8)"
                 )
-    return ValueError(f"{path}: not valid UTF-8 ({err}); convert the file to UTF-8")
+    return ConfigError(f"{path}: not valid UTF-8 ({err}); convert the file to UTF-8")
 
 
 def untruncated_lengths(tokenizer: Any, *args: Any, **kwargs: Any) -> list[int]:
@@ -82,7 +99,7 @@ class TokenizedDataModule(L.LightningDataModule):
         cache_dir: Cache folder for hub downloads (``datasets``' and ``transformers``' default when ``None``).
 
     Raises:
-        ValueError: A batch size or sample limit that is not a positive integer, or ``num_workers`` below 0.
+        ConfigError: A batch size or sample limit that is not a positive integer, or ``num_workers`` below 0.
     """
 
     #: Tokenizer loaded when ``tokenizer`` is None; None makes the ``tokenizer`` argument required.
@@ -104,7 +121,7 @@ class TokenizedDataModule(L.LightningDataModule):
         check_positive("max_train_samples", max_train_samples, allow_none=True)
         check_positive("max_eval_samples", max_eval_samples, allow_none=True)
         if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
-            raise ValueError(f"num_workers must be a non-negative integer, got {num_workers!r}")
+            raise ConfigError(f"num_workers must be a non-negative integer, got {num_workers!r}")
         # Lightning collects the arguments of every __init__ up the call chain (the subclass's too, **kwargs
         # flattened). A tokenizer object is left out: it does not belong in a checkpoint's hparams.
         by_name = isinstance(tokenizer, (str, type(None)))
@@ -125,7 +142,7 @@ class TokenizedDataModule(L.LightningDataModule):
         """The tokenizer, loaded on first use.
 
         Raises:
-            ValueError: No ``tokenizer`` was given and the class has no default, or (see
+            ConfigError: No ``tokenizer`` was given and the class has no default, or (see
                 :meth:`_check_tokenizer`) the tokenizer does not suit the task.
             adalora_pl.io.pretrained.LoadError: The tokenizer folder does not exist, or the hub cannot be reached.
         """
@@ -137,7 +154,7 @@ class TokenizedDataModule(L.LightningDataModule):
     def _load_tokenizer(self) -> Any:
         name = self.tokenizer_name or self.default_tokenizer
         if name is None:
-            raise ValueError(
+            raise ConfigError(
                 f"{type(self).__name__} needs a tokenizer (`tokenizer`: a hub name or a local tokenizer folder)"
             )
         from transformers import AutoTokenizer  # imported here: transformers is slow to import
@@ -151,7 +168,7 @@ class TokenizedDataModule(L.LightningDataModule):
         return {"cache_dir": self.cache_dir}
 
     def _check_tokenizer(self, tokenizer: Any) -> None:
-        """Raise ValueError when ``tokenizer`` cannot serve this task; every tokenizer can, unless overridden."""
+        """Raise ConfigError when ``tokenizer`` cannot serve this task; every tokenizer can, unless overridden."""
 
     def _download_tokenizer(self) -> None:
         """Fetch the named tokenizer into the cache, for :meth:`prepare_data`.
@@ -228,6 +245,7 @@ class TokenizedDataModule(L.LightningDataModule):
         otherwise.
 
         Workers persist across epochs (starting them again for every validation run is slow); that needs workers.
+        Batches are pinned when the attached Trainer runs on CUDA (:func:`pin_memory_for`).
         """
         return DataLoader(
             dataset,
@@ -236,4 +254,5 @@ class TokenizedDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             collate_fn=collate_fn,
             persistent_workers=self.num_workers > 0,
+            pin_memory=pin_memory_for(self.trainer),
         )

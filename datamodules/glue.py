@@ -17,11 +17,15 @@ from typing import Any
 import datasets
 from torch.utils.data import DataLoader
 
+from adalora_pl.errors import ConfigError, MissingFileError
 from adalora_pl.tasks.glue import GlueTask, get_glue_task
 from datamodules._base import TokenizedDataModule, check_positive, untruncated_lengths, utf8_error
 
 HUB_DATASET = "nyu-mll/glue"
 LABEL_COLUMN = "labels"
+#: Row number of an evaluation example, carried in its batches: under DDP the distributed sampler repeats rows to
+#: even out the processes, and the metrics drop the repeats by this index (adalora_pl.tasks.metrics).
+EXAMPLE_INDEX_COLUMN = "example_index"
 _FULL_LENGTH = "_full_length"  # transient column: token count before truncation, to report it
 STSB_SCORE_RANGE = (0.0, 5.0)
 
@@ -32,7 +36,7 @@ def _parse_label(task: GlueTask, raw: str, where: str) -> int | float:
         try:
             return task.tsv_labels.index(raw)
         except ValueError:
-            raise ValueError(
+            raise ConfigError(
                 f"{where}: label {raw!r} in column {task.tsv_label_column!r} is not one of "
                 f"{list(task.tsv_labels)}"
             ) from None
@@ -42,7 +46,7 @@ def _parse_label(task: GlueTask, raw: str, where: str) -> int | float:
     except ValueError:
         score = math.nan
     if not low <= score <= high:  # also catches nan
-        raise ValueError(
+        raise ConfigError(
             f"{where}: score {raw!r} in column {task.tsv_label_column!r} is not a number in [{low}, {high}]"
         )
     return score
@@ -64,8 +68,8 @@ def read_glue_tsv(path: str | Path, task: GlueTask | str) -> dict[str, list[Any]
         ``{text column: [str, ...], ..., "label": [int or float, ...]}`` in file order.
 
     Raises:
-        FileNotFoundError: ``path`` does not exist.
-        ValueError: The file has no examples (empty, or a header only), is not UTF-8, a required
+        adalora_pl.errors.MissingFileError: ``path`` does not exist (a ``FileNotFoundError``).
+        ConfigError: The file has no examples (empty, or a header only), is not UTF-8, a required
             column is missing from the header, a line has the wrong number of fields, or a label is
             outside the task's label set (or an STS-B score is not a number in [0, 5]). The message
             names the file, the 1-based line number and the offending value.
@@ -73,7 +77,7 @@ def read_glue_tsv(path: str | Path, task: GlueTask | str) -> dict[str, list[Any]
     task = task if isinstance(task, GlueTask) else get_glue_task(task)
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"GLUE {task.name} file not found: {path}")
+        raise MissingFileError(f"GLUE {task.name} file not found: {path}")
     try:
         columns = _read_tsv_columns(path, task)
     except UnicodeDecodeError as err:
@@ -81,7 +85,7 @@ def read_glue_tsv(path: str | Path, task: GlueTask | str) -> dict[str, list[Any]
     if not columns["label"]:
         # Zero rows would only surface much later, as a scheduler without steps ("pass total_step=").
         what = "the file is empty" if path.stat().st_size == 0 else "it holds no line after the header"
-        raise ValueError(f"{path} has no examples ({what}); GLUE {task.name} needs one example per line")
+        raise ConfigError(f"{path} has no examples ({what}); GLUE {task.name} needs one example per line")
     return columns
 
 
@@ -97,7 +101,7 @@ def _read_tsv_columns(path: Path, task: GlueTask) -> dict[str, list[Any]]:
             wanted = (*task.tsv_text_columns, task.tsv_label_column)
             missing = [name for name in wanted if name not in fieldnames]
             if missing:
-                raise ValueError(
+                raise ConfigError(
                     f"{path}, line 1: header {list(fieldnames)} lacks column(s) {missing} "
                     f"(GLUE {task.name} needs {list(wanted)})"
                 )
@@ -106,7 +110,7 @@ def _read_tsv_columns(path: Path, task: GlueTask) -> dict[str, list[Any]]:
         for fields in reader:
             where = f"{path}, line {reader.line_num}"
             if len(fields) != len(fieldnames):
-                raise ValueError(
+                raise ConfigError(
                     f"{where}: expected {len(fieldnames)} tab-separated fields {list(fieldnames)}, "
                     f"got {len(fields)}: {repr(fields)[:300]}"
                 )
@@ -139,7 +143,7 @@ def load_tsv_split(data_dir: str | Path, task: GlueTask, split: str) -> datasets
     """One split read from GLUE TSV files as a ``datasets.Dataset`` (columns as on the hub)."""
     path = resolve_task_dir(data_dir, task) / task.file_name(split)
     if not path.is_file():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"GLUE {task.name} split {split!r} needs {path}, which does not exist "
             f"(expected files: {[file for _, file in task.split_files]})"
         )
@@ -176,7 +180,7 @@ class GLUEDataModule(TokenizedDataModule):
             ``cache_dir``, as documented in :class:`~datamodules._base.TokenizedDataModule`.
 
     Raises:
-        ValueError: Unknown task name, or a size that is not a positive integer
+        ConfigError: Unknown task name, or a size that is not a positive integer
             (``num_workers`` may be 0).
     """
 
@@ -240,7 +244,7 @@ class GLUEDataModule(TokenizedDataModule):
         special = self.tokenizer.num_special_tokens_to_add(pair=pair)
         needed = special + len(self.task.text_columns)
         if self.max_seq_length < needed:
-            raise ValueError(
+            raise ConfigError(
                 f"max_seq_length={self.max_seq_length} cannot hold a GLUE {self.task.name} input: the tokenizer "
                 f"adds {special} special tokens, which leaves {max(0, self.max_seq_length - special)} for "
                 f"{len(self.task.text_columns)} text(s); set --data.max_seq_length to at least {needed} "
@@ -253,7 +257,7 @@ class GLUEDataModule(TokenizedDataModule):
         hub = self._load_hub()
         missing = [split for split in splits if split not in hub]
         if missing:
-            raise FileNotFoundError(f"hub dataset {HUB_DATASET}/{self.task.name} has no split(s) {missing}")
+            raise MissingFileError(f"hub dataset {HUB_DATASET}/{self.task.name} has no split(s) {missing}")
         raw = {}
         for split in splits:
             dataset = hub[split]
@@ -267,13 +271,18 @@ class GLUEDataModule(TokenizedDataModule):
         text_columns = self.task.text_columns
         tokenizer = self.tokenizer
 
-        def encode(batch: Mapping[str, list]) -> dict[str, list]:
+        evaluation = split != "train"
+
+        def encode(batch: Mapping[str, list], indices: list[int]) -> dict[str, list]:
             texts = [batch[name] for name in text_columns]
             encoded = tokenizer(*texts, truncation=True, max_length=self.max_seq_length)
-            return {**encoded, LABEL_COLUMN: batch["label"], _FULL_LENGTH: untruncated_lengths(tokenizer, *texts)}
+            extra = {EXAMPLE_INDEX_COLUMN: indices} if evaluation else {}
+            return {**encoded, LABEL_COLUMN: batch["label"], **extra,
+                    _FULL_LENGTH: untruncated_lengths(tokenizer, *texts)}
 
         encoded = dataset.map(
-            encode, batched=True, remove_columns=dataset.column_names, desc=f"Tokenizing {self.task.name}"
+            encode, batched=True, with_indices=True, remove_columns=dataset.column_names,
+            desc=f"Tokenizing {self.task.name}",
         )
         self._warn_truncated(
             f"GLUE {self.task.name} {split}", "examples", encoded[_FULL_LENGTH], self.max_seq_length,
@@ -290,9 +299,10 @@ class GLUEDataModule(TokenizedDataModule):
         Logs a warning per split with the share of examples that ``max_seq_length`` truncates.
 
         Raises:
-            ValueError: No tokenizer was given, ``max_seq_length`` cannot hold the special tokens and one
+            ConfigError: No tokenizer was given, ``max_seq_length`` cannot hold the special tokens and one
                 token per text, or a TSV file is empty or malformed (see :func:`read_glue_tsv`).
-            FileNotFoundError: A needed TSV file (or hub split) is missing; the message names it.
+            adalora_pl.errors.MissingFileError: A needed TSV file (or hub split) is missing; the message names
+                it (a ``FileNotFoundError``).
             adalora_pl.io.pretrained.LoadError: The tokenizer folder does not exist, or the hub cannot be reached.
         """
         tokenizer = self.tokenizer  # first: without one, fail before reading (or downloading) any data

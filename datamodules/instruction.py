@@ -8,7 +8,9 @@ Prompt formats:
 
 * **Chat template** (the tokenizer has ``chat_template`` set, and ``use_chat_template`` is not ``False``): the
   prompt is ``tokenizer.apply_chat_template(prompt_messages, tokenize=False, add_generation_prompt=True)``; the
-  response is the assistant's text followed by the eos token.
+  response is the assistant's text followed by the template's own end of turn (what it writes after an assistant
+  message: Gemma's ``<end_of_turn>``, Phi-3's ``<|end|>``, ChatML's ``<|im_end|>``; see
+  :func:`chat_turn_end`), or the eos token when the template writes none.
 * **Plain** (otherwise): an Alpaca-style text (the tokenizer's bos token first, when it has one)::
 
       ### Instruction:
@@ -38,13 +40,17 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from adalora_pl.errors import ConfigError, MissingFileError
 from datamodules._base import TokenizedDataModule, check_positive, utf8_error
 
-__all__ = ["InstructionDataModule", "InstructionCollator", "read_instruction_records"]
+__all__ = ["InstructionDataModule", "InstructionCollator", "chat_turn_end", "read_instruction_records"]
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "validation")
+SPLITS = ("train", "validation", "test")
+_SPLIT_ALIASES = {"val": "validation", "valid": "validation", "dev": "validation"}
+# At most this many records are named in the warning about empty responses or inputs.
+_SHOWN = 20
 _EXTENSIONS = (".jsonl", ".json", ".csv")
 ROLES = ("system", "user", "assistant")
 PLAIN_WITH_INPUT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
@@ -61,6 +67,38 @@ class _Example:
     instruction: str
     input: str
     response: str
+    response_field: str  # the column the response came from, for messages about it
+    id: str = ""  # the record's id column, else its position in the split (set when the split is read)
+
+
+# An assistant message no template rewrites: where it ends in the rendered chat, the template's end of turn starts.
+_RESPONSE_PROBE = "ADALORA-RESPONSE-PROBE-5b1e"
+
+
+def chat_turn_end(tokenizer: Any) -> str | None:
+    """What the tokenizer's chat template writes after an assistant message, outer whitespace stripped.
+
+    That is the template's own end of a turn: ``<end_of_turn>`` for Gemma, ``<|end|>`` for Phi-3, ``<|im_end|>`` for
+    ChatML templates (Qwen2, SmolLM2), ``<|eot_id|>`` for Llama 3, ``</s>`` for Mistral's. It is found by rendering a
+    one-turn chat whose answer is a probe text and reading what follows the probe, so no table of model families is
+    needed.
+
+    Returns:
+        The end-of-turn text, or ``None`` when the tokenizer has no chat template, the template writes nothing but
+        whitespace after the answer, or it cannot render a user/assistant chat.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    chat = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": _RESPONSE_PROBE}]
+    try:
+        text = tokenizer.apply_chat_template(chat, tokenize=False)
+    except Exception as err:  # jinja's TemplateError, or raise_exception() inside the template: any failure here
+        log.warning("the chat template cannot render an assistant message (%s); responses end with eos", err)
+        return None
+    at = text.rfind(_RESPONSE_PROBE)
+    if at < 0:
+        return None
+    return text[at + len(_RESPONSE_PROBE):].strip() or None
 
 
 # ----------------------------------------------------------------------------------------------- reading
@@ -83,15 +121,15 @@ def read_instruction_records(path: str | Path) -> list[tuple[str, Any]]:
         record (a JSON list), for error messages.
 
     Raises:
-        FileNotFoundError: The file does not exist.
-        ValueError: An unsupported extension, bytes that are not UTF-8, or invalid JSON (naming file and line).
+        MissingFileError: The file does not exist (a ``FileNotFoundError`` too).
+        ConfigError: An unsupported extension, bytes that are not UTF-8, or invalid JSON (naming file and line).
     """
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in _EXTENSIONS:
-        raise ValueError(f"unsupported file extension {path.suffix!r} for {path}; expected one of {_EXTENSIONS}")
+        raise ConfigError(f"unsupported file extension {path.suffix!r} for {path}; expected one of {_EXTENSIONS}")
     if not path.is_file():
-        raise FileNotFoundError(f"instruction data file not found: {path}")
+        raise MissingFileError(f"instruction data file not found: {path}")
     if suffix == ".csv":
         reader = csv.DictReader(io.StringIO(_read_text(path, "utf-8-sig"), newline=""))
         out = []
@@ -103,7 +141,7 @@ def read_instruction_records(path: str | Path) -> list[tuple[str, Any]]:
         try:
             rows = json.loads(text)
         except json.JSONDecodeError as err:
-            raise ValueError(f"{path}, line {err.lineno}, column {err.colno}: not valid JSON ({err.msg})") from None
+            raise ConfigError(f"{path}, line {err.lineno}, column {err.colno}: not valid JSON ({err.msg})") from None
         return [(f"{path}, record {i}", row) for i, row in enumerate(rows)]
     out = []
     for line_no, line in enumerate(text.splitlines(), start=1):
@@ -112,7 +150,7 @@ def read_instruction_records(path: str | Path) -> list[tuple[str, Any]]:
         try:
             out.append((f"{path}, line {line_no}", json.loads(line)))
         except json.JSONDecodeError as err:
-            raise ValueError(f"{path}, line {line_no}: not valid JSON ({err.msg})") from None
+            raise ConfigError(f"{path}, line {line_no}: not valid JSON ({err.msg})") from None
     return out
 
 
@@ -130,6 +168,9 @@ class _ListDataset(Dataset):
 
 class InstructionCollator:
     """Pads a list of features to the longest in the batch (right padding).
+
+    Features that carry ``position_ids`` (packed rows, see ``packed_position_ids``) get them padded with 0 into the
+    batch; the padding is masked out, so its positions do not matter.
 
     Args:
         pad_token_id: Id written into ``input_ids`` padding.
@@ -151,6 +192,11 @@ class InstructionCollator:
             mask[row, :n] = 1
             labels[row, :n] = torch.tensor(f["labels"], dtype=torch.long)
         batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        if "position_ids" in features[0]:
+            positions = torch.zeros((len(features), width), dtype=torch.long)
+            for row, f in enumerate(features):
+                positions[row, : len(f["position_ids"])] = torch.tensor(f["position_ids"], dtype=torch.long)
+            batch["position_ids"] = positions
         if self.keep_index:
             batch["example_index"] = torch.tensor([f["example_index"] for f in features], dtype=torch.long)
         return batch
@@ -160,36 +206,54 @@ class InstructionCollator:
 class InstructionDataModule(TokenizedDataModule):
     """Instruction/response pairs for supervised fine-tuning of decoder-only (causal) language models.
 
-    Data comes from local files (``train_file``/``validation_file``: ``.jsonl``, ``.json`` holding a list of
-    records, or ``.csv`` with a header line) or, without files, from the hub dataset ``dataset_name``. A record
-    is either Alpaca style (``instruction``, optional ``input``, ``output``) or a chat: a ``messages`` list of
+    Data comes from local files (``train_file``/``validation_file``/``test_file``: ``.jsonl``, ``.json`` holding a
+    list of records, or ``.csv`` with a header line) or, without files, from the hub dataset ``dataset_name``. A
+    record is either Alpaca style (``instruction``, optional ``input``, ``output``) or a chat: a ``messages`` list of
     ``{"role": "system"|"user"|"assistant", "content": str}`` whose last message, from the assistant, is the
     response (in a CSV file the ``messages`` cell holds the list as JSON). See the module docs for the prompt
     formats: the tokenizer's chat template when it has one, an Alpaca-style plain text otherwise.
 
+    Splits: ``validation_holdout=N`` makes the last N records of the training data the validation split (they are
+    then not trained on), so one file (e.g. the 1000 XSum rows of ``../shared/data``) gives both. Testing uses the
+    test split (``test_file`` / ``test_split``) and, without one, the validation split.
+
     Batches hold ``input_ids``, ``attention_mask`` and ``labels`` (``-100`` on prompt tokens and padding), padded
-    per batch with the tokenizer's pad token (its eos token without one). Validation batches also carry
-    ``example_index``: ``eval_references(split)[i]`` is the reference response of ``example_index == i`` and
-    ``eval_prompts(split)[i]`` its prompt, for generation-based evaluation. Remove it before calling the model.
+    per batch with the tokenizer's pad token (its eos token without one). Validation and test batches also carry
+    ``example_index``: ``eval_references(split)[i]`` is the reference response of ``example_index == i``,
+    ``eval_prompts(split)[i]`` its prompt and ``example_ids(split)[i]`` its id, for generation-based evaluation.
+    Remove it before calling the model.
+
+    Empty responses (and, under a fixed ``instruction``, empty inputs) are kept, as the summarization data module
+    keeps empty summaries and documents: :meth:`setup` logs a warning that names each such record's file and line
+    (or hub row) and column. An empty response trains the model to end at once and scores ROUGE 0 as a reference.
 
     With ``packing``, training examples are concatenated, in order and whole, into sequences of at most
     ``max_seq_length`` tokens; their labels are concatenated too (each keeps its ``-100`` prompt), so no label
     crosses examples. The attention mask is all ones inside a packed sequence: examples in one sequence can
-    attend to earlier ones, as in the usual packing recipes. Validation is never packed.
+    attend to earlier ones, as in the usual packing recipes, and without ``packed_position_ids`` the model numbers
+    the positions of a packed sequence straight through, so the second example starts at the first one's length.
+    Validation and test are never packed.
 
     Args:
         tokenizer: Hub name or local folder for ``AutoTokenizer``, or a loaded tokenizer. It needs an eos token
             (or, for BERT-style tokenizers, a sep token, used instead).
         train_file: Local training file.
         validation_file: Local validation file (optional).
+        test_file: Local test file (optional; testing uses the validation split without one).
         dataset_name: Hub dataset id, used when no local file is given.
         dataset_config: Configuration of the hub dataset, if it has several.
         train_split: Hub split used for training.
         validation_split: Hub split used for validation; ``None`` for none.
+        test_split: Hub split used for testing; ``None``: test on the validation split.
+        validation_holdout: Hold out the last N records of the training data (file or hub split) as the
+            validation split; they are not trained on. Replaces ``validation_split``; refused together with
+            ``validation_file``. ``max_train_samples``/``max_eval_samples`` then cut what each side holds.
         instruction_column: Column of the instruction (Alpaca records).
         input_column: Column of the optional input (Alpaca records; missing or empty means no input).
         output_column: Column of the response (Alpaca records).
         messages_column: Column of the chat messages; a record that has it is read as a chat.
+        id_column: Column of the record ids written to the predictions file (XSum's ``id``); a record without
+            it gets its position in the split.
         instruction: One instruction for every Alpaca record (e.g. ``"Summarize the article in one sentence."``);
             the records then need only ``input_column`` and ``output_column`` (e.g. XSum's ``document`` and
             ``summary``), and ``instruction_column`` is not read. ``None``: read it from ``instruction_column``.
@@ -202,15 +266,23 @@ class InstructionDataModule(TokenizedDataModule):
         min_response_tokens: Response tokens that truncation always keeps (fewer only for shorter responses).
         min_prompt_tokens: Prompt tokens (the last ones) that truncation always keeps.
         packing: Pack training examples into sequences of ``max_seq_length`` tokens (needs ``max_seq_length``).
+        packed_position_ids: With ``packing``, give packed batches ``position_ids`` that restart at 0 at every
+            example, so each example sees the positions (rotary or learned) it would see alone and at inference.
+            What it does not change: attention still crosses examples (the attention mask of a packed row is all
+            ones, and the model gets it with the batch, so transformers does not derive a block-diagonal mask from
+            the positions); only a block mask would stop that, at the cost of a ``(batch, 1, L, L)`` mask per step,
+            which keeps SDPA off its flash kernel. Costs nothing itself: one more integer tensor per batch.
         batch_size: Training batch size.
         **kwargs: ``eval_batch_size``, ``num_workers``, ``max_train_samples``, ``max_eval_samples`` and
             ``cache_dir``, as documented in :class:`~datamodules._base.TokenizedDataModule`.
 
     Raises:
-        ValueError: No data source, an unsupported file extension, ``packing`` without ``max_seq_length``, or a
+        ConfigError: No data source, an unsupported file extension, ``packing`` without ``max_seq_length``,
+            ``packed_position_ids`` without ``packing``, ``validation_holdout`` with ``validation_file``, or a
             ``max_seq_length`` below ``min_prompt_tokens + min_response_tokens``. At :meth:`setup`: an empty
-            file, or a malformed record (the message names the file, the line or record, and the column).
-        FileNotFoundError: A data file that does not exist.
+            file, a hold-out that leaves no training records, or a malformed record (the message names the file,
+            the line or record, and the column).
+        MissingFileError: A data file that does not exist (a ``FileNotFoundError`` too).
     """
 
     def __init__(
@@ -218,75 +290,100 @@ class InstructionDataModule(TokenizedDataModule):
         tokenizer: str | None = None,
         train_file: str | None = None,
         validation_file: str | None = None,
+        test_file: str | None = None,
         dataset_name: str | None = None,
         dataset_config: str | None = None,
         train_split: str = "train",
         validation_split: str | None = "validation",
+        test_split: str | None = None,
+        validation_holdout: int | None = None,
         instruction_column: str = "instruction",
         input_column: str = "input",
         output_column: str = "output",
         messages_column: str = "messages",
+        id_column: str = "id",
         instruction: str | None = None,
         use_chat_template: bool | None = None,
         max_seq_length: int | None = 1024,
         min_response_tokens: int = 1,
         min_prompt_tokens: int = 0,
         packing: bool = False,
+        packed_position_ids: bool = False,
         batch_size: int = 8,
         **kwargs: Any,
     ) -> None:
         super().__init__(tokenizer=tokenizer, batch_size=batch_size, **kwargs)
-        self.files: dict[str, Path] = {
-            split: Path(f) for split, f in zip(SPLITS, (train_file, validation_file), strict=True) if f is not None
-        }
-        for path in self.files.values():
+        given = (train_file, validation_file, test_file)
+        self.files: dict[str, Path] = {split: Path(f) for split, f in zip(SPLITS, given, strict=True) if f is not None}
+        for split, path in self.files.items():
             if path.suffix.lower() not in _EXTENSIONS:
-                raise ValueError(
-                    f"unsupported file extension {path.suffix!r} for {path}; expected one of {_EXTENSIONS}"
+                raise ConfigError(
+                    f"{split}_file: unsupported file extension {path.suffix!r} for {path}; expected one of "
+                    f"{_EXTENSIONS}"
                 )
             if not path.is_file():
-                raise FileNotFoundError(f"instruction data file not found: {path}")
+                raise MissingFileError(f"{split}_file: instruction data file not found: {path}")
         if self.files and "train" not in self.files:
-            raise ValueError("local instruction data needs train_file (validation_file alone is not enough)")
+            raise ConfigError(
+                "local instruction data needs train_file (validation_file or test_file alone is not enough)"
+            )
         if not self.files and dataset_name is None:
-            raise ValueError("no instruction data: give train_file (and validation_file) or dataset_name")
+            raise ConfigError("no instruction data: give train_file (and validation_file) or dataset_name")
+        if validation_holdout is not None:
+            holdout = validation_holdout
+            if isinstance(holdout, bool) or not isinstance(holdout, int) or holdout < 1:
+                raise ConfigError(f"validation_holdout must be a positive integer, got {validation_holdout!r}")
+            if validation_file is not None:
+                raise ConfigError(
+                    f"validation_holdout={validation_holdout} and validation_file={validation_file} both set the "
+                    "validation split; give one"
+                )
         check_positive("max_seq_length", max_seq_length, allow_none=True)
         check_positive("min_response_tokens", min_response_tokens)
         if isinstance(min_prompt_tokens, bool) or not isinstance(min_prompt_tokens, int) or min_prompt_tokens < 0:
-            raise ValueError(f"min_prompt_tokens must be a non-negative integer, got {min_prompt_tokens!r}")
+            raise ConfigError(f"min_prompt_tokens must be a non-negative integer, got {min_prompt_tokens!r}")
         if max_seq_length is not None and max_seq_length < min_prompt_tokens + min_response_tokens:
-            raise ValueError(
+            raise ConfigError(
                 f"max_seq_length={max_seq_length} cannot hold min_prompt_tokens={min_prompt_tokens} plus "
                 f"min_response_tokens={min_response_tokens}; raise --data.max_seq_length"
             )
         if packing and max_seq_length is None:
-            raise ValueError("packing needs max_seq_length (the length of the packed sequences)")
+            raise ConfigError("packing needs max_seq_length (the length of the packed sequences)")
+        if packed_position_ids and not packing:
+            raise ConfigError(
+                "packed_position_ids=True needs packing=True (unpacked rows start at position 0 anyway)"
+            )
         self.dataset_name = dataset_name
         self.dataset_config = dataset_config
-        self.splits = {"train": train_split, "validation": validation_split}
+        self.splits = {"train": train_split, "validation": validation_split, "test": test_split}
+        self.validation_holdout = validation_holdout
         self.instruction_column = instruction_column
         self.input_column = input_column
         self.output_column = output_column
         self.messages_column = messages_column
+        self.id_column = id_column
         if instruction is not None and not instruction.strip():
-            raise ValueError("instruction must be a non-empty text (or None to read it from instruction_column)")
+            raise ConfigError("instruction must be a non-empty text (or None to read it from instruction_column)")
         self.instruction = instruction
         self.use_chat_template = use_chat_template
         self.max_seq_length = max_seq_length
         self.min_response_tokens = min_response_tokens
         self.min_prompt_tokens = min_prompt_tokens
         self.packing = packing
+        self.packed_position_ids = packed_position_ids
+        self._file_records: dict[Path, list[tuple[str, Any]]] = {}
         self._examples: dict[str, list[_Example]] = {}
         self._prompts: dict[str, list[str]] = {}
         self._prompt_ids: dict[str, list[list[int]]] = {}
         self._features: dict[str, list[dict[str, Any]]] = {}
+        self._response_end: list[int] | None = None
 
     # ------------------------------------------------------------------ tokenizer
     def _check_tokenizer(self, tokenizer: Any) -> None:
         if self._eos_id(tokenizer) is None:
-            raise ValueError("the tokenizer has neither an eos nor a sep token to end the responses with")
+            raise ConfigError("the tokenizer has neither an eos nor a sep token to end the responses with")
         if self.use_chat_template and not getattr(tokenizer, "chat_template", None):
-            raise ValueError("use_chat_template=True but the tokenizer has no chat_template")
+            raise ConfigError("use_chat_template=True but the tokenizer has no chat_template")
 
     @staticmethod
     def _eos_id(tokenizer: Any) -> int | None:
@@ -306,44 +403,93 @@ class InstructionDataModule(TokenizedDataModule):
             return False
         return bool(getattr(self.tokenizer, "chat_template", None))
 
+    @property
+    def response_end_ids(self) -> list[int]:
+        """The token ids that end every response: in the chat format, the template's own end of turn
+        (:func:`chat_turn_end`, e.g. Gemma's ``<end_of_turn>``); in the plain format,
+        or when the template writes no end of turn, the eos token."""
+        if self._response_end is None:
+            end = chat_turn_end(self.tokenizer) if self.chat_format else None
+            self._response_end = self._ids([end])[0] if end else [self._eos_id(self.tokenizer)]
+        return self._response_end
+
+    @property
+    def stop_token_ids(self) -> list[int]:
+        """Token ids at which generation stops: eos, and the chat template's end of turn when that is one other
+        token (Gemma's generation would otherwise run on past ``<end_of_turn>``)."""
+        eos = self._eos_id(self.tokenizer)
+        end = self.response_end_ids
+        return [eos] + end if len(end) == 1 and end[0] != eos else [eos]
+
     # ------------------------------------------------------------------ sources
     def available_splits(self) -> tuple[str, ...]:
-        """Splits with data: those with a local file, or the hub splits that are set."""
+        """Splits with data: those with a local file, or the hub splits that are set (validation also through
+        ``validation_holdout``)."""
         if self.files:
-            return tuple(s for s in SPLITS if s in self.files)
-        return tuple(s for s in SPLITS if self.splits[s] is not None)
+            has = {s: s in self.files for s in SPLITS}
+        else:
+            has = {s: self.splits[s] is not None for s in SPLITS}
+        has["validation"] = has["validation"] or self.validation_holdout is not None
+        return tuple(s for s in SPLITS if has[s])
 
     def _resolve_split(self, split: str) -> str:
-        split = {"val": "validation", "valid": "validation", "dev": "validation", "test": "validation"}.get(
-            split, split
-        )
+        """The split that serves ``split``: aliases (``val``, ``dev``) resolved, ``test`` falling back to the
+        validation split when there is no test data."""
+        split = _SPLIT_ALIASES.get(split, split)
         if split not in SPLITS:
-            raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
-        if split not in self.available_splits():
-            raise ValueError(f"no {split} data: pass {split}_file (or a hub dataset with that split)")
+            raise ConfigError(f"unknown split {split!r}; expected one of {SPLITS}")
+        available = self.available_splits()
+        if split == "test" and "test" not in available:
+            split = "validation"  # no test data: test on the validation split
+        if split not in available:
+            extra = " or validation_holdout" if split == "validation" else ""
+            raise ConfigError(f"no {split} data: pass {split}_file{extra} (or a hub dataset with that split)")
         return split
 
+    def _file(self, path: Path) -> list[tuple[str, Any]]:
+        """The records of a local file, read once (the hold-out reads the training file for two splits)."""
+        if path not in self._file_records:
+            records = read_instruction_records(path)
+            if not records:
+                raise ConfigError(f"{path}: the file has no examples")
+            self._file_records[path] = records
+        return self._file_records[path]
+
+    def _held_out_range(self, split: str, total: int, source: str) -> tuple[int, int]:
+        """``[start, stop)`` of ``split``'s records among the ``total`` records of its source."""
+        holdout = self.validation_holdout
+        if holdout is None or split not in ("train", "validation"):
+            return 0, total
+        if holdout >= total:
+            raise ConfigError(f"validation_holdout={holdout} leaves no training records: {source} has {total}")
+        return (total - holdout, total) if split == "validation" else (0, total - holdout)
+
     def _records(self, split: str) -> list[tuple[str, Any]]:
+        """``(where, record)`` pairs of ``split``, after the hold-out and the sample limit."""
+        source = "train" if split == "validation" and self.validation_holdout is not None else split
         limit = self._sample_limit(split)
         if self.files:
-            path = self.files[split]
-            records = read_instruction_records(path)[:limit]
-            if not records:
-                raise ValueError(f"{path}: the file has no examples")
-            return records
+            path = self.files[source]
+            records = self._file(path)
+            start, stop = self._held_out_range(split, len(records), str(path))
+            return records[start:stop][:limit]
+        hub_split = self.splits[source]
         ds = self._hub_dataset(
-            self.dataset_name, self.dataset_name, self.dataset_config, split=self.splits[split],
+            self.dataset_name, self.dataset_name, self.dataset_config, split=hub_split,
             hint="pass local files: --data.train_file /path/to/train.jsonl",
         )
-        ds = self._first_rows(ds, split)
         if len(ds) == 0:
-            raise ValueError(f"{self.dataset_name} [{self.splits[split]}]: the split has no examples")
-        return [(f"{self.dataset_name} [{self.splits[split]}], row {i}", row) for i, row in enumerate(ds)]
+            raise ConfigError(f"{self.dataset_name} [{hub_split}]: the split has no examples")
+        start, stop = self._held_out_range(split, len(ds), f"{self.dataset_name} [{hub_split}]")
+        if limit is not None:
+            stop = min(stop, start + limit)
+        rows = ds.select(range(start, stop)) if (start, stop) != (0, len(ds)) else ds
+        return [(f"{self.dataset_name} [{hub_split}], row {start + i}", row) for i, row in enumerate(rows)]
 
     def _parse(self, where: str, row: Any) -> _Example:
         """Validate one record into an :class:`_Example`; errors name ``where`` and the column."""
         if not isinstance(row, dict):
-            raise ValueError(f"{where}: the record is a {type(row).__name__}, expected an object")
+            raise ConfigError(f"{where}: the record is a {type(row).__name__}, expected an object")
         col = self.messages_column
         if row.get(col) not in (None, ""):
             messages = row[col]
@@ -351,27 +497,29 @@ class InstructionDataModule(TokenizedDataModule):
                 try:
                     messages = json.loads(messages)
                 except json.JSONDecodeError as err:
-                    raise ValueError(f"{where}, column {col!r}: not a JSON list of messages ({err.msg})") from None
+                    raise ConfigError(f"{where}, column {col!r}: not a JSON list of messages ({err.msg})") from None
             if not isinstance(messages, list) or len(messages) < 2:
-                raise ValueError(
+                raise ConfigError(
                     f"{where}, column {col!r}: expected a list of at least two messages (a prompt and the "
                     f"assistant's response), got {messages!r:.80}"
                 )
             for i, m in enumerate(messages):
                 if not isinstance(m, dict) or m.get("role") not in ROLES:
-                    raise ValueError(f"{where}, column {col!r}, message {i}: expected a role in {ROLES}, got {m!r:.80}")
+                    raise ConfigError(
+                        f"{where}, column {col!r}, message {i}: expected a role in {ROLES}, got {m!r:.80}"
+                    )
                 if not isinstance(m.get("content"), str):
-                    raise ValueError(
+                    raise ConfigError(
                         f"{where}, column {col!r}, message {i}: 'content' must be a string, "
                         f"got {type(m.get('content')).__name__}"
                     )
             if messages[-1]["role"] != "assistant":
-                raise ValueError(
+                raise ConfigError(
                     f"{where}, column {col!r}: the last message must be the assistant's response, "
                     f"got role {messages[-1]['role']!r}"
                 )
             prompt = [{"role": m["role"], "content": m["content"]} for m in messages[:-1]]
-            return _Example(where, prompt, "", "", messages[-1]["content"])
+            return _Example(where, prompt, "", "", messages[-1]["content"], col)
         values = {}
         columns = [(self.input_column, False), (self.output_column, True)]
         if self.instruction is None:
@@ -385,13 +533,32 @@ class InstructionDataModule(TokenizedDataModule):
                         f"{self.output_column!r} (the instruction is fixed)" if self.instruction is not None
                         else f"{self.instruction_column!r} and {self.output_column!r}, or {self.messages_column!r}"
                     )
-                    raise ValueError(f"{where}: column {name!r} {state} (columns: {list(row)}); a record needs {needs}")
+                    raise ConfigError(
+                        f"{where}: column {name!r} {state} (columns: {list(row)}); a record needs {needs}"
+                    )
                 value = ""
             if not isinstance(value, str):
-                raise ValueError(f"{where}, column {name!r}: expected a string, got {type(value).__name__}")
+                raise ConfigError(f"{where}, column {name!r}: expected a string, got {type(value).__name__}")
             values[name] = value
         instruction = self.instruction if self.instruction is not None else values[self.instruction_column]
-        return _Example(where, None, instruction, values[self.input_column], values[self.output_column])
+        return _Example(where, None, instruction, values[self.input_column], values[self.output_column],
+                        self.output_column)
+
+    def _warn_empty(self, split: str, examples: list[_Example]) -> None:
+        """Log the records whose response (or, under a fixed instruction, input) is empty: they are kept, as the
+        summarization data keeps empty summaries, but never silently."""
+        checks = [("responses", lambda e: not e.response.strip(), lambda e: e.response_field,
+                   "their target is the end-of-response token alone")]
+        if self.instruction is not None:
+            checks.append(("inputs", lambda e: e.messages is None and not e.input.strip(),
+                           lambda e: self.input_column, "their prompt is the instruction alone"))
+        for kind, is_empty, field, consequence in checks:
+            empty = [e for e in examples if is_empty(e)]
+            if empty:
+                named = "; ".join(f"{e.where}, column {field(e)!r}" for e in empty[:_SHOWN])
+                more = "; ..." if len(empty) > _SHOWN else ""
+                log.warning("instruction %s: %d of %d %s are empty (%s%s); kept: %s",
+                            split, len(empty), len(examples), kind, named, more, consequence)
 
     # ------------------------------------------------------------------ formatting
     def format_prompt(self, example: _Example) -> str:
@@ -427,9 +594,9 @@ class InstructionDataModule(TokenizedDataModule):
         prompts = [self.format_prompt(e) for e in examples]
         bos = getattr(self.tokenizer, "bos_token_id", None)
         prefix = [bos] if bos is not None and not self.chat_format else []
-        eos = self._eos_id(self.tokenizer)
+        end = self.response_end_ids
         prompt_ids = [prefix + ids for ids in self._ids(prompts)]
-        response_ids = [ids + [eos] for ids in self._ids([e.response for e in examples])]
+        response_ids = [ids + end for ids in self._ids([e.response for e in examples])]
         features, lengths = [], []
         for i, (p, r) in enumerate(zip(prompt_ids, response_ids, strict=True)):
             lengths.append(len(p) + len(r))
@@ -442,18 +609,22 @@ class InstructionDataModule(TokenizedDataModule):
         return features
 
     def _pack(self, features: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Concatenate whole examples, in order, into sequences of at most ``max_seq_length`` tokens."""
+        """Concatenate whole examples, in order, into sequences of at most ``max_seq_length`` tokens (with
+        ``position_ids`` restarting at every example under ``packed_position_ids``)."""
         packed: list[dict[str, Any]] = []
-        ids: list[int] = []
-        labels: list[int] = []
+        current: dict[str, list[int]] = {}
         for f in features:
-            if ids and len(ids) + len(f["input_ids"]) > self.max_seq_length:
-                packed.append({"input_ids": ids, "labels": labels})
-                ids, labels = [], []
-            ids = ids + f["input_ids"]
-            labels = labels + f["labels"]
-        if ids:
-            packed.append({"input_ids": ids, "labels": labels})
+            if current and len(current["input_ids"]) + len(f["input_ids"]) > self.max_seq_length:
+                packed.append(current)
+                current = {}
+            if not current:
+                current = {"input_ids": [], "labels": []} | ({"position_ids": []} if self.packed_position_ids else {})
+            current["input_ids"] += f["input_ids"]
+            current["labels"] += f["labels"]
+            if self.packed_position_ids:
+                current["position_ids"] += list(range(len(f["input_ids"])))
+        if current:
+            packed.append(current)
         return packed
 
     # ------------------------------------------------------------------ lightning hooks
@@ -461,7 +632,9 @@ class InstructionDataModule(TokenizedDataModule):
         """Download the tokenizer and the hub dataset into the cache (local files need nothing)."""
         self._download_tokenizer()
         if not self.files:
-            for split in self.available_splits():
+            sources = {("train" if s == "validation" and self.validation_holdout else s) for s in
+                       self.available_splits()}
+            for split in sorted(sources):
                 self._hub_dataset(
                     self.dataset_name, self.dataset_name, self.dataset_config, split=self.splits[split],
                     hint="pass local files: --data.train_file /path/to/train.jsonl",
@@ -470,15 +643,26 @@ class InstructionDataModule(TokenizedDataModule):
     def setup(self, stage: str | None = None) -> None:
         """Read, check and tokenize the splits ``stage`` needs (all available splits when ``stage`` is None)."""
         _ = self.tokenizer  # no tokenizer, or one without eos, fails before any reading
-        wanted = {"fit": SPLITS, "validate": ("validation",), "test": ("validation",)}.get(stage, SPLITS)
+        wanted = {"fit": ("train", "validation"), "validate": ("validation",), "test": ("test",),
+                  "predict": ("test",)}.get(stage, SPLITS)
         for split in wanted:
-            if split in self.available_splits():
-                self._ensure(split)
+            try:
+                split = self._resolve_split(split)
+            except ConfigError:
+                continue  # this split has no data; its dataloader raises a clear error if asked for
+            self._ensure(split)
 
     def _ensure_examples(self, split: str) -> str:
         split = self._resolve_split(split)
         if split not in self._examples:
-            self._examples[split] = [self._parse(where, row) for where, row in self._records(split)]
+            examples = []
+            for i, (where, row) in enumerate(self._records(split)):
+                example = self._parse(where, row)
+                ident = row.get(self.id_column)
+                example.id = str(i) if ident is None or ident == "" else str(ident)
+                examples.append(example)
+            self._warn_empty(split, examples)
+            self._examples[split] = examples
         return split
 
     def _ensure(self, split: str) -> str:
@@ -493,7 +677,7 @@ class InstructionDataModule(TokenizedDataModule):
     # ------------------------------------------------------------------ access
     def features(self, split: str) -> list[dict[str, Any]]:
         """The tokenized examples of ``split``: dicts of ``input_ids`` and ``labels`` lists (and, unpacked,
-        ``example_index``)."""
+        ``example_index``; packed with ``packed_position_ids``, ``position_ids``)."""
         return self._features[self._ensure(split)]
 
     def eval_prompts(self, split: str = "validation") -> list[str]:
@@ -505,8 +689,13 @@ class InstructionDataModule(TokenizedDataModule):
         return self._prompt_ids[self._ensure(split)]
 
     def eval_references(self, split: str = "validation") -> list[str]:
-        """Reference responses of ``split`` (without eos), indexed by the batches' ``example_index``."""
+        """Reference responses of ``split`` (without their end token), indexed by the batches' ``example_index``."""
         return [e.response for e in self._examples[self._ensure_examples(split)]]
+
+    def example_ids(self, split: str = "validation") -> list[str]:
+        """Ids of ``split``'s records (``id_column``, else the position in the split), indexed by
+        ``example_index``: the ``id`` of the predictions file."""
+        return [e.id for e in self._examples[self._ensure_examples(split)]]
 
     def collator(self, keep_index: bool) -> InstructionCollator:
         """Dynamic-padding collator; ``keep_index`` adds the ``example_index`` of evaluation batches."""
@@ -525,5 +714,5 @@ class InstructionDataModule(TokenizedDataModule):
         return self._loader("validation")
 
     def test_dataloader(self) -> DataLoader:
-        """The validation loader again (instruction data has no separate test split here)."""
-        return self._loader("validation")
+        """The test loader (the validation data without test data); batches carry ``example_index``."""
+        return self._loader("test")

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from adalora_pl.errors import ConfigError, MissingFileError
 from adalora_pl.tasks.squad import CLS_INDEX, postprocess_qa_predictions, squad_metrics
 from datamodules._base import TokenizedDataModule, check_positive, utf8_error
 
@@ -61,6 +62,29 @@ SQUAD_FEATURES = datasets.Features(
 )
 
 _MODEL_INPUTS = ("input_ids", "token_type_ids", "attention_mask")
+#: The official layout, appended to the messages about a file that departs from it.
+SQUAD_LAYOUT = ("SQuAD JSON is {data: [{title, paragraphs: [{context, qas: [{id, question, answers: [{text, "
+                "answer_start}]}]}]}]}")
+
+
+def _field(path: Path, node: Any, where: str, key: str, kind: type | None = None, default: Any = ...) -> Any:
+    """``node[key]`` of the JSON object at ``where`` (e.g. ``data[0].paragraphs[1]``) in ``path``.
+
+    Raises ConfigError naming the file, the place and the key when ``node`` is not an object, the key is missing
+    (and there is no ``default``), or its value is not a ``kind``.
+    """
+    if not isinstance(node, dict):
+        raise ConfigError(f"{path}: {where} is a {type(node).__name__}, expected an object; {SQUAD_LAYOUT}")
+    if key not in node:
+        if default is not ...:
+            return default
+        raise ConfigError(f"{path}: {where} has no key {key!r}; {SQUAD_LAYOUT}")
+    value = node[key]
+    if kind is not None and not isinstance(value, kind):
+        raise ConfigError(
+            f"{path}: {where}.{key} is a {type(value).__name__}, expected a {kind.__name__}; {SQUAD_LAYOUT}"
+        )
+    return value
 
 
 def read_squad_json(path: str | Path, *, allow_unanswerable: bool = True) -> datasets.Dataset:
@@ -70,70 +94,82 @@ def read_squad_json(path: str | Path, *, allow_unanswerable: bool = True) -> dat
         path: File with ``data -> [title, paragraphs -> [context, qas -> [id, question, answers
             [, is_impossible]]]]``.
         allow_unanswerable: Accept questions without answers (SQuAD v2.0). When False (v1.1), such a
-            question raises ``ValueError``.
+            question raises ``ConfigError``.
 
     Returns:
         One row per question with columns ``id``, ``title``, ``context``, ``question`` and
         ``answers`` (``{"text": [...], "answer_start": [...]}``), in file order.
 
     Raises:
-        FileNotFoundError: ``path`` does not exist.
-        ValueError: The file is not UTF-8 or not valid JSON (the message gives the line and column; a
-            truncated download ends like this), has no questions, an answer's text differs from the
-            context at its ``answer_start``, a question marked ``is_impossible`` has answers, or (v1.1) a
+        adalora_pl.errors.MissingFileError: ``path`` does not exist (a ``FileNotFoundError``).
+        ConfigError: The file is not UTF-8 or not valid JSON (the message gives the line and column; a
+            truncated download ends like this), departs from the layout above (the message names the place, e.g.
+            ``data[0].paragraphs[1].qas[2]``, and the missing key), has no questions, an answer's text differs from
+            the context at its ``answer_start``, a question marked ``is_impossible`` has answers, or (v1.1) a
             question has no answer.
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"SQuAD file not found: {path}")
+        raise MissingFileError(f"SQuAD file not found: {path}")
     payload = _load_json(path)
     if not isinstance(payload, dict) or not isinstance(payload.get("data"), list):
-        raise ValueError(f"{path}: not a SQuAD JSON file (expected a top-level 'data' list)")
+        raise ConfigError(f"{path}: not a SQuAD JSON file (expected a top-level 'data' list)")
 
     rows: dict[str, list[Any]] = {name: [] for name in SQUAD_FEATURES}
-    for article in payload["data"]:
-        title = article.get("title", "")
-        for paragraph in article["paragraphs"]:
-            context = paragraph["context"]
-            for qa in paragraph["qas"]:
-                qid = qa["id"]
+    for a, article in enumerate(payload["data"]):
+        at = f"data[{a}]"
+        title = _field(path, article, at, "title", default="")
+        for p, paragraph in enumerate(_field(path, article, at, "paragraphs", list)):
+            at = f"data[{a}].paragraphs[{p}]"
+            context = _field(path, paragraph, at, "context", str)
+            for q, qa in enumerate(_field(path, paragraph, at, "qas", list)):
+                at = f"data[{a}].paragraphs[{p}].qas[{q}]"
+                qid = _field(path, qa, at, "id")
+                question = _field(path, qa, at, "question", str)
                 texts, starts = [], []
-                for answer in qa.get("answers", []):
-                    text, start = answer["text"], int(answer["answer_start"])
+                for i, answer in enumerate(_field(path, qa, at, "answers", list, default=[])):
+                    where = f"{at}.answers[{i}]"
+                    text = _field(path, answer, where, "text", str)
+                    raw_start = _field(path, answer, where, "answer_start")
+                    try:
+                        start = int(raw_start)
+                    except (TypeError, ValueError):
+                        raise ConfigError(f"{path}: {where}.answer_start is {raw_start!r}, expected a character "
+                                          f"offset into the context (an integer); {SQUAD_LAYOUT}") from None
                     found = context[start : start + len(text)]
                     if found != text:
-                        raise ValueError(
+                        raise ConfigError(
                             f"{path}: question {qid!r}: answer text {text!r} does not match the "
                             f"context at answer_start={start}, which reads {found!r}"
                         )
                     texts.append(text)
                     starts.append(start)
                 if qa.get("is_impossible", False) and texts:
-                    raise ValueError(f"{path}: question {qid!r} is marked is_impossible but has answers")
+                    raise ConfigError(f"{path}: question {qid!r} is marked is_impossible but has answers")
                 if not texts and not allow_unanswerable:
-                    raise ValueError(
+                    raise ConfigError(
                         f"{path}: question {qid!r} has no answer, which SQuAD v1.1 does not allow "
                         "(use version='v2' for unanswerable questions)"
                     )
-                rows["id"].append(qid)
+                rows["id"].append(str(qid))
                 rows["title"].append(title)
                 rows["context"].append(context)
-                rows["question"].append(qa["question"])
+                rows["question"].append(question)
                 rows["answers"].append({"text": texts, "answer_start": starts})
     if not rows["id"]:
-        raise ValueError(f"{path} has no examples (no question in 'data'); SQuAD needs at least one question")
+        raise ConfigError(f"{path} has no examples (no question in 'data'); SQuAD needs at least one question")
     return datasets.Dataset.from_dict(rows, features=SQUAD_FEATURES)
 
 
 def _load_json(path: Path) -> Any:
-    """The parsed JSON of ``path``; decoding and syntax errors become ValueErrors naming file and line."""
+    """The parsed JSON of ``path``; decoding and syntax errors become ConfigErrors naming file and line."""
     try:
         with path.open(encoding="utf-8") as handle:
             return json.load(handle)
     except UnicodeDecodeError as err:
         raise utf8_error(path, err) from None
     except json.JSONDecodeError as err:
-        raise ValueError(
+        raise ConfigError(
             f"{path}, line {err.lineno}, column {err.colno}: not valid JSON ({err.msg}); "
             "a file that ends early is probably an incomplete download"
         ) from None
@@ -154,7 +190,7 @@ def _tokenize(batch: dict[str, list], tokenizer, max_seq_length: int, doc_stride
             padding="max_length",
         )
     except Exception as err:  # the Rust tokenizer raises when the question leaves no room
-        raise ValueError(
+        raise ConfigError(
             f"could not split question+context into windows of max_seq_length={max_seq_length} with "
             f"doc_stride={doc_stride}; a question is probably too long for that window ({err})"
         ) from err
@@ -166,7 +202,7 @@ def check_questions_fit(
     """Refuse windows that cannot hold every question with more than ``doc_stride`` context tokens.
 
     The tokenizer needs ``max_seq_length - specials - question tokens > doc_stride`` for each question (else
-    it fails with a Rust panic that ``except Exception`` does not catch). Raises ValueError naming the longest
+    it fails with a Rust panic that ``except Exception`` does not catch). Raises ConfigError naming the longest
     question and the settings that would fit it.
     """
     if len(examples) == 0:
@@ -178,7 +214,7 @@ def check_questions_fit(
     room = max_seq_length - special - lengths[longest]
     if room <= doc_stride:
         too_long = sum(max_seq_length - special - n <= doc_stride for n in lengths)
-        raise ValueError(
+        raise ConfigError(
             f"SQuAD {split}: {too_long} of {len(lengths)} questions do not fit max_seq_length={max_seq_length} "
             f"with doc_stride={doc_stride}: question {examples[longest]['id']!r} has {lengths[longest]} tokens, "
             f"which with {special} special tokens leaves {max(room, 0)} context tokens per window, and a window "
@@ -302,11 +338,11 @@ class SquadDataModule(TokenizedDataModule):
         super().__init__(tokenizer=tokenizer, batch_size=batch_size, **kwargs)
         key = str(version).strip().lower()
         if key not in _VERSION_ALIASES:
-            raise ValueError(f"unknown SQuAD version {version!r}; expected one of {sorted(_VERSION_ALIASES)}")
+            raise ConfigError(f"unknown SQuAD version {version!r}; expected one of {sorted(_VERSION_ALIASES)}")
         check_positive("max_seq_length", max_seq_length)
         check_positive("doc_stride", doc_stride)
         if doc_stride >= max_seq_length:
-            raise ValueError(f"doc_stride ({doc_stride}) must be smaller than max_seq_length ({max_seq_length})")
+            raise ConfigError(f"doc_stride ({doc_stride}) must be smaller than max_seq_length ({max_seq_length})")
         self.version = _VERSION_ALIASES[key]
         self.train_file = train_file
         self.validation_file = validation_file
@@ -335,9 +371,9 @@ class SquadDataModule(TokenizedDataModule):
     def _check_tokenizer(self, tokenizer: Any) -> None:
         """Refuse a tokenizer without offset mappings, or one that pads on the left."""
         if not getattr(tokenizer, "is_fast", False):
-            raise ValueError("SquadDataModule needs a fast tokenizer (offset mappings)")
+            raise ConfigError("SquadDataModule needs a fast tokenizer (offset mappings)")
         if getattr(tokenizer, "padding_side", "right") != "right":
-            raise ValueError("SquadDataModule needs a right-padding tokenizer (question first, context second)")
+            raise ConfigError("SquadDataModule needs a right-padding tokenizer (question first, context second)")
 
     def _file_for(self, split: str) -> str | None:
         if split == "train":
@@ -365,7 +401,7 @@ class SquadDataModule(TokenizedDataModule):
         for split in ("train", "validation"):
             path = self._file_for(split)
             if path is not None and not Path(path).expanduser().is_file():
-                raise FileNotFoundError(f"SQuAD {split} file not found: {path}")
+                raise MissingFileError(f"SQuAD {split} file not found: {path}")
         if self.train_file is None and self.validation_file is None:
             self._load_hub(None)
 
@@ -394,9 +430,9 @@ class SquadDataModule(TokenizedDataModule):
         """Read the examples and cut them into windows: train for ``"fit"`` (and ``None``), validation always.
 
         Raises:
-            ValueError: A question leaves no more than ``doc_stride`` context tokens, a local file is malformed
+            ConfigError: A question leaves no more than ``doc_stride`` context tokens, a local file is malformed
                 (see :func:`read_squad_json`), or the tokenizer is not a fast, right-padding one.
-            FileNotFoundError: A local file does not exist.
+            adalora_pl.errors.MissingFileError: A local file does not exist (a ``FileNotFoundError``).
             adalora_pl.io.pretrained.LoadError: The tokenizer folder does not exist, or the hub cannot be reached.
         """
         if stage in (None, "fit") and self.train_features is None:

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
+from adalora_pl.errors import ConfigError, MissingFileError
 from datamodules._base import TokenizedDataModule, check_positive, untruncated_lengths, utf8_error
 
 log = logging.getLogger(__name__)
@@ -39,7 +40,7 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
         try:
             rows = json.loads(text)
         except json.JSONDecodeError as err:
-            raise ValueError(
+            raise ConfigError(
                 f"{path}, line {err.lineno}, column {err.colno}: not valid JSON ({err.msg}); "
                 "a file that ends early is probably an incomplete download"
             ) from None
@@ -51,15 +52,15 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as err:
-                raise ValueError(f"{path}: line {line_no} is not valid JSON ({err.msg})") from err
+                raise ConfigError(f"{path}: line {line_no} is not valid JSON ({err.msg})") from err
     for i, row in enumerate(rows):
         if not isinstance(row, dict):
-            raise ValueError(f"{path}: record {i} is a {type(row).__name__}, expected a JSON object")
+            raise ConfigError(f"{path}: record {i} is a {type(row).__name__}, expected a JSON object")
     return rows
 
 
 def _read_text(path: Path, encoding: str) -> str:
-    """The whole file; bytes that are not UTF-8 raise a ValueError naming the file and line."""
+    """The whole file; bytes that are not UTF-8 raise a ConfigError naming the file and line."""
     try:
         with path.open(encoding=encoding, newline="") as f:  # newline="": csv sees quoted newlines as written
             return f.read()
@@ -77,18 +78,18 @@ def read_records(path: str | Path) -> list[dict[str, Any]]:
     """Read a ``.jsonl``/``.json`` (one JSON object per line) or ``.csv`` file into a list of dicts.
 
     Raises:
-        FileNotFoundError: If the file does not exist.
-        ValueError: If the extension is not one of ``.jsonl``, ``.json``, ``.csv``, or the file is not UTF-8
+        MissingFileError: If the file does not exist (a ``FileNotFoundError`` too).
+        ConfigError: If the extension is not one of ``.jsonl``, ``.json``, ``.csv``, or the file is not UTF-8
             or not valid JSON (the message names the file and the line).
     """
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in _EXTENSIONS:
-        raise ValueError(
+        raise ConfigError(
             f"unsupported file extension {path.suffix!r} for {path}; expected one of {', '.join(_EXTENSIONS)}"
         )
     if not path.is_file():
-        raise FileNotFoundError(f"summarization data file not found: {path}")
+        raise MissingFileError(f"summarization data file not found: {path}")
     return _read_csv(path) if suffix == ".csv" else _read_jsonl(path)
 
 
@@ -159,10 +160,10 @@ class SummarizationDataModule(TokenizedDataModule):
             :class:`~datamodules._base.TokenizedDataModule`.
 
     Raises:
-        ValueError: For an unknown ``dataset``, an unsupported file extension, no data source,
+        ConfigError: For an unknown ``dataset``, an unsupported file extension, no data source,
             missing column names, or a length or size that is not a positive integer; at :meth:`setup`, for
             a column missing from a file.
-        FileNotFoundError: For a data file that does not exist.
+        MissingFileError: For a data file that does not exist (a ``FileNotFoundError`` too).
     """
 
     def __init__(
@@ -182,7 +183,7 @@ class SummarizationDataModule(TokenizedDataModule):
     ) -> None:
         super().__init__(tokenizer=tokenizer, batch_size=batch_size, **kwargs)
         if dataset is not None and dataset not in DATASETS:
-            raise ValueError(
+            raise ConfigError(
                 f"unknown summarization dataset {dataset!r}; expected one of {sorted(DATASETS)} or None"
             )
         self.files: dict[str, Path] = {
@@ -190,23 +191,23 @@ class SummarizationDataModule(TokenizedDataModule):
             for split, f in zip(SPLITS, (train_file, validation_file, test_file), strict=True)
             if f is not None
         }
-        for path in self.files.values():
+        for split, path in self.files.items():
             if path.suffix.lower() not in _EXTENSIONS:
-                raise ValueError(
-                    f"unsupported file extension {path.suffix!r} for {path}; "
+                raise ConfigError(
+                    f"{split}_file: unsupported file extension {path.suffix!r} for {path}; "
                     f"expected one of {', '.join(_EXTENSIONS)}"
                 )
             if not path.is_file():
-                raise FileNotFoundError(f"summarization data file not found: {path}")
+                raise MissingFileError(f"{split}_file: summarization data file not found: {path}")
         if dataset is None and not self.files:
-            raise ValueError(
+            raise ConfigError(
                 "no summarization data: set dataset ('xsum' or 'cnn_dailymail') or give local files"
             )
         defaults = DATASETS[dataset][2:] if dataset is not None else (None, None)
         self.text_column = text_column or defaults[0]
         self.summary_column = summary_column or defaults[1]
         if self.text_column is None or self.summary_column is None:
-            raise ValueError("dataset=None needs text_column and summary_column to name the file columns")
+            raise ConfigError("dataset=None needs text_column and summary_column to name the file columns")
         check_positive("max_source_length", max_source_length)
         check_positive("max_target_length", max_target_length)
 
@@ -232,11 +233,11 @@ class SummarizationDataModule(TokenizedDataModule):
     def _resolve_split(self, split: str) -> str:
         split = _SPLIT_ALIASES.get(split, split)
         if split not in SPLITS:
-            raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+            raise ConfigError(f"unknown split {split!r}; expected one of {SPLITS}")
         if split == "test" and "test" not in self.available_splits():
             split = "validation"  # no test file: test on the validation data
         if split not in self.available_splits():
-            raise ValueError(f"no {split} data: pass {split}_file (local files given: {sorted(self.files)})")
+            raise ConfigError(f"no {split} data: pass {split}_file (local files given: {sorted(self.files)})")
         return split
 
     def _load_hub(self) -> Any:
@@ -255,12 +256,12 @@ class SummarizationDataModule(TokenizedDataModule):
             path = self.files[split]
             rows = read_records(path)[: self._sample_limit(split)]  # [:None] keeps every row
             if not rows:
-                raise ValueError(f"{path}: the file has no examples")
+                raise ConfigError(f"{path}: the file has no examples")
             for col in (self.text_column, self.summary_column):
                 bad = next((i for i, row in enumerate(rows) if col not in row), None)
                 if bad is not None:
                     where = "" if bad == 0 else f" from record {bad}"
-                    raise ValueError(
+                    raise ConfigError(
                         f"{path}: column {col!r} is missing{where} (columns: {list(rows[bad])}); "
                         "set text_column/summary_column to the file's column names"
                     )
@@ -271,7 +272,7 @@ class SummarizationDataModule(TokenizedDataModule):
             ds = self._first_rows(self._load_hub()[split], split)
             for col in (self.text_column, self.summary_column):
                 if col not in ds.column_names:
-                    raise ValueError(
+                    raise ConfigError(
                         f"{DATASETS[self.dataset_name][0]} [{split}]: column {col!r} is missing "
                         f"(columns: {ds.column_names})"
                     )
@@ -283,16 +284,23 @@ class SummarizationDataModule(TokenizedDataModule):
             )
             texts = [_as_text(x) for x in ds[self.text_column]]
             summaries = [_as_text(x) for x in ds[self.summary_column]]
-        for kind, values in (("documents", texts), ("summaries", summaries)):
+        source = str(self.files[split]) if self.uses_local_files else f"{DATASETS[self.dataset_name][0]} [{split}]"
+        for kind, column, values in (("documents", self.text_column, texts),
+                                     ("summaries", self.summary_column, summaries)):
             empty = [ids[i] for i, v in enumerate(values) if not v.strip()]
             if empty:
+                # Kept, never dropped (that would change the evaluation set silently), and never silent: the
+                # instruction data module warns the same way about empty responses.
                 shown = ", ".join(empty[:20]) + (", ..." if len(empty) > 20 else "")
                 log.warning(
-                    "summarization %s: %d of %d %s are empty (ids: %s); kept, encoded as special tokens only",
+                    "summarization %s: %d of %d %s are empty (%s, column %r; ids: %s); kept, encoded as special "
+                    "tokens only",
                     split,
                     len(empty),
                     len(values),
                     kind,
+                    source,
+                    column,
                     shown,
                 )
         return {"id": ids, "text": texts, "summary": summaries}
@@ -313,7 +321,7 @@ class SummarizationDataModule(TokenizedDataModule):
             ("max_target_length", self.max_target_length, fixed_target, "special tokens"),
         ):
             if value <= fixed:
-                raise ValueError(
+                raise ConfigError(
                     f"{name}={value} leaves no room for text: the {what} already take {fixed} tokens; "
                     f"set --data.{name} to at least {fixed + 1} (the configs use 64 to 1024)"
                 )
@@ -330,7 +338,7 @@ class SummarizationDataModule(TokenizedDataModule):
         for split in wanted:
             try:
                 self._resolve_split(split)
-            except ValueError:
+            except ConfigError:
                 continue  # this split has no data; its dataloader raises a clear error if asked for
             self._ensure_split(split)
 

@@ -306,6 +306,16 @@ def save_tiny_causal_lm(folder: Path, family: str = "llama", seed: int = 0, tie_
 
 
 # ---------------------------------------------------------------------------------------- data files
+#: Five Alpaca records over the tiny tokenizer's words (instruction-tuning tests).
+INSTRUCTION_ROWS = [
+    {"instruction": "what is the capital of france", "input": "", "output": "paris is the capital"},
+    {"instruction": "who ran", "input": "the dog ran in the city", "output": "the dog"},
+    {"instruction": "read the book", "input": "", "output": "good book"},
+    {"instruction": "the cat sat on the mat", "input": "where", "output": "on the mat"},
+    {"instruction": "what was the film", "input": "people said it was great", "output": "a great film"},
+]
+
+
 def write_cola(folder: Path, rows: int = 48) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     sentences = ["the cat sat on the mat", "cat the on sat mat the", "a dog ran", "ran dog a the"]

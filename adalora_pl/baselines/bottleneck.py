@@ -54,7 +54,9 @@ BOTTLENECK_SITES: dict[str, dict[str, list[str]]] = {
     "roberta": {"attention": ["attention.output.dense"], "ffn": ["output.dense"]},
     "deberta-v2": {"attention": ["attention.output.dense"], "ffn": ["output.dense"]},
     "mpnet": {"attention": ["attn.o"], "ffn": ["output.dense"]},
-    "bart": {"attention": ["out_proj"], "ffn": ["fc2"]},
+    # BART: the self-attention output of every layer and the decoder's cross-attention output. A bare "out_proj"
+    # would also match BartForSequenceClassification's classification_head.out_proj (the task head).
+    "bart": {"attention": ["self_attn.out_proj", "encoder_attn.out_proj"], "ffn": ["fc2"]},
     # Decoder LLMs: the attention output and the MLP's down projection of every block.
     **{family: {"attention": ["o_proj"], "ffn": ["down_proj"]}
        for family in ("llama", "mistral", "qwen2", "gemma", "gemma2", "phi3")},

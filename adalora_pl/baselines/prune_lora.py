@@ -60,8 +60,8 @@ class DoubletPruner(RankAllocator):
         return layer.lora_A, layer.lora_B
 
     @torch.no_grad()
-    def update_and_allocate(self, step: int, applied: torch.Tensor | None = None) -> MaskEvent:
-        event = super().update_and_allocate(step, applied)
+    def allocate(self, step: int) -> MaskEvent:
+        event = super().allocate(step)
         self.apply_rank_pattern()  # against momentum: a pruned doublet stays exactly zero
         return event
 

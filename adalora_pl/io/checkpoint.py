@@ -12,6 +12,7 @@ from typing import Any, Literal, get_args
 
 import torch
 
+from adalora_pl.errors import ConfigError, MissingFileError
 from adalora_pl.injection import find_adapters
 from adalora_pl.io.adapter import save_adapter
 from adalora_pl.io.lora import export_lora
@@ -33,7 +34,7 @@ MOVED_MODULE_CLASSES = {
 
 
 def resolve_module_class(class_path: str) -> type:
-    """The task module class a checkpoint names (old paths of moved classes included), or a ValueError."""
+    """The task module class a checkpoint names (old paths of moved classes included), or a ConfigError."""
     if class_path in MOVED_MODULE_CLASSES:
         log.info("%s moved to %s; loading it from there", class_path, MOVED_MODULE_CLASSES[class_path])
         class_path = MOVED_MODULE_CLASSES[class_path]
@@ -41,7 +42,7 @@ def resolve_module_class(class_path: str) -> type:
     try:
         return getattr(importlib.import_module(module_name), class_name)
     except (ImportError, AttributeError) as err:
-        raise ValueError(
+        raise ConfigError(
             f"the checkpoint's module class {class_path!r} cannot be imported ({err}); task modules live in "
             f"adalora_pl.tasks: {sorted(MOVED_MODULE_CLASSES.values())}"
         ) from err
@@ -78,26 +79,26 @@ def read_checkpoint(ckpt_path: str | Path) -> dict[str, Any]:
     a pickle of arbitrary objects) fails with one clear line instead of being unpickled.
 
     Raises:
-        FileNotFoundError: no file at ``ckpt_path``.
-        ValueError: the file is not a Lightning checkpoint.
+        adalora_pl.errors.MissingFileError: no file at ``ckpt_path`` (a FileNotFoundError too).
+        ConfigError: the file is not a Lightning checkpoint.
     """
     path = Path(ckpt_path)
     if path.is_dir():
-        raise ValueError(f"{path} is a directory, not a Lightning checkpoint file (pass the .ckpt file)")
+        raise ConfigError(f"{path} is a directory, not a Lightning checkpoint file (pass the .ckpt file)")
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+        raise MissingFileError(f"checkpoint not found: {path}")
     problem = torch_archive_problem(path)
     if problem is not None:
-        raise ValueError(f"{path} is not a Lightning checkpoint: {problem}")
+        raise ConfigError(f"{path} is not a Lightning checkpoint: {problem}")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as err:
-        raise ValueError(
+        raise ConfigError(
             f"{path} is not a Lightning checkpoint this tool can read safely (weights-only loading failed: "
             f"{_first_line(err)})"
         ) from err
     if not isinstance(ckpt, dict):
-        raise ValueError(f"{path} is not a Lightning checkpoint: it holds a {type(ckpt).__name__}, not a dict")
+        raise ConfigError(f"{path} is not a Lightning checkpoint: it holds a {type(ckpt).__name__}, not a dict")
     return ckpt
 
 
@@ -109,7 +110,7 @@ def load_task_module(ckpt_path: str | Path):
     if hparams is not None:  # LightningCLI adds private keys such as "_class_path" and "_instantiator"
         hparams = {k: v for k, v in hparams.items() if not k.startswith("_")}
     if class_path is None or hparams is None or "state_dict" not in ckpt:
-        raise ValueError(
+        raise ConfigError(
             f"{ckpt_path} was not written by an adalora_pl task module (missing {MODULE_CLASS_KEY!r}, "
             "'hyper_parameters' or 'state_dict'); export works on checkpoints of `python cli.py fit`"
         )
@@ -120,7 +121,7 @@ def load_task_module(ckpt_path: str | Path):
     mismatched = [f"{k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in state
                   if k in own and state[k].shape != own[k].shape]
     if missing or unexpected or mismatched:
-        raise ValueError(
+        raise ConfigError(
             f"{ckpt_path} does not match the backbone {hparams.get('backbone')!r}: {len(mismatched)} tensors of "
             f"another shape (checkpoint vs model, e.g. {mismatched[:2]}), {len(missing)} missing "
             f"(e.g. {missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]})"
@@ -137,14 +138,16 @@ def peft_schedule_fields(hparams: Mapping[str, Any], ckpt: dict[str, Any], ckpt_
     callback applies (``svd_lora`` keeps a constant budget: ``target_r = init_r``). ``init_r`` (ranknum),
     ``lora_alpha``, ``lora_dropout``, ``target_modules`` and ``modules_to_save`` are read by
     :func:`export_peft` from the adapters and trained heads themselves, so they describe what was trained.
+    The callback keeps its resolved settings under ``"settings"``.
     """
     callbacks = ckpt.get("callbacks") or {}
-    schedule = next((s["schedule"] for s in callbacks.values() if isinstance(s, dict) and "schedule" in s), None)
+    schedule = next((s["settings"] for s in callbacks.values() if isinstance(s, dict)
+                     and isinstance(s.get("settings"), dict)), None)
     if schedule is None:
-        raise ValueError(f"{ckpt_path} has no AdaLoRA schedule state; PEFT export needs an AdaLoRA run")
+        raise ConfigError(f"{ckpt_path} has no AdaLoRA schedule state; PEFT export needs an AdaLoRA run")
     missing = [k for k in ("method", "init_r", "target_r", "beta1", "beta2", "orth_reg_weight") if k not in hparams]
     if missing:
-        raise ValueError(f"{ckpt_path}: the module's hyperparameters lack {missing}; PEFT export needs an AdaLoRA run")
+        raise ConfigError(f"{ckpt_path}: the module's hyperparameters lack {missing}; PEFT export needs an AdaLoRA run")
     target_r = hparams["init_r"] if hparams["method"] == "svd_lora" else hparams["target_r"]
     return {
         "total_step": schedule["total_step"],
@@ -158,8 +161,32 @@ def peft_schedule_fields(hparams: Mapping[str, Any], ckpt: dict[str, Any], ckpt_
     }
 
 
+def output_folder_problem(output: str | Path, *, overwrite: bool, overwrite_hint: str = "pass overwrite=True"
+                          ) -> str | None:
+    """Why an export must not write to ``output``, or None: it is a file, or (unless ``overwrite``) a folder that
+    already holds files. A missing or empty folder is fine.
+
+    Args:
+        output: The export's output folder.
+        overwrite: Writing into a folder with files is allowed (same names are replaced, the others kept).
+        overwrite_hint: How the caller allows it, for the message (``"pass --overwrite"`` on the command line).
+    """
+    path = Path(output)
+    if path.exists() and not path.is_dir():
+        return f"{output} is a file; the export writes a folder"
+    if overwrite or not path.is_dir():
+        return None
+    names = sorted(p.name for p in path.iterdir())
+    if not names:
+        return None
+    shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    return (f"{output} already holds files ({shown}); choose another folder, or {overwrite_hint} to write into it "
+            "(files of the same name are replaced, the others kept)")
+
+
 def export_checkpoint(
-    ckpt_path: str | Path, fmt: ExportFormat, output: str | Path, *, zero_masked: bool = False
+    ckpt_path: str | Path, fmt: ExportFormat, output: str | Path, *, zero_masked: bool = False,
+    overwrite: bool = False,
 ) -> Path:
     """Write the adapters of a fit checkpoint as ``adapter`` (safetensors + JSON), ``peft`` (an AdaLoRA folder
     ``PeftModel.from_pretrained`` loads), ``lora`` (the same adapters folded into a standard PEFT LoRA folder, see
@@ -169,16 +196,23 @@ def export_checkpoint(
     (``rank_mask`` False) still have a nonzero ``lora_E`` is refused, unless ``zero_masked=True`` zeroes them
     first (see :func:`adalora_pl.io.surgery.check_pruned_triplets`).
 
+    ``output`` must be a new or empty folder, unless ``overwrite=True`` (files of the same name are then replaced,
+    the others kept): an export never silently writes over another one.
+
     Raises:
         FileNotFoundError: no file at ``ckpt_path``.
-        ValueError: not a checkpoint of ``cli.py fit``, or one that cannot be exported in ``fmt``.
+        ConfigError: ``output`` is a file, or a folder with files and ``overwrite`` is False (checked first); not a
+            checkpoint of ``cli.py fit``, or one that cannot be exported in ``fmt``.
     """
     if fmt not in EXPORT_FORMATS:
-        raise ValueError(f"format must be one of {list(EXPORT_FORMATS)}, got {fmt!r}")
+        raise ConfigError(f"format must be one of {list(EXPORT_FORMATS)}, got {fmt!r}")
+    problem = output_folder_problem(output, overwrite=overwrite)
+    if problem is not None:
+        raise ConfigError(f"output {problem}")
     module, ckpt = load_task_module(ckpt_path)
     model, h = module.model, dict(ckpt["hyper_parameters"])
     if not find_adapters(model) and fmt != "merged":
-        raise ValueError(f"{ckpt_path} has no adapters (method={h.get('method')!r}); use --format merged")
+        raise ConfigError(f"{ckpt_path} has no adapters (method={h.get('method')!r}); use --format merged")
     check_pruned_triplets(model, f"{ckpt_path}", zero_masked=zero_masked)
     output = Path(output)
     if fmt == "adapter":

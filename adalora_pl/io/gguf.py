@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from adalora_pl.io.pretrained import dtype_keyword
+
 __all__ = ["LLM_EXTRAS_HINT", "SMOLLM2_GGUF", "SMOLLM2_PACKAGE", "default_cache_dir", "materialize_gguf",
            "smollm2_folder"]
 
@@ -101,7 +103,7 @@ def materialize_gguf(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     start = time.perf_counter()
-    load_kwargs: dict = {"gguf_file": gguf_file, "dtype": dtype}
+    load_kwargs: dict = {"gguf_file": gguf_file, dtype_keyword(): dtype}
     try:  # transformers >= 5 may keep the weights packed in GGUF blocks unless told to unpack them all
         from transformers import GgufConfig
 

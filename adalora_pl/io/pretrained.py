@@ -8,11 +8,17 @@ functions here catch both cases early and raise :class:`LoadError` with one mess
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-__all__ = ["LoadError", "check_backbone", "check_tokenizer", "load_pretrained", "looks_like_path"]
+from adalora_pl.errors import ConfigError
+
+__all__ = [
+    "DTYPE_KEYWORD_SINCE", "LoadError", "check_backbone", "check_tokenizer", "dtype_keyword", "load_pretrained",
+    "looks_like_path",
+]
 
 T = TypeVar("T")
 
@@ -30,7 +36,7 @@ OFFLINE_HINT = (
 )
 
 
-class LoadError(ValueError):
+class LoadError(ConfigError):
     """A backbone, tokenizer or hub dataset the user named could not be found or loaded; the message says what
     to do. ``cli.py`` prints it as one line instead of a traceback."""
 
@@ -105,3 +111,24 @@ def load_pretrained(load: Callable[..., T], name: str, *, what: str = "backbone"
             f"HF_HUB_OFFLINE=1) and it is not in the local cache, or the hub has no such model ({reason}); "
             f"{OFFLINE_HINT}"
         ) from err
+
+
+#: The transformers release that renamed ``from_pretrained``'s ``torch_dtype`` to ``dtype`` (huggingface/transformers
+#: PR 39782). Earlier releases (pyproject allows >= 4.45) hand an unknown ``dtype`` on to the model's constructor,
+#: which raises a TypeError; later ones still take ``torch_dtype`` but warn that it is deprecated.
+DTYPE_KEYWORD_SINCE = (4, 56)
+
+
+def dtype_keyword(version: str | None = None) -> str:
+    """The ``from_pretrained`` keyword for the weights' dtype: ``"dtype"`` from transformers 4.56 on, else
+    ``"torch_dtype"``.
+
+    Args:
+        version: a transformers version string; ``None`` reads the installed one.
+    """
+    if version is None:
+        import transformers
+
+        version = transformers.__version__
+    major_minor = tuple(int(part) for part in re.findall(r"\d+", version)[:2])
+    return "dtype" if major_minor >= DTYPE_KEYWORD_SINCE else "torch_dtype"

@@ -7,10 +7,14 @@ and the backbone's own loss skips them. Validation and test report, over all res
 
 - ``{stage}/loss``: the mean negative log-likelihood per response token (token-weighted over the epoch, not a
   mean of batch means), ``{stage}/perplexity`` = ``exp(loss)`` and ``{stage}/token_accuracy`` (the share of
-  response tokens that are the argmax of the model's next-token distribution, teacher forced);
+  response tokens that are the argmax of the model's next-token distribution, teacher forced). Every example
+  counts once, under DDP too (the rows a distributed sampler repeats are dropped by index,
+  :class:`~adalora_pl.tasks.metrics.RowSums`);
 - with ``generate_on_validation``, ROUGE-1/2/L (percent) of responses generated from the prompts alone
   (greedy or beam search, ``max_new_tokens``), and the generations as ``predictions_<stage>_epoch<N>.jsonl``
-  in the log folder.
+  in the log folder (``id`` is the data's id column when it has one). The stage's own split is used: the test
+  prompts at test (the validation ones when the data module has no test data). Generation is skipped during
+  Lightning's sanity check unless ``generate_on_sanity_check``, and logs a line when it starts and its progress.
 
 Large models: ``torch_dtype="bfloat16"`` loads the base weights in bfloat16 while the adapters stay in float32
 (as PEFT does); ``gradient_checkpointing`` recomputes each block's activations in backward (non-reentrant, so
@@ -20,15 +24,18 @@ it works with frozen embeddings and needs no ``enable_input_require_grads``).
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from typing import Any, Literal, get_args
 
 import torch
-from torchmetrics import SumMetric
 from transformers import AutoModelForCausalLM
 
+from adalora_pl.errors import ConfigError
+from adalora_pl.io.pretrained import dtype_keyword
 from adalora_pl.module import Stage
-from adalora_pl.tasks.generation import GenerativeModule, check_generation_settings
+from adalora_pl.tasks.generation import SPLIT_OF_STAGE, GenerativeModule, check_generation_settings
+from adalora_pl.tasks.metrics import RowSums
 
 __all__ = ["CausalLMModule"]
 
@@ -65,6 +72,8 @@ class CausalLMModule(GenerativeModule):
             ``max_seq_length`` minus ``max_new_tokens``.
         rouge_lsum: also compute ROUGE-Lsum.
         write_predictions: write the generations of every evaluation epoch into the log folder.
+        generate_on_sanity_check: generate during Lightning's sanity check too (off: it runs the teacher-forced
+            evaluation only; see :class:`~adalora_pl.tasks.generation.GenerativeModule`).
         trainable_modules: modules trained in full next to the adapters; none by default (``lm_head`` is often
             tied to the input embeddings).
         **kwargs: method (``adalora``, ``lora``, ``full``, the baselines), ranks, schedule and optimizer
@@ -88,16 +97,18 @@ class CausalLMModule(GenerativeModule):
         max_prompt_tokens: int | None = None,
         rouge_lsum: bool = False,
         write_predictions: bool = True,
+        generate_on_sanity_check: bool = False,
         trainable_modules: Sequence[str] = (),
         **kwargs: Any,
     ) -> None:
         if torch_dtype is not None and torch_dtype not in TORCH_DTYPES:
-            raise ValueError(f"torch_dtype must be one of {list(TORCH_DTYPES)} or None, got {torch_dtype!r}")
+            raise ConfigError(f"torch_dtype must be one of {list(TORCH_DTYPES)} or None, got {torch_dtype!r}")
         check_generation_settings(num_beams, max_new_tokens)
         if max_prompt_tokens is not None and max_prompt_tokens < 1:
-            raise ValueError(f"max_prompt_tokens must be >= 1 or None, got {max_prompt_tokens}")
+            raise ConfigError(f"max_prompt_tokens must be >= 1 or None, got {max_prompt_tokens}")
         super().__init__(backbone=backbone, trainable_modules=tuple(trainable_modules), rouge_lsum=rouge_lsum,
-                         write_predictions=write_predictions, **kwargs)
+                         write_predictions=write_predictions, generate_on_sanity_check=generate_on_sanity_check,
+                         **kwargs)
         if gradient_checkpointing:
             # Non-reentrant checkpointing back-propagates into the adapters even though no input of a block
             # requires grad (the embeddings are frozen); the reentrant kind would silently give them no gradient.
@@ -107,30 +118,38 @@ class CausalLMModule(GenerativeModule):
             else:
                 self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             self.model.config.use_cache = False  # a cache is useless in training and conflicts with recomputation
-        # Token-weighted sums over the epoch, gathered from every process.
-        self.nll_sum = SumMetric()
-        self.correct_tokens = SumMetric()
-        self.response_tokens = SumMetric()
+        # Per example: summed NLL, correct tokens and response tokens; summed over the distinct examples of the
+        # epoch, gathered from every process (token-weighted, each example once).
+        self.token_sums = RowSums(width=3)
 
     def backbone_kwargs(self, backbone: str) -> dict[str, Any]:
-        """``dtype``, ``trust_remote_code`` and ``attn_implementation`` for ``from_pretrained``."""
+        """``dtype`` (``torch_dtype`` before transformers 4.56, see :func:`dtype_keyword`), ``trust_remote_code``
+        and ``attn_implementation`` for ``from_pretrained``."""
         kwargs: dict[str, Any] = {"trust_remote_code": self.hparams.trust_remote_code}
         if self.hparams.torch_dtype is not None:
-            kwargs["dtype"] = getattr(torch, self.hparams.torch_dtype)
+            kwargs[dtype_keyword()] = getattr(torch, self.hparams.torch_dtype)
         if self.hparams.attn_implementation is not None:
             kwargs["attn_implementation"] = self.hparams.attn_implementation
         return kwargs
 
     # ------------------------------------------------------------------ generation
 
-    def _special_ids(self) -> tuple[int, int | None]:
-        """(pad id, eos id) for generation: the data module's padding and the tokenizer's end token."""
+    def _special_ids(self) -> tuple[int, list[int] | None]:
+        """(pad id, stop ids) for generation: the data module's padding, and its ``stop_token_ids`` (the end token
+        and a chat template's own end of turn, e.g. Gemma's ``<end_of_turn>``); without a data module, the
+        tokenizer's end token and the model's ``generation_config`` end tokens (where chat models list their end
+        of turn)."""
         tokenizer = self.tokenizer
         eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+        stop = getattr(self.trainer_datamodule, "stop_token_ids", None)
+        if stop is None:
+            configured = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
+            configured = [configured] if isinstance(configured, int) else list(configured or [])
+            stop = list(dict.fromkeys(([] if eos is None else [eos]) + configured))
         pad = getattr(self.trainer_datamodule, "pad_token_id", None)
         if pad is None:
             pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-        return pad, eos
+        return pad, list(stop) or None
 
     def prompt_limit(self) -> int | None:
         """Most prompt tokens kept for generation (see ``max_prompt_tokens``)."""
@@ -188,34 +207,45 @@ class CausalLMModule(GenerativeModule):
 
     # ------------------------------------------------------------------ evaluation
 
+    def generation_description(self) -> str:
+        """``"up to N tokens, greedy"`` (or ``"up to N tokens, K beams"``), for the log line before generation."""
+        beams = self.hparams.num_beams
+        return f"up to {self.hparams.max_new_tokens} tokens, " + ("greedy" if beams == 1 else f"{beams} beams")
+
     def eval_step(self, batch: dict[str, torch.Tensor], stage: Stage, dataloader_idx: int = 0) -> None:
-        """Teacher-forced NLL and accuracy of the response tokens; the generated responses' token ids."""
+        """Teacher-forced NLL and accuracy of the response tokens per example; the generated responses' token ids
+        (from the prompts of the stage's split)."""
         inputs = self.model_inputs(batch, drop=("labels",))
         # Position t predicts token t + 1; only response tokens are scored, in float32 whatever the precision.
         targets = batch["labels"][:, 1:]
         scored = targets != -100
-        logits = self(**inputs).logits[:, :-1][scored].float()
+        logits = self(**inputs).logits[:, :-1][scored].float()  # only the scored positions: the vocab is large
         targets = targets[scored]
-        self.nll_sum.update(torch.nn.functional.cross_entropy(logits, targets, reduction="sum"))
-        self.correct_tokens.update((logits.argmax(-1) == targets).sum().float())
-        self.response_tokens.update(scored.sum().float())
-        if self.hparams.generate_on_validation:
+        row = scored.nonzero()[:, 0]  # the example of each scored token
+        per_token = torch.stack([torch.nn.functional.cross_entropy(logits, targets, reduction="none"),
+                                 (logits.argmax(-1) == targets).float(), torch.ones_like(targets, dtype=torch.float)],
+                                dim=1).double()
+        per_example = torch.zeros(len(scored), 3, dtype=torch.float64, device=per_token.device)
+        self.token_sums.update(batch["example_index"], per_example.index_add_(0, row, per_token))
+        if self.hparams.generate_on_validation and self.should_generate():
             datamodule = self.require_datamodule("eval_prompt_ids", "generates from the prompts of",
                                                  self.reference_provider)
-            prompts = datamodule.eval_prompt_ids("validation")
+            prompts = datamodule.eval_prompt_ids(SPLIT_OF_STAGE[stage])
             index = batch["example_index"]
+            self.generation_starts(stage, dataloader_idx, len(index))
             self.generated.update(index, self.generate_ids([prompts[i] for i in index.tolist()]))
+            self.generation_done(stage, dataloader_idx, len(index))
 
     def log_eval_metrics(self, stage: Stage) -> None:
         """Token-weighted loss, perplexity and accuracy of the epoch; ROUGE and predictions when generating."""
-        if self.response_tokens.update_count == 0:
+        if self.token_sums.update_count == 0:
             return
-        tokens = self.response_tokens.compute()
+        nll, correct, tokens = self.token_sums.compute().tolist()
         if tokens > 0:
-            loss = self.nll_sum.compute() / tokens
+            loss = nll / tokens
             self.log(f"{stage}/loss", loss, prog_bar=True)
-            self.log(f"{stage}/perplexity", torch.exp(loss))
-            self.log(f"{stage}/token_accuracy", self.correct_tokens.compute() / tokens)
+            self.log(f"{stage}/perplexity", math.exp(loss) if loss < 700 else math.inf)  # exp overflows a float
+            self.log(f"{stage}/token_accuracy", correct / tokens)
         self.log_generation_metrics(stage)
 
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> list[str]:

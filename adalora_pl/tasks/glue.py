@@ -23,6 +23,8 @@ from torchmetrics import (
     SpearmanCorrCoef,
 )
 
+from adalora_pl.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class GlueTask:
@@ -169,11 +171,11 @@ def normalize_task_name(task_name: str) -> str:
     Case, ``-``, ``_`` and spaces are ignored, so ``"CoLA"``, ``"SST-2"`` and ``"sts_b"`` all work.
 
     Raises:
-        ValueError: ``task_name`` is not one of the eight GLUE tasks.
+        ConfigError: ``task_name`` is not one of the eight GLUE tasks.
     """
     key = "".join(ch for ch in str(task_name).lower() if ch not in "-_ ")
     if key not in GLUE_TASKS:
-        raise ValueError(f"unknown GLUE task {task_name!r}; expected one of {sorted(GLUE_TASKS)}")
+        raise ConfigError(f"unknown GLUE task {task_name!r}; expected one of {sorted(GLUE_TASKS)}")
     return key
 
 

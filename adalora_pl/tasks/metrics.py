@@ -2,10 +2,17 @@
 
 SQuAD answers and generated summaries can only be scored once every window or example of the evaluation set has
 been seen, and under DDP each process sees a part of it. These metrics keep the per-batch outputs as list states
-reduced with ``dist_reduce_fx="cat"``, so that torchmetrics gathers them from every process when ``compute`` runs
-(a distributed sampler's padding repeats a few rows; both scorers below take duplicates). Text cannot be a
-Metric state, so what is kept are tensors (feature and example indices, logits, token ids); the scoring or decoding
-function, which needs the data module or the tokenizer, is set as an attribute before ``compute``.
+reduced with ``dist_reduce_fx="cat"``, so that torchmetrics gathers them from every process when ``compute`` runs.
+Text cannot be a Metric state, so what is kept are tensors (feature and example indices, logits, token ids); the
+scoring or decoding function, which needs the data module or the tokenizer, is set as an attribute before
+``compute``.
+
+Every row counts once. Under DDP, Lightning's ``DistributedSampler`` pads the evaluation set to a multiple of the
+number of processes by repeating its first rows, so a metric that sums what each process saw counts those rows
+twice (a 1001-row set on 8 GPUs: 7 rows twice). Each metric here keeps the row's index (``example_index``, SQuAD's
+``feature_index``) beside its values and drops the repeats when it computes: :class:`RowSums` (token-weighted
+losses), :class:`DistinctRows` (any torchmetrics metric of predictions and targets, e.g. the GLUE metrics),
+:class:`GeneratedTexts` (one text per index); the SQuAD scorer maps windows to questions by index.
 """
 
 from __future__ import annotations
@@ -14,15 +21,117 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
-from torchmetrics import Metric
+from torchmetrics import Metric, MetricCollection
 from torchmetrics.utilities import dim_zero_cat
 
-__all__ = ["GeneratedTexts", "SquadMetric"]
+__all__ = ["DistinctRows", "GeneratedTexts", "RowSums", "SquadMetric", "first_of_each_row"]
 
 #: ``scorer(feature_index, start_logits, end_logits, **settings) -> {metric name: value}``.
 SquadScorer = Callable[..., Mapping[str, float]]
 #: ``decode(token_rows) -> texts``: one text per row of token ids.
 Decoder = Callable[[list[list[int]]], list[str]]
+
+
+def first_of_each_row(index: torch.Tensor) -> torch.Tensor:
+    """Positions that keep each distinct value of ``index`` once (its first occurrence), in ascending index order.
+
+    ``index[first_of_each_row(index)]`` is ``index.unique()``; the same positions select the values kept beside it.
+    Sorting by index also fixes the order of later sums, so the result does not depend on how rows were split over
+    processes or batches.
+    """
+    order = torch.argsort(index, stable=True)
+    ordered = index[order]
+    first = torch.ones_like(ordered, dtype=torch.bool)
+    first[1:] = ordered[1:] != ordered[:-1]
+    return order[first]
+
+
+def _this_process_only() -> bool:
+    """A ``distributed_available_fn`` that keeps a metric from syncing (a module-level function: it must pickle)."""
+    return False
+
+
+class RowSums(Metric):
+    """Per-row values (a row's summed loss, its token count, ...) summed over the distinct rows of an evaluation set.
+
+    ``update`` keeps each row's ``example_index`` and its values; ``compute`` gathers them from every process, keeps
+    one copy of each row (the repeats a distributed sampler adds are dropped) and sums them in float64, in index
+    order.
+
+    Args:
+        width: how many values each row carries.
+        **kwargs: passed to :class:`torchmetrics.Metric`.
+    """
+
+    is_differentiable = False
+    full_state_update = False
+
+    example_index: list[torch.Tensor]
+    values: list[torch.Tensor]
+
+    def __init__(self, width: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.width = width
+        self.add_state("example_index", default=[], dist_reduce_fx="cat")
+        self.add_state("values", default=[], dist_reduce_fx="cat")
+
+    def update(self, example_index: torch.Tensor, values: torch.Tensor) -> None:
+        """Keep a batch: ``example_index`` ``(batch,)`` and ``values`` ``(batch, width)``."""
+        if values.ndim != 2 or values.shape != (example_index.numel(), self.width):
+            raise ValueError(f"RowSums expects values of shape ({example_index.numel()}, {self.width}), "
+                             f"got {tuple(values.shape)}")
+        self.example_index.append(example_index.detach().reshape(-1).long())
+        self.values.append(values.detach().double())
+
+    def compute(self) -> torch.Tensor:
+        """``(width,)`` float64 sums over the distinct rows seen since the last reset, on every process."""
+        index, values = dim_zero_cat(self.example_index), dim_zero_cat(self.values)
+        return values[first_of_each_row(index)].sum(0)
+
+
+class DistinctRows(Metric):
+    """A torchmetrics metric of ``(preds, target)`` computed over the distinct rows of an evaluation set.
+
+    ``update(example_index, preds, target)`` keeps the rows with their index; ``compute`` gathers them from every
+    process, keeps one copy of each row and computes the wrapped ``metric`` over those, on each process alone (its
+    own synchronisation is switched off: the rows are already all here). Use it where a metric's state is a sum
+    that cannot be undone afterwards (a confusion matrix, the moments of a correlation).
+
+    Args:
+        metric: a ``Metric`` or ``MetricCollection`` (e.g. :func:`adalora_pl.tasks.glue.glue_metrics`).
+        **kwargs: passed to :class:`torchmetrics.Metric`.
+    """
+
+    is_differentiable = False
+    full_state_update = False
+
+    example_index: list[torch.Tensor]
+    preds: list[torch.Tensor]
+    target: list[torch.Tensor]
+
+    def __init__(self, metric: Metric | MetricCollection, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.metric = metric
+        for module in metric.modules():
+            if isinstance(module, Metric):
+                module.distributed_available_fn = _this_process_only
+        for name in ("example_index", "preds", "target"):
+            self.add_state(name, default=[], dist_reduce_fx="cat")
+
+    def update(self, example_index: torch.Tensor, preds: torch.Tensor, target: torch.Tensor) -> None:
+        """Keep a batch: ``example_index`` ``(batch,)``, ``preds`` and ``target`` with ``batch`` rows."""
+        self.example_index.append(example_index.detach().reshape(-1).long())
+        self.preds.append(preds.detach())
+        self.target.append(target.detach())
+
+    def compute(self) -> Any:
+        """The wrapped metric's result over the distinct rows seen since the last reset (the same on every
+        process)."""
+        index = dim_zero_cat(self.example_index)
+        keep = first_of_each_row(index)
+        self.metric.reset()
+        self.metric.update(dim_zero_cat(self.preds)[keep], dim_zero_cat(self.target)[keep])
+        return self.metric.compute()
 
 
 class SquadMetric(Metric):
@@ -123,7 +232,8 @@ class GeneratedTexts(Metric):
         """``{example_index: text}`` sorted by index; the rows a padded sampler repeats collapse into one."""
         if self.decode is None:
             raise RuntimeError("GeneratedTexts.decode is not set: assign the tokenizer's decoding first")
-        index = dim_zero_cat(self.example_index).tolist()
+        index = dim_zero_cat(self.example_index)
         rows = torch.split(dim_zero_cat(self.token_ids).cpu(), dim_zero_cat(self.widths).tolist())
-        texts = self.decode([row.tolist() for row in rows])
-        return dict(sorted(zip(index, texts, strict=True)))
+        keep = first_of_each_row(index).tolist()  # decode each row once
+        texts = self.decode([rows[i].tolist() for i in keep])
+        return dict(zip(index[keep].tolist(), texts, strict=True))

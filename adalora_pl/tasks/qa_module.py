@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForQuestionAnswering
 
+from adalora_pl.errors import ConfigError
 from adalora_pl.module import AdapterModule, Stage
 from adalora_pl.tasks.metrics import SquadMetric
 
@@ -53,7 +54,7 @@ class QuestionAnswering(AdapterModule):
         **kwargs: Any,
     ) -> None:
         if n_best_size < 1 or max_answer_length < 1:
-            raise ValueError(
+            raise ConfigError(
                 f"n_best_size and max_answer_length must be positive, got {n_best_size} and {max_answer_length}"
             )
         super().__init__(backbone=backbone, **kwargs)
@@ -62,12 +63,14 @@ class QuestionAnswering(AdapterModule):
                                         version_2=version_2, null_score_diff_threshold=null_score_diff_threshold)
 
     def setup(self, stage: str) -> None:
+        """Refuse data of the other SQuAD version, then check the lengths (:meth:`AdapterModule.setup`)."""
         data_v2 = getattr(self.trainer_datamodule, "version_2", None)
         if data_v2 is not None and bool(data_v2) != self.version_2:
-            raise ValueError(
+            raise ConfigError(
                 f"the model is set up for SQuAD {'v2.0' if self.version_2 else 'v1.1'} (version_2={self.version_2}) "
                 f"but the data is SQuAD {'v2.0' if data_v2 else 'v1.1'}; set --model.version_2 to match --data.version"
             )
+        super().setup(stage)
 
     # ------------------------------------------------------------------ evaluation
 

@@ -1,10 +1,12 @@
 """Abstractive summarization (XSum, CNN/DailyMail) on encoder-decoder models with AdaLoRA, LoRA or full fine-tuning.
 
 Training minimises the teacher-forced cross-entropy of the reference summary (the model's own loss on
-``labels``). Validation and test generate a summary for every document with beam search, keep its token ids in a
-:class:`~adalora_pl.tasks.metrics.GeneratedTexts` (gathered from every process at the epoch's end), decode it with
-the data module's tokenizer and score it against the reference with ROUGE-1/2/L (plus ROUGE-Lsum when
-asked, as for CNN/DailyMail); the summaries are also written to the log folder, one JSON object a line.
+``labels``). Validation and test log ``{stage}/loss``, the teacher-forced NLL per summary token over the split
+(token-weighted, each document once, under DDP too), generate a summary for every document with beam search, keep
+its token ids in a :class:`~adalora_pl.tasks.metrics.GeneratedTexts` (gathered from every process at the epoch's
+end), decode it with the data module's tokenizer and score it against the reference with ROUGE-1/2/L (plus
+ROUGE-Lsum when asked, as for CNN/DailyMail); the summaries are also written to the log folder, one JSON object a
+line. Lightning's sanity check runs the teacher-forced part only, unless ``generate_on_sanity_check``.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from transformers import AutoModelForSeq2SeqLM
 
 from adalora_pl.module import Stage
 from adalora_pl.tasks.generation import GenerativeModule, check_generation_settings
+from adalora_pl.tasks.metrics import RowSums
 
 __all__ = ["Seq2SeqSummarizer"]
 
@@ -44,6 +47,8 @@ class Seq2SeqSummarizer(GenerativeModule):
         rouge_lsum: also compute ROUGE-Lsum (sentence-level LCS; the CNN/DailyMail convention).
         write_predictions: write ``predictions_<stage>_epoch<N>.jsonl`` (``id``, ``prediction``,
             ``reference``) into the log folder after every validation/test epoch.
+        generate_on_sanity_check: generate during Lightning's sanity check too (off: the check runs the
+            teacher-forced loss only).
         trainable_modules: modules trained in full next to the adapters. Empty by default: BART's and
             T5's ``lm_head`` share their weight with the input embeddings, so training it would
             change the frozen embeddings too.
@@ -64,12 +69,16 @@ class Seq2SeqSummarizer(GenerativeModule):
         no_repeat_ngram_size: int | None = None,
         rouge_lsum: bool = False,
         write_predictions: bool = True,
+        generate_on_sanity_check: bool = False,
         trainable_modules: Sequence[str] = (),
         **kwargs: Any,
     ) -> None:
         check_generation_settings(num_beams, max_new_tokens)
         super().__init__(backbone=backbone, trainable_modules=tuple(trainable_modules), rouge_lsum=rouge_lsum,
-                         write_predictions=write_predictions, **kwargs)
+                         write_predictions=write_predictions, generate_on_sanity_check=generate_on_sanity_check,
+                         **kwargs)
+        # Per document: summed NLL of its summary tokens and their count, over the distinct documents of the epoch.
+        self.token_sums = RowSums(width=2)
 
     # ------------------------------------------------------------------ generation
 
@@ -99,17 +108,37 @@ class Seq2SeqSummarizer(GenerativeModule):
 
     # ------------------------------------------------------------------ evaluation
 
+    def generation_description(self) -> str:
+        """The beam width and length, for the log line before generation."""
+        kwargs = self.generation_kwargs()
+        return f"up to {kwargs['max_new_tokens']} tokens, {kwargs['num_beams']} beams"
+
     def eval_step(self, batch: dict[str, torch.Tensor], stage: Stage, dataloader_idx: int = 0) -> None:
-        """Log the teacher-forced loss (when the batch has labels) and keep the generated summaries' token ids."""
+        """Keep each document's teacher-forced NLL (when the batch has labels) and its generated summary's ids."""
         inputs = self.model_inputs(batch)
+        index = batch["example_index"]
         if "labels" in inputs:
-            loss = self(**inputs).loss
-            self.log(f"{stage}/loss", loss, batch_size=len(batch["input_ids"]), sync_dist=True)
-        tokens = self.generate_ids(inputs["input_ids"], inputs.get("attention_mask"))
-        self.generated.update(batch["example_index"], tokens)
+            labels = inputs["labels"]
+            scored = labels != -100
+            # logits[b, t] predicts labels[b, t] (the model shifts the labels into its decoder inputs); float32
+            # and only the scored positions, whatever the precision.
+            logits = self(**inputs).logits[scored].float()
+            nll = torch.nn.functional.cross_entropy(logits, labels[scored], reduction="none").double()
+            per_token = torch.stack([nll, torch.ones_like(nll)], dim=1)
+            per_document = torch.zeros(len(labels), 2, dtype=torch.float64, device=nll.device)
+            self.token_sums.update(index, per_document.index_add_(0, scored.nonzero()[:, 0], per_token))
+        if self.should_generate():
+            self.generation_starts(stage, dataloader_idx, len(index))
+            self.generated.update(index, self.generate_ids(inputs["input_ids"], inputs.get("attention_mask")))
+            self.generation_done(stage, dataloader_idx, len(index))
 
     def log_eval_metrics(self, stage: Stage) -> None:
-        """ROUGE (percent) of the epoch's summaries, from every process; then the predictions file."""
+        """The token-weighted loss and ROUGE (percent) of the epoch's summaries, from every process; then the
+        predictions file."""
+        if self.token_sums.update_count:
+            nll, tokens = self.token_sums.compute().tolist()
+            if tokens > 0:
+                self.log(f"{stage}/loss", nll / tokens)
         self.log_generation_metrics(stage)
 
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> list[str]:

@@ -256,3 +256,45 @@ def test_bad_allocator_settings():
         RankAllocator(layers, target_r=4, tinit=0, tfinal=1, total_step=5)
     with pytest.raises(ValueError, match=r"tinit \+ tfinal must be < total_step"):
         RankAllocator(layers, target_r=1, tinit=3, tfinal=2, total_step=5)
+
+
+@pytest.mark.parametrize("importance", ["sensitivity_uncertainty", "sensitivity", "magnitude"])
+def test_a_mask_event_without_any_importance_raises_instead_of_masking_everything(importance):
+    """Scores that never saw a gradient all tie at zero, and ties are masked: every triplet would go. The
+    allocator refuses (the magnitude variant needs no gradients and masks by |E|)."""
+    layers = make_layers()
+    with torch.no_grad():
+        for m in layers.values():
+            m.lora_E.normal_()
+    alloc = RankAllocator(layers, target_r=1, tinit=2, tfinal=2, total_step=10, importance=importance)
+    for step in range(3):
+        alloc.update_and_allocate(step)  # warm-up, no .grad anywhere: nothing reaches the averages
+    if importance == "magnitude":
+        alloc.allocate(3)
+        assert 0 < int(alloc.kept_total()) < 6
+        return
+    assert alloc.importance_steps == 0
+    with pytest.raises(RuntimeError, match="no importance was collected before the mask event at step 3"):
+        alloc.allocate(3)
+    set_grads(layers, 0)
+    alloc.update_importance()
+    alloc.allocate(3)
+    assert alloc.importance_steps == 1 and 0 < int(alloc.kept_total()) < 6
+
+
+def test_allocate_after_update_importance_is_update_and_allocate():
+    """The callback's two halves (importance right after the optimizer step, the mask at the batch end) give
+    PEFT's single call bit for bit."""
+    pair = [make_layers(seed=0), make_layers(seed=0)]
+    whole = RankAllocator(pair[0], target_r=1, tinit=1, tfinal=2, total_step=8)
+    halves = RankAllocator(pair[1], target_r=1, tinit=1, tfinal=2, total_step=8)
+    for step in range(8):
+        set_grads(pair[0], step)
+        set_grads(pair[1], step)
+        whole.update_and_allocate(step)
+        if step < halves.schedule.final_step:
+            halves.update_importance()
+        halves.allocate(step)
+        assert halves.rank_pattern() == whole.rank_pattern(), step
+        assert torch.equal(halves.exp_avg_ipt, whole.exp_avg_ipt) and torch.equal(halves.exp_avg_unc, whole.exp_avg_unc)
+    assert whole.frozen and halves.frozen

@@ -10,6 +10,7 @@ import datasets
 import pytest
 import torch
 
+from adalora_pl.errors import ConfigError, MissingFileError
 from adalora_pl.io.pretrained import LoadError
 from adalora_pl.tasks.glue import GLUE_TASKS, get_glue_task, normalize_task_name
 from datamodules.glue import GLUEDataModule, read_glue_tsv
@@ -153,7 +154,11 @@ def test_datamodule_every_task(tmp_path, tok_dir, task):
     for split, raws in written.items():
         data = dm.datasets[split]
         assert len(data) == len(raws)
-        assert set(data.column_names) == {"input_ids", "token_type_ids", "attention_mask", "labels"}
+        model_columns = {"input_ids", "token_type_ids", "attention_mask", "labels"}
+        # Evaluation rows carry their row number (DDP metrics drop the sampler's repeats by it).
+        assert set(data.column_names) == model_columns | ({"example_index"} if split != "train" else set())
+        if split != "train":
+            assert data["example_index"] == list(range(len(raws)))
         assert data["labels"] == pytest.approx([expected_label(task, raw) for raw in raws])
 
     train_loader = dm.train_dataloader()
@@ -176,8 +181,8 @@ def test_datamodule_every_task(tmp_path, tok_dir, task):
     label_dtype = torch.float32 if task == "stsb" else torch.long
     pad_id = dm.tokenizer.pad_token_id
     for batch in batches:
-        assert set(batch) == {"input_ids", "token_type_ids", "attention_mask", "labels"}
-        assert batch["labels"].dtype == label_dtype
+        assert set(batch) == {"input_ids", "token_type_ids", "attention_mask", "labels", "example_index"}
+        assert batch["labels"].dtype == label_dtype and batch["example_index"].dtype == torch.long
         assert batch["input_ids"].shape == batch["attention_mask"].shape == batch["token_type_ids"].shape
         # padded to the longest row of this batch only: some row fills it, padding is masked
         assert batch["attention_mask"].sum(dim=1).max() == batch["input_ids"].shape[1]
@@ -486,3 +491,18 @@ def test_real_datamodule_batches(real_data, tok_dir, task):
     if task == "stsb":
         assert batch["labels"].dtype == torch.float32
         assert torch.all((batch["labels"] >= 0) & (batch["labels"] <= 5))
+
+
+def test_wrong_files_and_settings_are_config_errors(tmp_path):
+    """What cli.py prints as one line: a missing file (still a FileNotFoundError), a bad line, an unknown task."""
+    missing = tmp_path / "nope.tsv"
+    with pytest.raises(MissingFileError) as info:
+        read_glue_tsv(missing, "cola")
+    assert isinstance(info.value, FileNotFoundError) and isinstance(info.value, ConfigError)
+    assert str(info.value) == f"GLUE cola file not found: {missing}"
+    bad = tmp_path / "bad.tsv"
+    bad.write_text("src\t2\t\tthe cat sat\n")
+    with pytest.raises(ConfigError, match=r"bad\.tsv, line 1: label '2' in column 'label' is not one of \['0', '1'\]"):
+        read_glue_tsv(bad, "cola")
+    with pytest.raises(ConfigError, match="unknown GLUE task 'colla'"):
+        GLUEDataModule(task_name="colla")

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from adalora_pl.errors import ConfigError
 from datamodules.instruction import InstructionDataModule, read_instruction_records
 from tests.builders import make_tiny_tokenizer, write_csv, write_jsonl
 
@@ -196,7 +197,7 @@ def test_reader_names_lines_and_records(tmp_path):
     ],
 )
 def test_malformed_rows_name_file_line_and_column(tok, tmp_path, rows, pattern):
-    with pytest.raises(ValueError, match=pattern):
+    with pytest.raises(ConfigError, match=pattern):
         module(tok, write_jsonl(tmp_path / "t.jsonl", rows))
 
 
@@ -219,8 +220,9 @@ def test_empty_train_file_and_missing_sources(tok, tmp_path):
         module(tok, empty)
     with pytest.raises(ValueError, match="no instruction data"):
         InstructionDataModule(tokenizer=tok)
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(FileNotFoundError, match=r"train_file: instruction data file not found: .*nope.jsonl") as err:
         InstructionDataModule(tokenizer=tok, train_file=str(tmp_path / "nope.jsonl"))
+    assert isinstance(err.value, ConfigError)  # cli.py prints it as one line
     with pytest.raises(ValueError, match="unsupported file extension"):
         InstructionDataModule(tokenizer=tok, train_file=str(tmp_path / "t.txt"))
 
@@ -279,3 +281,149 @@ def test_fixed_instruction_still_needs_the_output_column(tok, tmp_path):
 def test_empty_fixed_instruction_is_refused(tok, tmp_path):
     with pytest.raises(ValueError, match="instruction must be a non-empty text"):
         InstructionDataModule(tokenizer=tok, train_file=str(write_jsonl(tmp_path / "x.jsonl", ROWS)), instruction=" ")
+
+
+# --------------------------------------------------------------------------- packed position ids
+def test_packed_position_ids_restart_at_each_example(tok, tmp_path):
+    path = write_jsonl(tmp_path / "t.jsonl", ROWS * 3)
+    lengths = [len(f["input_ids"]) for f in module(tok, path, max_seq_length=64).features("train")]
+    dm = module(tok, path, max_seq_length=64, packing=True, packed_position_ids=True)
+    packed = dm.features("train")
+    starts, expected, k = [], [], 0  # the greedy packing of whole examples, in order, redone from the lengths
+    for p in packed:
+        positions, n = [], len(p["input_ids"])
+        while len(positions) < n:
+            positions += list(range(lengths[k]))
+            k += 1
+        expected.append(positions)
+        starts.append([i for i, v in enumerate(positions) if v == 0])
+    assert k == len(lengths) and any(len(s) > 1 for s in starts)  # every example used; some rows hold several
+    assert [p["position_ids"] for p in packed] == expected
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["position_ids"].shape == batch["input_ids"].shape
+    for row in range(len(batch["input_ids"])):
+        n = int(batch["attention_mask"][row].sum())
+        feature = next(p for p in packed if p["input_ids"] == batch["input_ids"][row, :n].tolist())
+        assert batch["position_ids"][row, :n].tolist() == feature["position_ids"]
+    # off by default: the model numbers the positions of a packed row straight through
+    assert "position_ids" not in next(iter(module(tok, path, max_seq_length=64, packing=True).train_dataloader()))
+
+
+def test_packed_position_ids_need_packing(tok, tmp_path):
+    with pytest.raises(ConfigError, match="packed_position_ids=True needs packing=True"):
+        InstructionDataModule(tokenizer=tok, train_file=str(write_jsonl(tmp_path / "t.jsonl", ROWS)),
+                              packed_position_ids=True)
+
+
+# --------------------------------------------------------------------------- a chat template's own end of turn
+GEMMA_LIKE = (
+    "{{ bos_token }}{% for m in messages %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n"
+    "{{ m['content'] }}<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+PHI3_LIKE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+@pytest.mark.parametrize(("template", "specials", "end"), [
+    (GEMMA_LIKE, ["<start_of_turn>", "<end_of_turn>"], "<end_of_turn>"),
+    (PHI3_LIKE, ["<|user|>", "<|assistant|>", "<|system|>", "<|end|>"], "<|end|>"),
+], ids=["gemma", "phi3"])
+def test_chat_response_ends_with_the_templates_end_of_turn(tmp_path, template, specials, end):
+    tokenizer = make_tiny_tokenizer(tmp_path / "tok")
+    tokenizer.add_special_tokens({"additional_special_tokens": specials})
+    tokenizer.chat_template = template
+    end_id = tokenizer.convert_tokens_to_ids(end)
+    assert end_id not in (tokenizer.sep_token_id, tokenizer.unk_token_id)
+    dm = module(tokenizer, write_jsonl(tmp_path / "t.jsonl", CHATS))
+    prompt = ids(tokenizer, dm.eval_prompts("train")[1])
+    response = ids(tokenizer, "the dog ran") + [end_id]  # not the tokenizer's eos ([SEP])
+    feature = dm.features("train")[1]
+    assert feature["input_ids"] == prompt + response
+    assert feature["labels"] == [-100] * len(prompt) + response
+    assert dm.chat_format and dm.response_end_ids == [end_id]
+    # the training text is what the template renders for the whole chat, up to the end of the turn
+    whole = tokenizer.apply_chat_template(CHATS[1]["messages"], tokenize=False)
+    assert ids(tokenizer, whole)[: len(feature["input_ids"])] == feature["input_ids"]
+    # generation stops at the end of the turn as well as at eos
+    assert dm.stop_token_ids == [tokenizer.sep_token_id, end_id]
+
+
+def test_a_template_without_an_end_token_keeps_eos(chat_tok, tmp_path):
+    dm = module(chat_tok, write_jsonl(tmp_path / "t.jsonl", CHATS))
+    assert dm.response_end_ids == [chat_tok.sep_token_id] and dm.stop_token_ids == [chat_tok.sep_token_id]
+
+
+# --------------------------------------------------------------------------- empty responses and inputs
+def test_empty_responses_are_kept_and_logged_with_file_line_and_field(tok, tmp_path, caplog):
+    rows = [ROWS[0], {"instruction": "the cat", "output": " "}, ROWS[1],
+            {"messages": [{"role": "user", "content": "who"}, {"role": "assistant", "content": ""}]}]
+    path = write_jsonl(tmp_path / "t.jsonl", rows)
+    with caplog.at_level(logging.WARNING, logger="datamodules.instruction"):
+        dm = module(tok, path)
+    assert (f"instruction train: 2 of 4 responses are empty ({path}, line 2, column 'output'; {path}, line 4, "
+            "column 'messages'); kept: their target is the end-of-response token alone") in caplog.text
+    assert dm.features("train")[1]["labels"][-1:] == [tok.sep_token_id]
+    assert len(dm.features("train")) == 4
+
+
+def test_empty_inputs_under_a_fixed_instruction_are_logged(tok, tmp_path, caplog):
+    rows = [{"document": "the cat", "summary": "a cat"}, {"document": "", "summary": "a dog"}]
+    path = write_jsonl(tmp_path / "x.jsonl", rows)
+    with caplog.at_level(logging.WARNING, logger="datamodules.instruction"):
+        module(tok, path, instruction="summary", input_column="document", output_column="summary")
+    assert (f"instruction train: 1 of 2 inputs are empty ({path}, line 2, column 'document'); kept: their prompt is "
+            "the instruction alone") in caplog.text
+
+
+# --------------------------------------------------------------------------- ids, held-out and test splits
+def test_example_ids_come_from_the_id_column(tok, tmp_path):
+    rows = [{**r, "id": f"x{i}"} for i, r in enumerate(ROWS)]
+    dm = module(tok, write_jsonl(tmp_path / "t.jsonl", rows), validation_file=str(write_jsonl(tmp_path / "v.jsonl",
+                                                                                            ROWS)))
+    assert dm.example_ids("train") == ["x0", "x1", "x2"]
+    assert dm.example_ids("validation") == ["0", "1", "2"]  # no id column: the row number
+    numeric = module(tok, write_jsonl(tmp_path / "n.jsonl", [{**ROWS[0], "id": 32556640}]), id_column="id")
+    assert numeric.example_ids("train") == ["32556640"]
+
+
+def test_validation_holdout_takes_the_last_records_of_the_training_file(tok, tmp_path, caplog):
+    rows = [{"id": str(i), "instruction": f"the cat {i}", "output": f"a dog {i}"} for i in range(7)]
+    path = write_jsonl(tmp_path / "t.jsonl", rows)
+    dm = module(tok, path, validation_holdout=3)
+    assert dm.example_ids("train") == ["0", "1", "2", "3"]
+    assert dm.example_ids("validation") == ["4", "5", "6"]
+    assert dm.eval_references("validation") == ["a dog 4", "a dog 5", "a dog 6"]
+    assert len(next(iter(dm.val_dataloader()))["example_index"]) == 3
+    # sample limits apply to what each split holds after the hold-out
+    limited = module(tok, path, validation_holdout=3, max_train_samples=2, max_eval_samples=1)
+    assert limited.example_ids("train") == ["0", "1"] and limited.example_ids("validation") == ["4"]
+    # the messages name the record's line in the file it came from
+    bad = write_jsonl(tmp_path / "b.jsonl", rows[:5] + [{"instruction": "x"}])
+    with pytest.raises(ConfigError, match=r"b.jsonl, line 6: column 'output' is missing"):
+        module(tok, bad, validation_holdout=2)
+
+
+def test_validation_holdout_errors(tok, tmp_path):
+    path = write_jsonl(tmp_path / "t.jsonl", ROWS)
+    both = r"validation_holdout=2 and validation_file=.*t.jsonl both set the validation split; give one"
+    with pytest.raises(ConfigError, match=both):
+        InstructionDataModule(tokenizer=tok, train_file=str(path), validation_file=str(path), validation_holdout=2)
+    with pytest.raises(ConfigError, match=r"validation_holdout must be a positive integer, got 0"):
+        InstructionDataModule(tokenizer=tok, train_file=str(path), validation_holdout=0)
+    with pytest.raises(ConfigError, match=rf"validation_holdout=3 leaves no training records: {path} has 3"):
+        module(tok, path, validation_holdout=3)
+
+
+def test_test_file_is_the_test_split_and_validation_stands_in_without_one(tok, tmp_path):
+    train = write_jsonl(tmp_path / "t.jsonl", ROWS)
+    test = write_jsonl(tmp_path / "test.jsonl", [{"instruction": "who ran", "output": "the dog"}])
+    dm = InstructionDataModule(tokenizer=tok, train_file=str(train), validation_file=str(train), test_file=str(test))
+    dm.setup("test")
+    assert dm.eval_references("test") == ["the dog"]
+    assert dm.eval_prompts("test") == ["### Instruction:\nwho ran\n\n### Response:\n"]
+    assert next(iter(dm.test_dataloader()))["example_index"].tolist() == [0]
+    without = InstructionDataModule(tokenizer=tok, train_file=str(train), validation_file=str(train))
+    without.setup("test")
+    assert without.eval_references("test") == without.eval_references("validation") == ["a dog", "paris", "good book"]

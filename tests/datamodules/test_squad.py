@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from adalora_pl.errors import ConfigError
 from adalora_pl.io.pretrained import LoadError
 from adalora_pl.tasks.squad import postprocess_qa_predictions
 from datamodules.squad import SquadDataModule, read_squad_json
@@ -373,6 +374,39 @@ def test_invalid_utf8_names_file_and_line(tmp_path):
     line = text[: text.index("\u00e9")].count("\n") + 1
     with pytest.raises(ValueError, match=rf"latin\.json, line {line}: bytes b'\\xe9' are not valid UTF-8"):
         read_squad_json(path)
+
+
+SQUAD_LAYOUT = ("SQuAD JSON is {data: [{title, paragraphs: [{context, qas: [{id, question, answers: [{text, "
+                "answer_start}]}]}]}]}")
+
+
+@pytest.mark.parametrize(("where", "key"), [
+    ("data[1]", "paragraphs"),
+    ("data[1].paragraphs[0]", "context"),
+    ("data[1].paragraphs[0].qas[0]", "question"),
+    ("data[1].paragraphs[0].qas[0]", "id"),
+    ("data[1].paragraphs[0].qas[0].answers[0]", "answer_start"),
+])
+def test_missing_key_names_file_place_and_key(tmp_path, where, key):
+    articles = one_article() + one_article(qid="q2")
+    node = articles[1]
+    for part in where.removeprefix("data[1]").split(".")[1:]:
+        name, index = part.rstrip("]").split("[")
+        node = node[name][int(index)]
+    del node[key]
+    path = write_squad(tmp_path / "keys.json", articles)
+    with pytest.raises(ConfigError) as info:
+        read_squad_json(path)
+    assert str(info.value) == f"{path}: {where} has no key {key!r}; {SQUAD_LAYOUT}"
+
+
+def test_wrong_type_names_file_and_place(tmp_path):
+    articles = one_article()
+    articles[0]["paragraphs"][0]["qas"] = {"id": "q1"}  # an object where a list belongs
+    path = write_squad(tmp_path / "types.json", articles)
+    with pytest.raises(ConfigError) as info:
+        read_squad_json(path)
+    assert str(info.value) == f"{path}: data[0].paragraphs[0].qas is a dict, expected a list; {SQUAD_LAYOUT}"
 
 
 def test_file_without_questions_is_refused(tmp_path):

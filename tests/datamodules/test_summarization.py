@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from adalora_pl.errors import ConfigError, MissingFileError
 from adalora_pl.io.pretrained import LoadError
 from datamodules.summarization import SummarizationDataModule, read_records
 from tests.builders import write_csv, write_jsonl
@@ -224,28 +225,28 @@ def test_max_samples_keep_the_first_rows(tmp_path, tok_dir):
 
 def test_error_messages(tmp_path, tok_dir):
     good = write_jsonl(tmp_path / "good.jsonl", SMALL_ROWS)
-    with pytest.raises(ValueError, match=r"'gigaword'.*\['cnn_dailymail', 'xsum'\]"):
+    with pytest.raises(ConfigError, match=r"'gigaword'.*\['cnn_dailymail', 'xsum'\]"):
         SummarizationDataModule(dataset="gigaword")
     missing = tmp_path / "nope.jsonl"
-    with pytest.raises(FileNotFoundError, match="nope.jsonl"):
+    with pytest.raises(MissingFileError, match="validation_file: summarization data file not found: .*nope.jsonl"):
         SummarizationDataModule(validation_file=str(missing))
     bad_ext = tmp_path / "data.txt"
     bad_ext.write_text("x")
-    with pytest.raises(ValueError, match=r"'\.txt'.*\.jsonl, \.json, \.csv"):
+    with pytest.raises(ConfigError, match=r"'\.txt'.*\.jsonl, \.json, \.csv"):
         SummarizationDataModule(validation_file=str(bad_ext))
-    with pytest.raises(ValueError, match="text_column and summary_column"):
+    with pytest.raises(ConfigError, match="text_column and summary_column"):
         SummarizationDataModule(dataset=None, validation_file=str(good))
-    with pytest.raises(ValueError, match="no summarization data"):
+    with pytest.raises(ConfigError, match="no summarization data"):
         SummarizationDataModule(dataset=None)
 
     dm = SummarizationDataModule(dataset="cnn_dailymail", tokenizer=tok_dir, validation_file=str(good))
-    with pytest.raises(ValueError, match=r"good\.jsonl.*'article'.*\['id', 'document', 'summary'\]"):
+    with pytest.raises(ConfigError, match=r"good\.jsonl.*'article'.*\['id', 'document', 'summary'\]"):
         dm.setup("validate")
     csv_file = write_csv(tmp_path / "cols.csv", [{"text": "t", "summary": "s"}])
     dm = SummarizationDataModule(tokenizer=tok_dir, validation_file=str(csv_file))
-    with pytest.raises(ValueError, match=r"cols\.csv.*'document'.*\['text', 'summary'\]"):
+    with pytest.raises(ConfigError, match=r"cols\.csv.*'document'.*\['text', 'summary'\]"):
         dm.eval_references("validation")
-    with pytest.raises(ValueError, match="needs a tokenizer"):
+    with pytest.raises(ConfigError, match="needs a tokenizer"):
         SummarizationDataModule(validation_file=str(good)).setup("validate")
 
 
@@ -321,8 +322,8 @@ def test_empty_rows_are_kept_and_logged(tmp_path, tok_dir, caplog):
     with caplog.at_level(logging.WARNING, logger="datamodules.summarization"):
         dm.setup("validate")
     messages = [r.getMessage() for r in caplog.records]
-    assert any("2 of 5 documents are empty (ids: e1, e2)" in m for m in messages)
-    assert any("1 of 5 summaries are empty (ids: e2)" in m for m in messages)
+    assert f"summarization validation: 2 of 5 documents are empty ({f}, column 'document'; ids: e1, e2)" in messages[0]
+    assert f"summarization validation: 1 of 5 summaries are empty ({f}, column 'summary'; ids: e2)" in messages[1]
     batch = next(iter(dm.val_dataloader()))
     assert batch["input_ids"].shape[0] == 5
     assert batch["attention_mask"][3:].sum(dim=1).tolist() == [2, 2]

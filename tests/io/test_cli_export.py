@@ -65,7 +65,8 @@ def test_peft_export_config_carries_the_run_settings(tmp_path, trained, tiny_bac
     assert (config["beta1"], config["beta2"], config["orth_reg_weight"]) == (0.8, 0.9, 0.25)
     assert (config["init_r"], config["target_r"]) == (h.init_r, h.target_r) == (3, 1)
     assert (config["lora_alpha"], config["lora_dropout"]) == (24, h.lora_dropout)
-    schedule = next(s["schedule"] for s in torch.load(ckpt, weights_only=True)["callbacks"].values() if "schedule" in s)
+    states = torch.load(ckpt, weights_only=True)["callbacks"].values()
+    schedule = next(s["settings"] for s in states if "settings" in s)
     assert (config["tinit"], config["tfinal"], config["deltaT"], config["total_step"]) == (
         schedule["tinit"], schedule["tfinal"], schedule["delta_t"], schedule["total_step"])
     assert config["total_step"] == 8 and config["tinit"] > 0  # 32 rows / batch 8 x 2 epochs; fractions resolved
@@ -187,3 +188,37 @@ def test_full_finetuning_checkpoint_has_no_adapters(tmp_path, tiny_backbone, cap
     with pytest.raises(SystemExit):
         main(["export", "--ckpt_path", str(ckpt), "--format", "adapter", "--output", str(tmp_path / "a")])
     assert "has no adapters (method='full'); use --format merged" in capsys.readouterr().err
+
+
+def test_export_into_a_folder_with_files_needs_overwrite(tmp_path, trained, capsys):
+    _, ckpt, _ = trained
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    args = ["export", "--ckpt_path", str(ckpt), "--format", "adapter", "--output", str(out)]
+    with pytest.raises(SystemExit) as err:
+        main(args)
+    assert err.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"cli.py export: error: --output {out} already holds files (notes.txt); choose another folder, or pass "
+        "--overwrite to write into it (files of the same name are replaced, the others kept)"
+    ]
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]  # untouched
+    main([*args, "--overwrite"])
+    assert sorted(p.name for p in out.iterdir()) == ["adapter.safetensors", "adapter_config.json", "notes.txt"]
+    # an empty folder (e.g. made by the user beforehand) is no conflict
+    (tmp_path / "empty").mkdir()
+    main(["export", "--ckpt_path", str(ckpt), "--format", "adapter", "--output", str(tmp_path / "empty")])
+    assert (tmp_path / "empty" / "adapter_config.json").is_file()
+
+
+def test_export_onto_a_file_is_refused(tmp_path, trained, capsys):
+    _, ckpt, _ = trained
+    target = tmp_path / "model.bin"
+    target.write_text("x")
+    with pytest.raises(SystemExit) as err:
+        main(["export", "--ckpt_path", str(ckpt), "--format", "merged", "--output", str(target), "--overwrite"])
+    assert err.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"cli.py export: error: --output {target} is a file; the export writes a folder"
+    ]

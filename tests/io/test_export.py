@@ -540,21 +540,34 @@ def test_bfloat16_base_with_float32_adapters_merges_exports_imports_and_compacts
     expected = logits(model)
     assert expected.dtype == bf16
 
-    # PEFT format: adapter tensors stay float32 in the file, in PEFT and in import_peft.
+    # PEFT format: adapter tensors stay float32 in the file, exactly our values (kept triplets only).
     export_peft(model, tmp_path / "peft", total_step=100)
     stored = load_file(str(tmp_path / "peft" / "adapter_model.safetensors"))
     assert {t.dtype for k, t in stored.items() if ".lora_" in k} == {torch.float32}
+    for path, adapter in adapters.items():
+        keep = adapter.rank_mask
+        for name, value in (("lora_A", adapter.lora_A[keep]), ("lora_E", adapter.lora_E[keep]),
+                            ("lora_B", adapter.lora_B[:, keep])):
+            assert torch.equal(stored[f"base_model.model.{path}.{name}"], value), (path, name)
+
+    # PEFT's own loading path, untouched. It rounds the stored float32 values through bfloat16 (it rebuilds the layers
+    # in the base dtype to resize them by the rank pattern, loads into them, then upcasts the adapters to float32):
+    # what it holds is our values rounded to bfloat16, in float32 tensors. Given those same values, our model must
+    # compute bit for bit what PEFT computes from our folder (rank pattern, scaling, ranknum, heads all read by PEFT).
     peft_model = peft.PeftModel.from_pretrained(bf16_base(), str(tmp_path / "peft")).eval()
     assert {layer.lora_E["default"].dtype for layer in peft_layers(peft_model).values()} == {torch.float32}
-    # PEFT itself rounds the stored float32 values through bfloat16 on this load (it rebuilds the layers in the
-    # base dtype to resize them by the rank pattern, loads, then upcasts): give it the exact values to compare.
+    rounded = copy.deepcopy(model)
+    rounded_adapters = find_adapters(rounded)
     with torch.no_grad():
-        for path, layer in peft_layers(peft_model).items():
-            keep = adapters[path].rank_mask
-            layer.lora_A["default"].copy_(adapters[path].lora_A[keep])
-            layer.lora_E["default"].copy_(adapters[path].lora_E[keep])
-            layer.lora_B["default"].copy_(adapters[path].lora_B[:, keep])
-    torch.testing.assert_close(logits(peft_model), expected, rtol=0, atol=0)
+        for adapter in rounded_adapters.values():
+            for name in ("lora_A", "lora_E", "lora_B"):
+                getattr(adapter, name).copy_(getattr(adapter, name).to(bf16).float())
+    for path, layer in peft_layers(peft_model).items():
+        ours, keep = rounded_adapters[path], rounded_adapters[path].rank_mask
+        assert torch.equal(layer.lora_A["default"], ours.lora_A[keep]), path
+        assert torch.equal(layer.lora_E["default"], ours.lora_E[keep]), path
+        assert torch.equal(layer.lora_B["default"], ours.lora_B[:, keep]), path
+    torch.testing.assert_close(logits(peft_model), logits(rounded), rtol=0, atol=0)
     imported = import_peft(bf16_base(), tmp_path / "peft")
     for path, ours in find_adapters(imported).items():
         source = adapters[path]
@@ -565,14 +578,16 @@ def test_bfloat16_base_with_float32_adapters_merges_exports_imports_and_compacts
         assert torch.equal(ours.lora_B[:, ours.rank_mask], source.lora_B[:, source.rank_mask])
     torch.testing.assert_close(logits(imported), expected, rtol=0, atol=0)
 
-    # Merge: the float32 delta is added in float32 and rounded to bfloat16 once, bit for bit PEFT's merge.
+    # Merge: the float32 delta is added in float32 and rounded to bfloat16 once, bit for bit PEFT's merge (of the
+    # values PEFT holds, so of our rounded copy).
     folded = {p: (a.base_layer.weight.float() + a.delta_weight()).to(bf16) for p, a in adapters.items()}
     merged = merge_adapters(copy.deepcopy(model))
+    merged_rounded = merge_adapters(rounded)
     peft_merged = peft_model.merge_and_unload()
     for path, weight in folded.items():
         ours = merged.get_submodule(path).weight
         assert ours.dtype == bf16 and torch.equal(ours, weight), path
-        assert torch.equal(ours, peft_merged.get_submodule(path).weight), path
+        assert torch.equal(merged_rounded.get_submodule(path).weight, peft_merged.get_submodule(path).weight), path
 
     # Compaction keeps the adapters' own dtype, and the outputs.
     compacted = copy.deepcopy(model)

@@ -11,7 +11,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from adalora_pl import AdaLoRACallback, find_adapters
+from adalora_pl import AdaLoRACallback, find_adapters, load_adapter
 from cli import main
 from tests.builders import BERT_TARGETS, REPO_ROOT, write_cola
 from tests.lightning_modules import PlainClassifier
@@ -27,6 +27,71 @@ def _fit(root: Path, backbone: str, data: Path, precision: str, *extra: str):
         "--trainer.accelerator", "gpu", "--trainer.devices", "1", "--trainer.precision", precision,
         "--trainer.default_root_dir", str(root), "--trainer.enable_progress_bar", "false", *extra,
     ])
+
+
+FACTORS = ("lora_A", "lora_E", "lora_B")
+
+
+def assert_export_holds_the_model(fmt: str, folder: Path, model, backbone: str) -> None:
+    """The folder ``cli.py export --format fmt`` wrote for the trained (CUDA) ``model`` holds that model: the format's
+    files, loadable by their own loaders on the CPU, with exactly the adapters (A, E, B and masks; PEFT: the kept
+    triplets) and trained heads of ``model``, or (merged) base weights with the adapters folded in."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForSequenceClassification
+
+    adapters = find_adapters(model)
+    assert adapters
+    ours = {path: {name: getattr(layer, name).detach().cpu() for name in FACTORS} for path, layer in adapters.items()}
+    masks = {path: layer.rank_mask.cpu() for path, layer in adapters.items()}
+    heads = {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad and ".lora_" not in n}
+    assert heads  # the classifier and pooler train in full
+    files = {path.name for path in folder.iterdir()}
+    if fmt == "adapter":
+        assert {"adapter.safetensors", "adapter_config.json"} <= files, files
+        base = AutoModelForSequenceClassification.from_pretrained(backbone, num_labels=2)
+        loaded = load_adapter(base, folder)
+        loaded_adapters = find_adapters(loaded)
+        assert sorted(loaded_adapters) == sorted(adapters)
+        for path, layer in loaded_adapters.items():
+            assert torch.equal(layer.rank_mask, masks[path]), path
+            for name in FACTORS:
+                assert torch.equal(getattr(layer, name), ours[path][name]), (path, name)
+        params = dict(loaded.named_parameters())
+        assert all(torch.equal(params[n], value) for n, value in heads.items())
+    elif fmt == "peft":
+        from peft import PeftModel
+
+        assert {"adapter_config.json", "adapter_model.safetensors"} <= files, files
+        stored = load_file(str(folder / "adapter_model.safetensors"))
+        for path, factors in ours.items():
+            keep = masks[path]
+            kept = {"lora_A": factors["lora_A"][keep], "lora_E": factors["lora_E"][keep],
+                    "lora_B": factors["lora_B"][:, keep]}
+            for name, value in kept.items():
+                assert torch.equal(stored[f"base_model.model.{path}.{name}"], value), (path, name)
+        # PEFT loads it (float32 base: no rounding on the way) into layers of the kept ranks.
+        base = AutoModelForSequenceClassification.from_pretrained(backbone, num_labels=2)
+        loaded = PeftModel.from_pretrained(base, str(folder))
+        peft_adapters = {n.removeprefix("base_model.model."): m for n, m in loaded.named_modules()
+                         if n.removeprefix("base_model.model.") in ours}
+        assert sorted(peft_adapters) == sorted(ours)
+        for path, layer in peft_adapters.items():
+            keep = masks[path]
+            assert torch.equal(layer.lora_A["default"], ours[path]["lora_A"][keep]), path
+            assert torch.equal(layer.lora_E["default"], ours[path]["lora_E"][keep]), path
+            assert torch.equal(layer.lora_B["default"], ours[path]["lora_B"][:, keep]), path
+    else:
+        assert {"config.json", "model.safetensors"} <= files, files
+        merged = AutoModelForSequenceClassification.from_pretrained(folder)
+        assert not any("lora" in n for n, _ in merged.named_parameters())
+        for path, layer in adapters.items():
+            # The merge runs on the CPU in float32: W + B (A * E) * alpha / (ranknum + 1e-5), rounded once.
+            f = ours[path]
+            delta = f["lora_B"] @ (f["lora_A"] * f["lora_E"]) * layer.lora_alpha / (layer.ranknum.cpu() + 1e-5)
+            expected = layer.base_layer.weight.detach().cpu() + delta
+            assert torch.equal(merged.get_submodule(path).weight, expected), path
+        params = dict(merged.named_parameters())
+        assert all(torch.equal(params[n], value) for n, value in heads.items())
 
 
 @pytest.mark.parametrize("precision", ["16-mixed", "bf16-mixed"])
@@ -50,7 +115,7 @@ def test_glue_fit_resume_and_export_on_cuda(tmp_path, tiny_backbone, precision):
     final = Path(resumed.trainer.log_dir) / "checkpoints" / "last.ckpt"
     for fmt in ("adapter", "peft", "merged"):
         main(["export", "--ckpt_path", str(final), "--format", fmt, "--output", str(tmp_path / fmt)])
-        assert any((tmp_path / fmt).iterdir())
+        assert_export_holds_the_model(fmt, tmp_path / fmt, resumed.model.model, tiny_backbone)
 
 
 def test_fused_adamw_fp16_on_cuda(tmp_path):

@@ -1,4 +1,5 @@
-"""The CI policy of tests/conftest.py: under ADALORA_NO_SKIP=1 a skip fails, except for `gpu` tests."""
+"""The CI policy of tests/conftest.py: under ADALORA_NO_SKIP=1 a skip fails, except for `gpu` tests and expected
+failures (a strict xfail is reported as skipped by pytest's hook, but it is not an oracle that is missing)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,10 @@ def test_needs_cuda():
 
 def test_passes():
     assert True
+
+@pytest.mark.xfail(strict=True, reason="a known gap")
+def test_known_gap():
+    assert False
 """
 
 
@@ -52,10 +57,10 @@ def _run(pytester, monkeypatch, value):
 
 def test_a_skip_fails_under_the_ci_variable_but_a_gpu_skip_does_not(pytester, monkeypatch):
     result = _run(pytester, monkeypatch, "1")
-    result.assert_outcomes(passed=1, failed=1, skipped=1)
+    result.assert_outcomes(passed=1, failed=1, skipped=1, xfailed=1)
     result.stdout.fnmatch_lines(["*skipped under ADALORA_NO_SKIP=1*PEFT is not installed*"])
 
 
 def test_without_the_variable_skips_stay_skips(pytester, monkeypatch):
     result = _run(pytester, monkeypatch, None)
-    result.assert_outcomes(passed=1, skipped=2)
+    result.assert_outcomes(passed=1, skipped=2, xfailed=1)

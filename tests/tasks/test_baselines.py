@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from adalora_pl import RankAllocator, SVDLinear
+from adalora_pl import AdaLoRACallback, RankAllocator, SVDLinear
 from adalora_pl.baselines import DoubletPruner, PrunableLoRALinear, match_budget, params_for_rank
 from tests.builders import fit_tiny, write_cola
 
@@ -54,18 +54,38 @@ def test_baseline_trains_and_reports_hand_counted_params(tmp_path, tiny_backbone
 
 
 @pytest.mark.parametrize(
-    "method,extra,per_rank",
+    "method,extra,per_rank,settings",
     [
-        ("adalora", ["--model.orth_reg_weight", "0"], lambda i, o: i + o + 1),
-        ("adalora", ["--model.importance", "sensitivity"], lambda i, o: i + o + 1),
-        ("adalora", ["--model.importance", "magnitude"], lambda i, o: i + o + 1),
-        ("prune_lora", [], lambda i, o: i + o),
+        ("adalora", ["--model.orth_reg_weight", "0"], lambda i, o: i + o + 1,
+         {"orth_reg_weight": 0.0, "importance": "sensitivity_uncertainty", "allocator": RankAllocator}),
+        ("adalora", ["--model.importance", "sensitivity"], lambda i, o: i + o + 1,
+         {"orth_reg_weight": 0.1, "importance": "sensitivity", "allocator": RankAllocator}),
+        ("adalora", ["--model.importance", "magnitude"], lambda i, o: i + o + 1,
+         {"orth_reg_weight": 0.1, "importance": "magnitude", "allocator": RankAllocator}),
+        ("prune_lora", [], lambda i, o: i + o,
+         {"orth_reg_weight": 0.0, "importance": "sensitivity_uncertainty", "allocator": DoubletPruner}),
     ],
     ids=["no-orth-reg", "sensitivity-only", "magnitude-only", "prune-lora"],
 )
-def test_ablation_trains_and_counts_kept_ranks(tmp_path, tiny_backbone, method, extra, per_rank):
+def test_ablation_flags_reach_the_callback_and_the_run_prunes_to_the_budget(tmp_path, tiny_backbone, method, extra,
+                                                                            per_rank, settings):
     cli = fit_tiny(tmp_path, "cola.yaml", tiny_backbone, write_cola(tmp_path / "CoLA", rows=16),
                    "--model.method", method, *extra)
+    # The callback that ran the schedule is the module's, with the ablation's settings (cola.yaml: init_r 3,
+    # target_r 1, orth_reg_weight 0.1), and its allocator uses them.
+    callbacks = [c for c in cli.trainer.callbacks if isinstance(c, AdaLoRACallback)]
+    assert callbacks == [cli.model.schedule_callback]
+    callback = callbacks[0]
+    assert (callback.init_r, callback.target_r) == (3, 1)
+    assert callback.orth_reg_weight == settings["orth_reg_weight"]
+    assert callback.importance == settings["importance"]
+    allocator = callback.allocator
+    assert type(allocator) is settings["allocator"] and allocator.importance == settings["importance"]
+    assert allocator.schedule.target_budget == 12 and allocator.frozen
+    # What each variant keeps: magnitude no averages, sensitivity no uncertainty, the paper's score both.
+    sizes = (allocator.exp_avg_ipt.numel() > 0, allocator.exp_avg_unc.numel() > 0)
+    assert sizes == {"magnitude": (False, False), "sensitivity": (True, False),
+                     "sensitivity_uncertainty": (True, True)}[settings["importance"]]
     log_dir = Path(cli.trainer.log_dir)
     pattern = json.loads((log_dir / "rank_pattern.json").read_text())
     assert pattern["total_rank"] == 12  # target_r 1 x 12 matrices
@@ -123,3 +143,36 @@ def test_budget_helper_reproduces_the_papers_lora_count():
     assert abs(count - 1_327_104) <= 24 * (2 * 768 + 1) // 2
     with pytest.raises(ValueError, match="target_params must be > 0, got 0"):
         match_budget(deberta, "lora", 0)
+
+
+@pytest.mark.parametrize(
+    ("method", "sites"),
+    [
+        ("houlsby", ["decoder.layers.0.encoder_attn.out_proj", "decoder.layers.0.fc2",
+                     "decoder.layers.0.self_attn.out_proj", "encoder.layers.0.fc2",
+                     "encoder.layers.0.self_attn.out_proj"]),
+        ("pfeiffer", ["decoder.layers.0.fc2", "encoder.layers.0.fc2"]),
+    ],
+)
+def test_bottleneck_adapters_on_a_bart_classifier_leave_its_head_alone(tmp_path, method, sites):
+    """BART's classification head has an ``out_proj`` too: the adapters go after the attention and FFN sublayers
+    of the encoder and decoder layers only, and the head is trained in full as a plain linear layer."""
+    from adalora_pl.baselines import BottleneckAdapter
+    from adalora_pl.tasks.glue_module import GLUEClassifier
+    from tests.builders import make_batch, tiny_bart_classifier
+
+    tiny_bart_classifier().save_pretrained(tmp_path / "bart")
+    module = GLUEClassifier(task_name="cola", backbone=str(tmp_path / "bart"), method=method, bottleneck_size=4)
+    adapted = sorted(n for n, m in module.model.named_modules() if isinstance(m, BottleneckAdapter))
+    assert adapted == [f"model.{s}" for s in sites]
+    head = module.model.classification_head
+    assert type(head.out_proj) is nn.Linear and type(head.dense) is nn.Linear
+    out = module(**make_batch(labels=True))
+    out.loss.backward()
+    for name, param in module.named_parameters():
+        if param.requires_grad:
+            assert param.grad is not None, name
+            assert "classification_head" in name or "adapter_" in name, name
+    assert head.out_proj.weight.grad.abs().sum() > 0
+    for site in adapted:  # adapter_up starts at zero; its gradient is what moves it first
+        assert module.model.get_submodule(site).adapter_up.weight.grad.abs().sum() > 0

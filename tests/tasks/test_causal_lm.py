@@ -18,17 +18,27 @@ from adalora_pl.injection import find_adapters
 from adalora_pl.tasks.causal_lm_module import CausalLMModule
 from adalora_pl.tasks.rouge import rouge_scores
 from datamodules.instruction import InstructionDataModule
-from tests.builders import save_tiny_causal_lm, write_jsonl
+from tests.builders import INSTRUCTION_ROWS, save_tiny_causal_lm, write_jsonl
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-ROWS = [
-    {"instruction": "what is the capital of france", "input": "", "output": "paris is the capital"},
-    {"instruction": "who ran", "input": "the dog ran in the city", "output": "the dog"},
-    {"instruction": "read the book", "input": "", "output": "good book"},
-    {"instruction": "the cat sat on the mat", "input": "where", "output": "on the mat"},
-    {"instruction": "what was the film", "input": "people said it was great", "output": "a great film"},
-]
+ROWS = INSTRUCTION_ROWS
+@pytest.fixture
+def from_pretrained_kwargs(monkeypatch) -> dict:
+    """The keyword arguments of the last ``AutoModelForCausalLM.from_pretrained`` call (which still runs)."""
+    from transformers import AutoModelForCausalLM
+
+    seen: dict = {}
+    original = AutoModelForCausalLM.from_pretrained
+
+    def spy(name, **kwargs):
+        seen.update(kwargs)
+        return original(name, **kwargs)
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", spy)
+    return seen
+
+
 SCHEDULE = dict(init_r=4, target_r=2, tinit=2, tfinal=2, delta_t=1, lora_alpha=8, learning_rate=5e-3)
 
 
@@ -213,20 +223,171 @@ def test_bad_settings_are_refused_before_loading():
         CausalLMModule(backbone="unused", max_new_tokens=0)
 
 
-def test_remote_code_is_off_unless_asked(tiny_llama, monkeypatch):
-    seen = {}
-    from transformers import AutoModelForCausalLM
+@pytest.mark.parametrize(("version", "keyword"), [("4.45.0", "torch_dtype"), ("4.55.4", "torch_dtype"),
+                                                  ("4.56.0", "dtype"), ("4.57.0.dev0", "dtype"), ("5.24.0", "dtype")])
+def test_torch_dtype_reaches_from_pretrained_under_the_keyword_of_the_installed_transformers(
+        tiny_llama, monkeypatch, from_pretrained_kwargs, version, keyword):
+    """transformers renamed from_pretrained's ``torch_dtype`` to ``dtype`` in 4.56.0; an older one hands an unknown
+    ``dtype`` on to the model's constructor, which rejects it. pyproject allows transformers >= 4.45. (The installed
+    transformers takes both keywords; what it gets is what the version under test would get.)"""
+    import transformers
 
-    original = AutoModelForCausalLM.from_pretrained
+    seen = from_pretrained_kwargs
+    monkeypatch.setattr(transformers, "__version__", version)
+    module = CausalLMModule(backbone=tiny_llama, method="lora", torch_dtype="bfloat16")
+    assert seen[keyword] is torch.bfloat16
+    assert ({"dtype", "torch_dtype"} - {keyword}).isdisjoint(seen)
+    assert module.model.lm_head.weight.dtype == torch.bfloat16
 
-    def spy(name, **kwargs):
-        seen.update(kwargs)
-        return original(name, **kwargs)
 
-    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", spy)
+def test_remote_code_is_off_unless_asked(tiny_llama, from_pretrained_kwargs):
+    seen = from_pretrained_kwargs
     CausalLMModule(backbone=tiny_llama, method="lora")
     assert seen["trust_remote_code"] is False
     assert "attn_implementation" not in seen
     module = CausalLMModule(backbone=tiny_llama, method="lora", trust_remote_code=True, attn_implementation="eager")
     assert seen["trust_remote_code"] is True and seen["attn_implementation"] == "eager"
     assert module.model.config._attn_implementation == "eager"
+
+
+# --------------------------------------------------------------------------- the test split, ids, the file
+def read_predictions(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_the_test_stage_generates_from_the_test_prompts(tmp_path, tiny_llama):
+    validation = write_jsonl(tmp_path / "v.jsonl", ROWS[:3])
+    test_rows = [{**r, "id": f"t-{i}"} for i, r in enumerate(ROWS[3:])]
+    data = InstructionDataModule(tokenizer=tiny_llama, train_file=str(validation), validation_file=str(validation),
+                                 test_file=str(write_jsonl(tmp_path / "t.jsonl", test_rows)), max_seq_length=48,
+                                 batch_size=2, eval_batch_size=2)
+    module = CausalLMModule(backbone=tiny_llama, method="lora", max_new_tokens=5, **SCHEDULE)
+    set_random_e(module)
+    run = trainer(tmp_path, logger=pl.loggers.CSVLogger(str(tmp_path), name="run"))
+    run.test(module, datamodule=data, verbose=False)
+    rows = read_predictions(Path(run.log_dir) / "predictions_test_epoch0.jsonl")
+    assert [r["id"] for r in rows] == ["t-0", "t-1"]
+    assert [r["reference"] for r in rows] == [r["output"] for r in test_rows]
+    module.eval()
+    expected = module.decode(module.generate_ids(data.eval_prompt_ids("test")))
+    assert [r["prediction"] for r in rows] == expected
+
+
+def test_predictions_carry_the_datasets_ids_and_write_predictions_false_writes_none(tmp_path, tiny_llama):
+    rows = [{**r, "id": str(32556640 + i)} for i, r in enumerate(ROWS)]
+    path = write_jsonl(tmp_path / "x.jsonl", rows)
+    for write in (True, False):
+        data = InstructionDataModule(tokenizer=tiny_llama, train_file=str(path), validation_file=str(path),
+                                     max_seq_length=48, eval_batch_size=2)
+        module = CausalLMModule(backbone=tiny_llama, method="lora", max_new_tokens=2, write_predictions=write,
+                                **SCHEDULE)
+        run = trainer(tmp_path / str(write), logger=pl.loggers.CSVLogger(str(tmp_path / str(write)), name="run"))
+        metrics = run.validate(module, datamodule=data, verbose=False)[0]
+        assert "val/rougeL" in metrics  # generated and scored either way
+        written = sorted(Path(run.log_dir).glob("predictions_*.jsonl"))
+        if write:
+            assert [r["id"] for r in read_predictions(written[0])] == [r["id"] for r in rows]
+        else:
+            assert written == []
+
+
+def test_max_prompt_tokens_cuts_prompts_from_the_left(tiny_llama, data, monkeypatch):
+    """As documented: a prompt longer than max_prompt_tokens loses its start; its end (the response marker) stays."""
+    module = CausalLMModule(backbone=tiny_llama, method="lora", max_new_tokens=2, max_prompt_tokens=6,
+                            **SCHEDULE).eval()
+    data.setup("fit")
+    module._own_tokenizer = data.tokenizer
+    prompts = data.eval_prompt_ids("validation")[:3]
+    assert all(len(p) > 6 for p in prompts)
+    seen = []
+    original = module.model.generate
+
+    def spy(**kwargs):
+        seen.append(kwargs)
+        return original(**kwargs)
+
+    monkeypatch.setattr(module.model, "generate", spy)
+    module.generate_ids(prompts)
+    assert seen[0]["input_ids"].tolist() == [p[-6:] for p in prompts]
+    assert seen[0]["attention_mask"].all()
+    module.hparams.max_prompt_tokens = None  # no trainer, no data module: no limit
+    module.generate_ids(prompts[:1])
+    assert seen[1]["input_ids"].tolist() == [prompts[0]]
+
+
+# --------------------------------------------------------------------------- the sanity check and progress lines
+def test_the_sanity_check_does_not_generate_unless_asked(tmp_path, tiny_llama, data, monkeypatch, caplog):
+    calls = {}
+    for on in (False, True):
+        module = CausalLMModule(backbone=tiny_llama, method="lora", max_new_tokens=2, generate_on_sanity_check=on,
+                                **SCHEDULE)
+        module.progress_every_s = 0.0  # a progress line after every batch
+        seen = calls[on] = []
+
+        def spy(prompts, m=module, s=seen, generate=module.generate_ids):
+            s.append(m.trainer.sanity_checking)
+            return generate(prompts)
+
+        monkeypatch.setattr(module, "generate_ids", spy)
+        with caplog.at_level("INFO"):
+            caplog.clear()
+            trainer(tmp_path / str(on), max_steps=1, max_epochs=1, limit_train_batches=1, num_sanity_val_steps=1
+                    ).fit(module, datamodule=data)
+        if not on:
+            assert "sanity check: teacher-forced evaluation only, no generation" in caplog.text
+            # the validation after the training batch: 3 batches of 2, 2 and 1 prompts
+            assert "val: generating up to 2 tokens, greedy for 3 batches of about 2 prompts each" in caplog.text
+            for line in ("batch 1/3 (2 responses)", "batch 2/3 (4 responses)", "batch 3/3 (5 responses)"):
+                assert f"val generation: {line}" in caplog.text
+    assert calls[False] == [False] * 3  # the validation's 3 batches, none in the sanity check
+    assert calls[True] == [True] + [False] * 3
+
+
+# --------------------------------------------------------------------------- a chat template's end of turn
+def test_generation_stops_at_the_chat_templates_end_of_turn(tmp_path, tiny_llama, monkeypatch):
+    """A template that ends an assistant turn with its own token ([MASK] here, Gemma's <end_of_turn> in life): the
+    responses are trained to end with it, and generation stops there as well as at eos."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    tokenizer.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}[MASK]\n{% endfor %}"
+                               "{% if add_generation_prompt %}assistant:{% endif %}")
+    path = write_jsonl(tmp_path / "t.jsonl", ROWS)
+    data = InstructionDataModule(tokenizer=tokenizer, train_file=str(path), validation_file=str(path),
+                                 max_seq_length=48, eval_batch_size=5)
+    module = CausalLMModule(backbone=tiny_llama, method="lora", max_new_tokens=2, **SCHEDULE)
+    seen = []
+    original = module.model.generate
+    monkeypatch.setattr(module.model, "generate", lambda **kw: seen.append(kw["eos_token_id"]) or original(**kw))
+    trainer(tmp_path).validate(module, datamodule=data, verbose=False)
+    assert data.features("validation")[0]["labels"][-1] == tokenizer.mask_token_id
+    assert seen == [[tokenizer.sep_token_id, tokenizer.mask_token_id]]
+    # Without a data module (generate_text), the end tokens the model's generation_config lists (Gemma's and
+    # Phi-3's list their end of turn there) stop it.
+    alone = CausalLMModule(backbone=tiny_llama, method="lora", **SCHEDULE)
+    alone._own_tokenizer = tokenizer
+    alone.model.generation_config.eos_token_id = [tokenizer.mask_token_id, tokenizer.sep_token_id]
+    assert alone._special_ids()[1] == [tokenizer.sep_token_id, tokenizer.mask_token_id]
+
+
+# --------------------------------------------------------------------------- packed position ids
+def test_packed_position_ids_reach_the_model_and_attention_still_crosses_examples(tmp_path, tiny_llama):
+    path = write_jsonl(tmp_path / "t.jsonl", ROWS[:2])
+    packed = InstructionDataModule(tokenizer=tiny_llama, train_file=str(path), max_seq_length=96, packing=True,
+                                   packed_position_ids=True, batch_size=1)
+    packed.setup("fit")
+    batch = next(iter(packed.train_dataloader()))
+    first, second = (len(f["input_ids"]) for f in packed._tokenize("train", packed._examples["train"]))
+    assert batch["input_ids"].shape[1] == first + second  # both examples in one row
+    assert batch["position_ids"][0].tolist() == list(range(first)) + list(range(second))
+    module = CausalLMModule(backbone=tiny_llama, method="lora", generate_on_validation=False, **SCHEDULE).eval()
+    set_random_e(module)
+    with torch.no_grad():
+        restarted = module(**module.model_inputs(batch)).logits[0]
+        running = module(**module.model_inputs(batch, drop=("position_ids",))).logits[0]
+        alone = module(input_ids=batch["input_ids"][:, first:]).logits[0]
+    # the first example is computed as it would be alone either way; the second one's positions now restart ...
+    assert torch.allclose(restarted[:first], running[:first], atol=1e-6)
+    assert not torch.allclose(restarted[first:], running[first:], atol=1e-4)
+    # ... but it still attends to the first example: its logits are not those it has alone
+    assert not torch.allclose(restarted[first:], alone, atol=1e-4)

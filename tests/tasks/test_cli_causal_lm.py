@@ -4,6 +4,8 @@ llama, evaluation from the checkpoint, and the PEFT export of the result."""
 from __future__ import annotations
 
 import json
+import re
+import shlex
 from pathlib import Path
 
 import pytest
@@ -108,3 +110,48 @@ def test_fit_xsum_rows_then_test_and_export(tmp_path, tiny_llama):
         lora = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama), str(tmp_path / "lora"))
         assert lora.peft_config["default"].peft_type.value == "LORA"
         assert torch.allclose(lora.eval()(**inputs).logits, ours_logits, atol=1e-5)
+
+
+def readme_offline_command() -> list[str]:
+    """The arguments of the README's offline SmolLM2 ``cli.py fit`` command, as written there."""
+    readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Decoder LLMs: instruction tuning", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```bash\n(.*?)```", section, flags=re.S)
+    block = next(b for b in blocks if "smollm2_folder" in b)
+    command = next(line for line in block.replace("\\\n", " ").splitlines() if line.startswith("python cli.py fit"))
+    args = shlex.split(command)
+    assert args[:3] == ["python", "cli.py", "fit"]
+    return args[3:]
+
+
+@pytest.mark.usefixtures("real_data")
+def test_the_readmes_offline_command_runs_on_the_shared_xsum_sample_as_written(tmp_path, tiny_llama, caplog):
+    """The README's command, with only the backbone folder ($FOLDER: SmolLM2 there, a tiny llama here) and the
+    location of ../shared/data filled in, plus a 2-step budget and a log folder."""
+    from tests.conftest import shared_data_dir
+
+    args = []
+    for arg in readme_offline_command():
+        if arg == "$FOLDER":
+            arg = tiny_llama
+        elif arg.startswith("../shared/data/"):
+            arg = str(shared_data_dir() / arg.removeprefix("../shared/data/"))
+        elif arg.startswith("configs/"):
+            arg = str(REPO_ROOT / arg)
+        args.append(arg)
+    assert "--data.validation_holdout" in args and "--data.train_file" in args
+    with caplog.at_level("INFO"):
+        cli = main(["fit", *args, "--trainer.max_steps", "2", "--trainer.default_root_dir", str(tmp_path / "run"),
+                    "--trainer.enable_progress_bar", "false"])
+    assert cli.trainer.global_step == 2
+    rows = [json.loads(line) for line in Path(args[args.index("--data.train_file") + 1]).read_text().splitlines()]
+    data = cli.datamodule
+    assert len(data.features("train")) == 800 and len(data.features("validation")) == 200
+    assert data.example_ids("validation") == [r["id"] for r in rows[800:]]
+    assert data.eval_references("validation") == [r["summary"] for r in rows[800:]]
+    empty = next(i for i, r in enumerate(rows) if not r["document"].strip())
+    assert f"1 of 800 inputs are empty ({args[args.index('--data.train_file') + 1]}, line {empty + 1}, column " \
+           "'document')" in caplog.text
+    # the sanity check ran the teacher-forced evaluation without generating
+    assert "sanity check: teacher-forced evaluation only, no generation" in caplog.text
+    assert "generating up to" not in caplog.text

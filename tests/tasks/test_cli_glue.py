@@ -60,7 +60,9 @@ def test_cli_fit_cola_end_to_end(tmp_path, tiny_backbone):
 
 
 def test_cli_fit_stsb_regression_end_to_end(tmp_path, spread_backbone):
-    cli = fit_tiny(tmp_path, "stsb.yaml", spread_backbone, write_stsb(tmp_path / "STS-B"))
+    # stsb.yaml's 128 tokens exceed the tiny backbone's 64 positions
+    cli = fit_tiny(tmp_path, "stsb.yaml", spread_backbone, write_stsb(tmp_path / "STS-B"), "--data.max_seq_length",
+                   "64")
     metrics = cli.trainer.callback_metrics
     assert {"val/pearson", "val/spearman"} <= set(metrics)
     assert cli.model.model.config.num_labels == 1
@@ -184,13 +186,40 @@ def test_cli_lora_and_full_methods_share_the_harness(tmp_path, tiny_backbone):
     assert full.model.trainable_parameter_count() == sum(p.numel() for p in full.model.parameters())
 
 
-def test_task_mismatch_between_model_and_data_is_refused(tmp_path, tiny_backbone):
-    with pytest.raises(ValueError, match="model is set up for GLUE task 'cola' but the data is 'stsb'"):
+@pytest.mark.parametrize("budget", [900, 2000])
+def test_cli_param_budget_sets_the_lora_rank(tmp_path, tiny_backbone, budget):
+    """`--model.param_budget N` end to end: the LoRA adapters that train have the rank and #Params match_budget
+    chose for N on this backbone's target layers (not cola.yaml's init_r)."""
+    from adalora_pl.baselines import linear_shapes, match_budget
+    from adalora_pl.injection import find_adapters
+
+    cli = fit_tiny(tmp_path, "cola.yaml", tiny_backbone, write_cola(tmp_path / "CoLA", rows=8), "--model.method",
+                   "lora", "--model.param_budget", str(budget), "--trainer.max_epochs", "1")
+    model = cli.model.model
+    adapters = find_adapters(model)
+    r, planned = match_budget(linear_shapes(model, [f"{name}.base_layer" for name in adapters]), "lora", budget)
+    assert r != cli.model.hparams.init_r  # the budget, not init_r, set the rank
+    assert {layer.r for layer in adapters.values()} == {r}
+    assert cli.model.adapter_param_count() == planned
+    assert sum(p.numel() for n, p in cli.model.named_parameters() if ".lora_" in n and p.requires_grad) == planned
+    assert cli.trainer.global_step == 1  # and they trained
+
+
+def test_task_mismatch_between_model_and_data_is_refused(capsys, tmp_path, tiny_backbone):
+    with pytest.raises(SystemExit) as exit_info:
         fit_tiny(tmp_path, "cola.yaml", tiny_backbone, write_stsb(tmp_path / "STS-B"), "--data.task_name", "stsb")
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1] == (
+        "cli.py fit: error: the model is set up for GLUE task 'cola' but the data is 'stsb'; set --model.task_name "
+        "and --data.task_name to the same task"
+    )
 
 
 @pytest.mark.slow
-def test_real_minilm_learns_on_real_cola(tmp_path, minilm_dir, real_data):
+def test_real_minilm_on_real_cola_lowers_its_loss_trains_every_adapter_and_keeps_the_budget(
+    tmp_path, minilm_dir, real_data
+):
     """The real MiniLM on 320 real CoLA rows: training loss goes down over 3 epochs and the adapters themselves move
     (the head and pooler train in full and could lower the loss alone)."""
     cli = main([

@@ -113,17 +113,25 @@ def test_full_fine_tuning_memorises_the_answers(tmp_path, tiny_qa_backbone):
     assert values["val/exact"] >= 80.0 and values["val/HasAns_f1"] >= 80.0 and values["val/NoAns_exact"] >= 60.0, values
 
 
-def test_version_mismatch_between_model_and_data_is_refused(tmp_path, tiny_qa_backbone):
-    with pytest.raises(ValueError, match="model is set up for SQuAD v1.1"):
-        fit_squad(tmp_path, tiny_qa_backbone, "--model.version_2", "false")
+def fit_error(capsys, tmp_path: Path, backbone: str, *extra: str) -> str:
+    """The one-line error (exit status 2, no traceback) of a SQuAD fit refused for its settings."""
+    with pytest.raises(SystemExit) as info:
+        fit_squad(tmp_path, backbone, *extra)
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "Traceback" not in err, err
+    return err.strip().splitlines()[-1]
 
 
-def test_window_too_small_for_the_questions_is_refused_before_training(tmp_path, tiny_qa_backbone):
+def test_version_mismatch_between_model_and_data_is_refused(capsys, tmp_path, tiny_qa_backbone):
+    message = fit_error(capsys, tmp_path, tiny_qa_backbone, "--model.version_2", "false")
+    assert message == ("cli.py fit: error: the model is set up for SQuAD v1.1 (version_2=False) but the data is SQuAD "
+                       "v2.0; set --model.version_2 to match --data.version")
+
+
+def test_window_too_small_for_the_questions_is_refused_before_training(capsys, tmp_path, tiny_qa_backbone):
     """A window that cannot hold the longest question plus doc_stride context tokens fails at setup, naming it
     (the tokenizer itself would panic in Rust, which `except Exception` does not catch)."""
-    with pytest.raises(ValueError) as info:
-        fit_squad(tmp_path, tiny_qa_backbone, "--data.max_seq_length", "16")
-    message = str(info.value)
+    message = fit_error(capsys, tmp_path, tiny_qa_backbone, "--data.max_seq_length", "16")
     assert "SQuAD train: 6 of 10 questions do not fit max_seq_length=16 with doc_stride=8" in message
     # the longest question, "who read the book in the city ?", is 8 tokens: 3 special + 8 + 8 stride + 1
     assert "question 'news-1' has 8 tokens" in message and "--data.max_seq_length to at least 20" in message

@@ -161,3 +161,37 @@ def test_print_config_of_the_new_configs(name, capsys, tmp_path):
     # the printed config parses again, to the same config
     (tmp_path / "full.yaml").write_text(printed)
     assert print_config(capsys, tmp_path / "full.yaml") == printed
+
+
+def test_summarization_loss_is_token_weighted_over_each_document_once(tmp_path, tiny_bart):
+    """``val/loss`` is the NLL per summary token over the split, as for decoder LMs: every document's tokens count
+    once (a mean of batch means would weigh the tokens of a short last batch more, and a distributed sampler's
+    repeated rows twice)."""
+    import lightning.pytorch as pl
+    import torch
+
+    from adalora_pl.tasks.summarization_module import Seq2SeqSummarizer
+    from datamodules.summarization import SummarizationDataModule
+
+    rows = XSUM_ROWS[:5]  # summaries of 4 to 6 words; batches of 2, 2 and 1
+    path = write_jsonl(tmp_path / "x.jsonl", rows)
+    data = SummarizationDataModule(tokenizer=tiny_bart, validation_file=str(path), max_source_length=24,
+                                   max_target_length=10, batch_size=2)
+    module = Seq2SeqSummarizer(backbone=tiny_bart, method="lora", init_r=4, num_beams=1, max_new_tokens=3)
+    with torch.no_grad():
+        for name, param in module.named_parameters():
+            if name.endswith("lora_B"):
+                param.normal_(0, 0.5)
+    run = pl.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                     enable_model_summary=False, default_root_dir=str(tmp_path))
+    metrics = run.validate(module, datamodule=data, verbose=False)[0]
+    module.eval()
+    nll, tokens = 0.0, 0
+    with torch.no_grad():
+        for batch in data.val_dataloader():
+            labels = batch["labels"]
+            logits = module(**module.model_inputs(batch)).logits
+            kept = labels != -100
+            nll += torch.nn.functional.cross_entropy(logits[kept], labels[kept], reduction="sum").item()
+            tokens += int(kept.sum())
+    assert metrics["val/loss"] == pytest.approx(nll / tokens, rel=1e-5)

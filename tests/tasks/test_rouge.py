@@ -62,32 +62,48 @@ def test_rouge_stemming_changes_score():
     assert plain["rouge2"] == 0.0 and stemmed["rouge2"] == pytest.approx(1 / 3)
 
 
-def test_rouge_lsum_offline_newline_sentences(monkeypatch):
+def test_rouge_lsum_is_the_union_lcs_over_newline_separated_sentences(monkeypatch):
+    """ROUGE-Lsum as Lin (2004, §3.2) defines it and Google's rouge_score computes it: texts split into sentences at
+    their newlines; each reference sentence's hits are the union of its LCS with every prediction sentence, each
+    token counted at most as often as it occurs on both sides; F of hits / prediction and hits / reference tokens.
+    Every value below is counted by hand, and each case tells the definition from a near miss."""
     nltk = pytest.importorskip("nltk")
-    from torchmetrics.functional.text import rouge as tm_rouge
 
     def no_punkt(*args, **kwargs):
-        raise AssertionError("punkt must not be used")
+        raise AssertionError("punkt must not be used (it is a download; this must work offline)")
 
     monkeypatch.setattr(nltk, "sent_tokenize", no_punkt)
-    original = tm_rouge._split_sentence
-    # same sentences, swapped order: summary-level LCS matches both (Lsum = 1), while the flat LCS
-    # of "the dog ran the cat sat" vs "the cat sat the dog ran" is only 3 of 6 words (L = 0.5)
-    got = rouge_scores(
-        ["The dog ran. The cat sat."], ["the cat sat\nthe dog ran"], use_stemmer=False, lsum=True
-    )
+
+    def scores(prediction, reference, **kwargs):
+        return rouge_scores([prediction], [reference], use_stemmer=False, lsum=True, **kwargs)
+
+    def f1(hits, pred_len, ref_len):
+        precision, recall = hits / pred_len, hits / ref_len
+        return 2 * precision * recall / (precision + recall)
+
+    # Lin's example: reference sentence "w1 w2 w3 w4 w5"; LCS with "w1 w2 w6 w7 w8" is w1 w2, with
+    # "w1 w3 w8 w9 w5" it is w1 w3 w5; their union w1 w2 w3 w5 is 4 hits of 10 predicted and 5 reference tokens
+    # (the best single LCS would give 3).
+    got = scores("w1 w2 w6 w7 w8\nw1 w3 w8 w9 w5", "w1 w2 w3 w4 w5")
+    assert got["rougeLsum"] == pytest.approx(f1(4, 10, 5)) and f1(4, 10, 5) != pytest.approx(f1(3, 10, 5))
+
+    # The same two sentences in swapped order: each reference sentence is found whole (6 hits of 6, Lsum = 1),
+    # while the LCS of the flat texts "the dog ran the cat sat" and "the cat sat the dog ran" is 3 of 6 (L = 0.5).
+    got = scores("the dog ran\nthe cat sat", "the cat sat\nthe dog ran")
     assert got["rougeLsum"] == pytest.approx(1.0) and got["rougeL"] == pytest.approx(0.5)
     assert got["rouge1"] == pytest.approx(1.0)
-    assert tm_rouge._split_sentence is original  # the torchmetrics splitter is restored
-    # with a splitter that keeps each text whole, both sides are one sentence and Lsum equals L
-    got = rouge_scores(
-        ["The dog ran. The cat sat."],
-        ["the cat sat\nthe dog ran"],
-        use_stemmer=False,
-        lsum=True,
-        sentence_splitter=lambda text: [text],
-    )
-    assert got["rougeLsum"] == pytest.approx(0.5)
+    # The split is what makes the difference: with each text kept whole, Lsum is the flat L.
+    assert scores("the dog ran\nthe cat sat", "the cat sat\nthe dog ran",
+                  sentence_splitter=lambda text: [text])["rougeLsum"] == pytest.approx(0.5)
+
+    # Clipping: the reference repeats "the cat" on two lines, the prediction says it once. Both reference sentences
+    # find it, but the prediction's two tokens can be hit only once each: 2 hits, P = 2/2, R = 2/4.
+    assert scores("the cat", "the cat\nthe cat")["rougeLsum"] == pytest.approx(f1(2, 2, 4))
+
+    # Sentences are the lines where there are lines (Google's rule for rougeLsum): "sat." before "The" would end a
+    # sentence of a one-line text, but not in a text that has newlines.
+    assert split_sentences("The cat sat. The dog ran") == ["The cat sat.", "The dog ran"]
+    assert split_sentences("The cat sat. The dog ran\nA bird sang") == ["The cat sat. The dog ran", "A bird sang"]
 
 
 def test_split_sentences():
