@@ -25,6 +25,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from adalora_pl.importance import (
@@ -39,6 +40,36 @@ from adalora_pl.layers import SVDLinear
 from adalora_pl.schedule import BudgetSchedule, validate_betas, validate_ranks
 
 log = logging.getLogger(__name__)
+
+
+def broadcast_keep_mask(keep: torch.Tensor) -> torch.Tensor:
+    """Rank 0's boolean keep-mask on every rank: one ``torch.distributed.broadcast`` of a uint8 tensor on the
+    process group's device (CUDA for NCCL, CPU otherwise); nothing is pickled."""
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    buffer = keep.to(device=device, dtype=torch.uint8)
+    dist.broadcast(buffer, src=0)
+    return buffer.to(device=keep.device, dtype=torch.bool)
+
+
+def optimizer_holding(params: Sequence[torch.Tensor], optimizers: Sequence[torch.optim.Optimizer]):
+    """The one optimizer among ``optimizers`` that holds every tensor of ``params``.
+
+    Raises:
+        RuntimeError: none holds them, several share them, or one holds only some (the importance must see every
+            adapter parameter right after the step that updated it).
+    """
+    tracked = {id(p) for p in params}
+    holders = [o for o in optimizers if tracked & {id(p) for g in o.param_groups for p in g["params"]}]
+    held = {id(p) for o in holders for g in o.param_groups for p in g["params"]} & tracked
+    if len(holders) == 1 and held == tracked:
+        return holders[0]
+    where = ("none of the Trainer's optimizers holds them" if not holders else
+             f"{len(holders)} optimizers hold them" if len(holders) > 1 else f"the optimizer holds {len(held)} of them")
+    raise RuntimeError(
+        f"AdaLoRA needs one optimizer holding all {len(tracked)} adapter parameters; {where}. Build the optimizer "
+        "in configure_optimizers from the module's trainable parameters (the callback injects the adapters at "
+        "setup, before configure_optimizers runs)."
+    )
 
 
 @dataclass

@@ -11,8 +11,6 @@ import torch
 
 _FUSED_DTYPES = (torch.float32, torch.float64)
 _ONE = {dtype: torch.ones(1, dtype=dtype) for dtype in _FUSED_DTYPES}  # the divisor of the LoRA form (CPU)
-# Set to False to always evaluate the unfused reference expressions (for benchmarks and debugging).
-FUSE_RESIDUAL_ADD = True
 
 
 def _add_scaled_setup(ctx, scaling: float, denom: torch.Tensor, divide: bool) -> None:
@@ -94,16 +92,20 @@ def _functorch_active() -> bool:
 
 
 def add_scaled(result: torch.Tensor, update: torch.Tensor, scaling: float,
-               denom: torch.Tensor | None = None) -> torch.Tensor:
+               denom: torch.Tensor | None = None, *, fused: bool = True) -> torch.Tensor:
     """``result + update * scaling [/ denom]``, in one pass where that is bitwise exact.
 
     ``update`` must be a temporary of the caller (the adapter branch's output): in eager mode its buffer
     may receive the result. Falls back to the plain expressions of the reference implementations (LoRA's
     out of place, AdaLoRA's in place on ``result``) off CPU, for reduced precision, mixed dtypes or
     broadcasting, so that numerics never depend on the path taken, and under ``torch.compile``.
+
+    Args:
+        fused: False always evaluates the plain expressions (the same numbers): what the adapter layers pass
+            for ``fuse_residual_add = False``, to measure what the one-pass add buys, or to debug.
     """
     fused = (
-        FUSE_RESIDUAL_ADD
+        fused
         and not torch.compiler.is_compiling()  # a compiler fuses the plain expressions itself
         and result.device.type == "cpu"
         and result.dtype in _FUSED_DTYPES

@@ -40,6 +40,31 @@ def orthogonal_regularizer(factors: Sequence[tuple[torch.Tensor, torch.Tensor]])
     return total / count
 
 
+def add_orthogonal_regularizer_grad_(
+    factors: Sequence[tuple[torch.Tensor, torch.Tensor]], weight: float
+) -> torch.Tensor:
+    """Add ``weight * dR/dA`` and ``weight * dR/dB`` to the ``.grad`` of every factor, in place; return R (detached).
+
+    The gradient ``backward(loss + weight * R)`` would give, for a training loop that never sees the loss (the
+    callback adds it once per optimizer step, before gradient clipping; docs/method.md §2, §6).
+
+    Args:
+        factors: ``(lora_A, lora_B)`` pairs (leaf tensors that require grad).
+        weight: the regularizer's weight (``orth_reg_weight``).
+    """
+    params = [p for pair in factors for p in pair]
+    with torch.enable_grad():
+        reg = orthogonal_regularizer(factors)
+        grads = torch.autograd.grad(reg * weight, params)
+    with torch.no_grad():
+        for p, g in zip(params, grads, strict=True):
+            if p.grad is None:
+                p.grad = g
+            else:
+                p.grad.add_(g)
+    return reg.detach()
+
+
 def elementwise_importance(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor]) -> torch.Tensor:
     """``|w * g|`` for every element of every tensor, flattened into one float32 vector."""
     if params and params[0].dtype != torch.float32:

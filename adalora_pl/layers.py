@@ -105,6 +105,10 @@ class AdapterLayer(nn.Module):
 
     # Parameters one kept rank costs, for adapters that prune ranks (and carry a ``rank_mask``); None otherwise.
     parameters_per_rank: int | None = None
+    # The branch's residual add in one pass where that is exact (adalora_pl.fused_add.add_scaled); False on an
+    # instance evaluates the reference's plain expressions instead, the same numbers (benchmarks/step_time.py
+    # measures what the fusion buys). Per layer rather than a module global: two models in one process may differ.
+    fuse_residual_add: bool = True
 
     @property
     def kept_rank(self) -> int:
@@ -236,7 +240,7 @@ class SVDLinear(AdapterLayer):
         # result += update * lora_alpha / (ranknum + 1e-5), fused into one pass where that is exact.
         update = self.lora_dropout(x) @ (self.lora_A * self.lora_E).T @ self.lora_B.T
         # A float32 adapter on a half-precision base adds into the base output in place, rounding once (PEFT).
-        return add_scaled(result, update, self.lora_alpha, self.ranknum + RANKNUM_EPS)
+        return add_scaled(result, update, self.lora_alpha, self.ranknum + RANKNUM_EPS, fused=self.fuse_residual_add)
 
 
 class LoRALinear(AdapterLayer):
@@ -284,5 +288,5 @@ class LoRALinear(AdapterLayer):
         if update.dtype != result.dtype:  # float32 adapter on a half-precision base: add, then round once
             return (result + update * self.scaling).to(result.dtype)
         # result + update * scaling, fused into one pass where that is exact.
-        return add_scaled(result, update, self.scaling)
+        return add_scaled(result, update, self.scaling, fused=self.fuse_residual_add)
 

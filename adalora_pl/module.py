@@ -13,8 +13,8 @@ module reset, and ends by logging the task's ``log_eval_metrics``.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, ClassVar, Literal, get_args
+from collections.abc import Iterable, Mapping
+from typing import Any, ClassVar, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -22,44 +22,20 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torchmetrics import Metric
 
-from adalora_pl.baselines import (
-    BottleneckAdapter,
-    PrunableLoRALinear,
-    PruneLoRACallback,
-    bottleneck_targets,
-    linear_shapes,
-    match_budget,
-)
+from adalora_pl.baselines import ADAPTER_CLASSES, PruneLoRACallback, bottleneck_targets, linear_shapes, match_budget
 from adalora_pl.callback import AdaLoRACallback
+from adalora_pl.config import AdaLoRAConfig, Method, method_overrides, method_spec
 from adalora_pl.errors import ConfigError
-from adalora_pl.importance import Importance
-from adalora_pl.injection import (
-    DEFAULT_TRAINABLE_MODULES,
-    count_adapter_parameters,
-    inject_adapters,
-    name_matches,
-    preset_targets,
-)
+from adalora_pl.injection import count_adapter_parameters, inject_adapters, name_matches, preset_targets
 from adalora_pl.io.pretrained import check_backbone, load_pretrained
-from adalora_pl.layers import AdapterInit, AdapterLayer
 from adalora_pl.schedule import resolve_steps
 
 log = logging.getLogger(__name__)
 
-# adalora: the method. lora / full: the paper's main baselines. houlsby / pfeiffer: bottleneck adapters.
-# svd_lora (SVD adapters, no pruning) and prune_lora (LoRA doublets pruned without recovery): ablations.
-Method = Literal["adalora", "lora", "full", "houlsby", "pfeiffer", "svd_lora", "prune_lora"]
-METHODS: tuple[str, ...] = get_args(Method)
-SCHEDULED_METHODS = ("adalora", "svd_lora", "prune_lora")
-# The adapter layer of each method that has one, and the name its #Params are planned under (match_budget).
-ADAPTER_OF_METHOD: dict[str, str | type[AdapterLayer]] = {
-    "adalora": "adalora", "svd_lora": "adalora", "lora": "lora", "prune_lora": PrunableLoRALinear,
-    "houlsby": BottleneckAdapter, "pfeiffer": BottleneckAdapter,
-}
-BUDGET_NAME_OF_METHOD = {"adalora": "adalora", "svd_lora": "adalora", "lora": "lora", "prune_lora": "lora",
-                         "houlsby": "bottleneck", "pfeiffer": "bottleneck"}
 # Key under which a task module records its class path in checkpoints (for ``cli.py export``).
 MODULE_CLASS_KEY = "adalora_pl_module_class"
+# Key under which a task module records its AdaLoRAConfig (as JSON types) in checkpoints.
+CONFIG_KEY = "adalora_config"
 # The evaluation stages, as they prefix the logged names ("val/f1").
 Stage = Literal["val", "test"]
 # Names transformers gives the learned absolute position embeddings: BERT, RoBERTa, MPNet, ELECTRA, DeBERTa with
@@ -97,23 +73,6 @@ class AdapterModule(pl.LightningModule):
             adapters, no budget allocation) and ``"prune_lora"`` (LoRA doublets pruned on AdaLoRA's schedule,
             without recovery). AdaLoRA without the regularizer: ``orth_reg_weight=0``; importance variants:
             ``importance``.
-        target_modules: name suffixes of the linear layers to adapt; ``None`` takes the preset of the
-            backbone's model type.
-        trainable_modules: name suffixes of modules trained in full next to the adapters (task heads). A name
-            that matches no module is refused, unless it is one of the known head names that some model families
-            lack by design (:func:`~adalora_pl.injection.set_trainable_modules`).
-        init_r: AdaLoRA's initial rank, or LoRA's rank.
-        target_r: AdaLoRA's average final rank.
-        lora_alpha: adapter scaling numerator.
-        lora_dropout: dropout on the adapter branch.
-        tinit: AdaLoRA warm-up (steps, or fraction of training if a float in (0, 1)).
-        tfinal: AdaLoRA final fine-tuning (steps or fraction).
-        delta_t: steps between mask events.
-        beta1: sensitivity EMA coefficient.
-        beta2: uncertainty EMA coefficient.
-        orth_reg_weight: weight of the orthogonal regularizer.
-        importance: importance variant (see :class:`~adalora_pl.allocator.RankAllocator`).
-        total_step: total optimizer steps; default from the Trainer.
         learning_rate: AdamW learning rate of the adapters (of everything for ``full``).
         head_learning_rate: learning rate of the trained heads; default ``learning_rate``.
         weight_decay: AdamW weight decay.
@@ -122,9 +81,10 @@ class AdapterModule(pl.LightningModule):
         bottleneck_size: bottleneck width of ``houlsby``/``pfeiffer`` adapters.
         param_budget: target #Params (adapter parameters, heads excluded); when given, the LoRA rank or the
             bottleneck size is chosen to match it (:func:`adalora_pl.baselines.match_budget`).
-        adapter_init: initialization of the SVD adapters (``adalora``, ``svd_lora``): ``"reference"`` (the
-            authors' and PEFT's, the default) or ``"orthogonal"`` (A with orthonormal rows, B with orthonormal
-            columns; E = 0 still, see :class:`~adalora_pl.layers.SVDLinear`).
+        **adalora: the fields of :class:`~adalora_pl.config.AdaLoRAConfig` (``init_r``, ``target_r``,
+            ``target_modules``, ``trainable_modules``, ``tinit``, ...; ``init_r`` is LoRA's rank for ``lora``). On the
+            command line each is a module option (``--model.init_r``). A ``trainable_modules`` name that matches no
+            module is refused, unless it is one of the known head names that some model families lack by design.
 
     A task module sets :attr:`auto_class` (and, if its evaluation batches carry them, :attr:`bookkeeping_keys`) and
     implements :meth:`eval_step` and :meth:`log_eval_metrics`. A task module that overrides :meth:`setup` calls
@@ -150,32 +110,22 @@ class AdapterModule(pl.LightningModule):
         self,
         backbone: str,
         method: Method = "adalora",
-        target_modules: Sequence[str] | None = None,
-        trainable_modules: Sequence[str] = tuple(DEFAULT_TRAINABLE_MODULES),
-        init_r: int = 12,
-        target_r: int = 8,
-        lora_alpha: float = 32,
-        lora_dropout: float = 0.0,
-        tinit: int | float = 0,
-        tfinal: int | float = 0,
-        delta_t: int = 1,
-        beta1: float = 0.85,
-        beta2: float = 0.85,
-        orth_reg_weight: float = 0.1,
-        importance: Importance = "sensitivity_uncertainty",
-        total_step: int | None = None,
         learning_rate: float = 5e-4,
         head_learning_rate: float | None = None,
         weight_decay: float = 0.0,
         warmup_steps: int | float = 0,
         bottleneck_size: int = 64,
         param_budget: int | None = None,
-        adapter_init: AdapterInit = "reference",
+        **adalora: Any,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()  # collects the subclass's init arguments too (task_name, ...)
-        if method not in METHODS:
-            raise ConfigError(f"method must be one of {list(METHODS)}, got {method!r}")
+        spec = method_spec(method)
+        # The settings as the method runs them (svd_lora: a constant budget; prune_lora: no regularizer).
+        adalora = {**adalora, **method_overrides(method, adalora)}
+        # A plain AdaLoRAConfig(**adalora) call: LightningCLI reads the module's options through it.
+        self.adalora = AdaLoRAConfig(**adalora)
+        self.hparams.update(self.adalora.to_dict())  # checkpoints carry every setting, defaults too
         if not learning_rate > 0:  # also refuses nan
             raise ConfigError(f"learning_rate must be > 0, got {learning_rate!r}")
         if head_learning_rate is not None and not head_learning_rate > 0:
@@ -185,35 +135,37 @@ class AdapterModule(pl.LightningModule):
         if param_budget is not None and (isinstance(param_budget, bool) or not isinstance(param_budget, int)
                                          or param_budget <= 0):
             raise ConfigError(f"param_budget must be a positive integer (a #Params), got {param_budget!r}")
-        resolve_steps("warmup_steps", warmup_steps, total_step or 1_000_000)  # checks the value now
+        resolve_steps("warmup_steps", warmup_steps, self.adalora.total_step or 1_000_000)  # checks the value now
+        if self.adalora.adapter_init != "reference" and spec.adapter != "adalora":
+            raise ConfigError(f"adapter_init={self.adalora.adapter_init!r} applies to SVD adapters (adalora, "
+                              f"svd_lora), not to method={method!r}")
         self.backbone_name = backbone
         self.method = method
         # from_pretrained returns a model in eval mode; Lightning keeps module modes as they are.
         self.model = self.build_backbone(backbone).train()
         self.adapters: dict[str, nn.Module] = {}
-        # Built now so that bad ranks/betas/schedule settings fail before any training; configure_callbacks
-        # hands this one instance to the Trainer.
-        self.schedule_callback = self._build_schedule_callback() if method in SCHEDULED_METHODS else None
-        if method == "full":
+        # configure_callbacks hands this one instance to the Trainer.
+        callback_class = PruneLoRACallback if spec.adapter == "prune_lora" else AdaLoRACallback
+        self.schedule_callback = callback_class(self.adalora) if spec.scheduled else None
+        if spec.adapter is None:  # full fine-tuning
             self.model.requires_grad_(True)
             return
-        if method in ("houlsby", "pfeiffer"):
+        c = self.adalora
+        if spec.adapter == "bottleneck":
             targets, r = bottleneck_targets(self.model, method), bottleneck_size
         else:
-            targets = list(target_modules) if target_modules else preset_targets(self.model, trainable_modules)
-            r = init_r
+            targets = list(c.target_modules) if c.target_modules else preset_targets(self.model, c.trainable_modules)
+            r = c.init_r
         if param_budget is not None:
             shapes = linear_shapes(self.model, [n for n, _ in self.model.named_modules()
                                                 if any(name_matches(n, t) for t in targets)])
-            r, actual = match_budget(shapes, BUDGET_NAME_OF_METHOD[method], param_budget)
+            r, actual = match_budget(shapes, spec.budget, param_budget)
             log.info("param_budget %d -> r/bottleneck %d (%d params)", param_budget, r, actual)
-        if adapter_init != "reference" and ADAPTER_OF_METHOD[method] != "adalora":
-            raise ConfigError(f"adapter_init={adapter_init!r} applies to SVD adapters (adalora, svd_lora), "
-                              f"not to method={method!r}")
-        svd_options = {"adapter_init": adapter_init} if ADAPTER_OF_METHOD[method] == "adalora" else {}
+        svd_options = {"adapter_init": c.adapter_init} if spec.adapter == "adalora" else {}
         self.adapters = inject_adapters(
-            self.model, targets, method=ADAPTER_OF_METHOD[method], r=r, lora_alpha=lora_alpha,
-            lora_dropout=lora_dropout, trainable_modules=trainable_modules, **svd_options,
+            self.model, targets, method=ADAPTER_CLASSES[spec.adapter], r=r, lora_alpha=c.lora_alpha,
+            lora_dropout=c.lora_dropout, trainable_modules=c.trainable_modules,
+            autocast_adapter_dtype=c.autocast_adapter_dtype, **svd_options,
         )
 
     # ------------------------------------------------------------------ the backbone
@@ -344,18 +296,6 @@ class AdapterModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ adapters, schedule, optimizer
 
-    def _build_schedule_callback(self) -> AdaLoRACallback:
-        """The callback that runs this module's schedule (it adopts the module's adapters)."""
-        keys = ("init_r", "target_r", "lora_alpha", "lora_dropout", "tinit", "tfinal", "delta_t", "beta1", "beta2",
-                "orth_reg_weight", "importance", "total_step")
-        settings = {k: self.hparams[k] for k in keys}
-        if self.hparams.method == "svd_lora":
-            settings["target_r"] = settings["init_r"]  # a constant budget: nothing is ever masked
-        if self.hparams.method == "prune_lora":
-            settings["orth_reg_weight"] = 0.0
-            return PruneLoRACallback(**settings)
-        return AdaLoRACallback(**settings)
-
     def configure_callbacks(self) -> list[pl.Callback]:
         # Adapters with a schedule never train without it: the module brings its callback along.
         return [self.schedule_callback] if self.schedule_callback is not None else []
@@ -379,7 +319,7 @@ class AdapterModule(pl.LightningModule):
         if head_params:
             groups.append({"params": head_params, "lr": h.head_learning_rate or h.learning_rate})
         optimizer = torch.optim.AdamW(groups, weight_decay=h.weight_decay)
-        total = h.total_step or int(self.trainer.estimated_stepping_batches)
+        total = self.adalora.total_step or int(self.trainer.estimated_stepping_batches)
         warmup = resolve_steps("warmup_steps", h.warmup_steps, total)
 
         def linear(step: int) -> float:
@@ -391,8 +331,9 @@ class AdapterModule(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # Lets `cli.py export` rebuild this module from the checkpoint alone.
+        # Lets `cli.py export` rebuild this module from the checkpoint alone; the settings as the method ran them.
         checkpoint[MODULE_CLASS_KEY] = f"{type(self).__module__}.{type(self).__qualname__}"
+        checkpoint[CONFIG_KEY] = self.adalora.to_dict()
 
     def on_fit_start(self) -> None:
         params = {"params/trainable": float(self.trainable_parameter_count()),

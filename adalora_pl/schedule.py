@@ -124,6 +124,12 @@ class BudgetSchedule:
     def phase_at(self, step: int) -> str:
         return phase_at(step, tinit=self.tinit, tfinal=self.tfinal, total_step=self.total_step)
 
+    def describe(self) -> str:
+        """One line for logs: budgets, steps and where the pattern is frozen."""
+        return (f"b0={self.init_budget} -> bT={self.target_budget} triplets; T={self.total_step} optimizer steps, "
+                f"tinit={self.tinit}, tfinal={self.tfinal} (pattern frozen at step {self.final_step}), "
+                f"delta_t={self.delta_t}")
+
     def is_mask_step(self, step: int) -> bool:
         """Whether the cubic phase masks at ``step`` (absolute multiples of delta_t), or the pattern is
         being fixed (``step == final_step``, masked even off the delta_t grid, as PEFT does)."""

@@ -97,8 +97,7 @@ def fit_resume_export(args, precision: str, work: Path) -> dict:
     resumed = trainer(total, timer, callback)
     resumed.fit(resumed_module, ckpt_path=str(ckpt))
     adapters = find_adapters(resumed_module)
-    export_peft(resumed_module.net, work / "peft", total_step=total, tinit=settings["tinit"],
-                tfinal=settings["tfinal"], target_r=settings["target_r"], delta_t=settings["delta_t"])
+    export_peft(resumed_module.net, work / "peft", config=callback.config)  # the run's settings, as PEFT's schedule
     times = sorted(first_timer.times[2:] + timer.times[2:]) or [float("nan")]
     return {
         "precision": precision, "accelerator": accelerator, "steps": resumed.global_step,

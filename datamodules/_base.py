@@ -1,13 +1,13 @@
-"""What the GLUE, SQuAD and summarization DataModules share, in one place.
+"""What the GLUE, SQuAD, summarization and instruction DataModules share, in one place.
 
-The three differ in how they read and tokenize their examples. Everything around that is the same and lives
+The four differ in how they read and tokenize their examples. Everything around that is the same and lives
 here: the loader arguments and their checks (:class:`TokenizedDataModule`), the tokenizer (loaded through
 :mod:`adalora_pl.io.pretrained`, so a missing folder or an offline hub gets the same message everywhere),
 hub downloads with an offline hint, the ``DataLoader`` settings, the truncation report, and the error for a
 local file that is not UTF-8.
 
 Wrong arguments and wrong files raise :class:`~adalora_pl.errors.ConfigError` (a missing file:
-:class:`~adalora_pl.errors.MissingFileError`, also a ``FileNotFoundError``), which ``cli.py`` prints as one line.
+:class:`~adalora_pl.errors.MissingFileError`, also a ``FileNotFoundError``), which the CLI prints as one line.
 """
 
 from __future__ import annotations

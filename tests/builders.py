@@ -382,7 +382,7 @@ def write_csv(path: Path, rows: list[dict]) -> Path:
 # ---------------------------------------------------------------------------------------- the command line
 def fit_tiny(tmp_path, config: str, backbone: str, data_dir: Path, *extra: str):
     """``cli.py fit`` of a GLUE config on a tiny backbone: 2 epochs, batches of 8, a schedule in fractions."""
-    from cli import main
+    from adalora_pl.cli import main
 
     cli = main([
         "fit", "--config", str(REPO_ROOT / "configs" / config),
@@ -397,7 +397,7 @@ def fit_tiny(tmp_path, config: str, backbone: str, data_dir: Path, *extra: str):
 
 def print_config(capsys, config: Path) -> str:
     """What ``fit --config CONFIG --print_config`` prints, checking that it exits with 0 (not a parse error's 2)."""
-    from cli import main
+    from adalora_pl.cli import main
 
     with pytest.raises(SystemExit) as exit_info:
         main(["fit", "--config", str(config), "--print_config"])

@@ -138,7 +138,7 @@ def peft_folder(tmp_path):
     from adalora_pl import export_peft
 
     _, model, _, _ = trained_like("bert")
-    return export_peft(model, tmp_path / "peft", total_step=100)
+    return export_peft(model, tmp_path / "peft")
 
 
 # ---------------------------------------------------------------------------------------- SQuAD features

@@ -1,5 +1,8 @@
 """The "prune LoRA" ablation: LoRA doublets pruned by importance on AdaLoRA's schedule, without recovery
-(paper §3.2: a pruned doublet of LoRA loses its singular vectors, a masked SVD triplet keeps them)."""
+(paper §3.2: a pruned doublet of LoRA loses its singular vectors, a masked SVD triplet keeps them).
+
+The layer and its pruner need no Lightning; the callback that runs them is
+:class:`adalora_pl.baselines.prune_lora_callback.PruneLoRACallback`."""
 
 from __future__ import annotations
 
@@ -9,7 +12,6 @@ import torch
 from torch import nn
 
 from adalora_pl.allocator import MaskEvent, RankAllocator
-from adalora_pl.callback import AdaLoRACallback
 from adalora_pl.layers import LoRALinear
 
 
@@ -86,21 +88,3 @@ class DoubletPruner(RankAllocator):
     def apply_rank_pattern(self) -> None:
         for layer in self.layers:
             layer.apply_rank_mask()
-
-
-
-class PruneLoRACallback(AdaLoRACallback):
-    """:class:`~adalora_pl.callback.AdaLoRACallback` for the "prune LoRA" ablation: LoRA doublets pruned
-    for good on AdaLoRA's schedule (no orthogonal regularizer: LoRA factors are not singular vectors).
-    Takes the same arguments; ``importance`` must be ``"sensitivity_uncertainty"``."""
-
-    adapter_class = PrunableLoRALinear
-    allocator_class = DoubletPruner
-
-    def __init__(self, *args, **kwargs) -> None:
-        kwargs.setdefault("orth_reg_weight", 0.0)
-        super().__init__(*args, **kwargs)
-        if self.importance != "sensitivity_uncertainty":
-            raise ValueError(
-                f"PruneLoRACallback scores doublets by sensitivity x uncertainty, got {self.importance!r}"
-            )

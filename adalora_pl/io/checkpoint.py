@@ -6,45 +6,39 @@ import importlib
 import logging
 import pickle
 import zipfile
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal, get_args
 
 import torch
 
+from adalora_pl.config import AdaLoRAConfig
 from adalora_pl.errors import ConfigError, MissingFileError
 from adalora_pl.injection import find_adapters
 from adalora_pl.io.adapter import save_adapter
 from adalora_pl.io.lora import export_lora
 from adalora_pl.io.peft import export_peft
 from adalora_pl.io.surgery import check_pruned_triplets, merge_adapters
-from adalora_pl.module import MODULE_CLASS_KEY
+from adalora_pl.module import CONFIG_KEY, MODULE_CLASS_KEY
 
 log = logging.getLogger(__name__)
 
 ExportFormat = Literal["adapter", "peft", "lora", "merged"]
 EXPORT_FORMATS: tuple[str, ...] = get_args(ExportFormat)
-# Task modules that moved in the 0.1 layout change (flat package -> adalora_pl.tasks): a checkpoint that names the
-# old path still loads, with a note.
-MOVED_MODULE_CLASSES = {
-    "adalora_pl.modules.GLUEClassifier": "adalora_pl.tasks.glue_module.GLUEClassifier",
-    "adalora_pl.qa_module.QuestionAnswering": "adalora_pl.tasks.qa_module.QuestionAnswering",
-    "adalora_pl.seq2seq_module.Seq2SeqSummarizer": "adalora_pl.tasks.summarization_module.Seq2SeqSummarizer",
-}
+#: The task modules a checkpoint of ``cli.py fit`` can name, for the message when it names another.
+TASK_MODULES = ("adalora_pl.tasks.glue_module.GLUEClassifier", "adalora_pl.tasks.qa_module.QuestionAnswering",
+                "adalora_pl.tasks.summarization_module.Seq2SeqSummarizer",
+                "adalora_pl.tasks.causal_lm_module.CausalLMModule")
 
 
 def resolve_module_class(class_path: str) -> type:
-    """The task module class a checkpoint names (old paths of moved classes included), or a ConfigError."""
-    if class_path in MOVED_MODULE_CLASSES:
-        log.info("%s moved to %s; loading it from there", class_path, MOVED_MODULE_CLASSES[class_path])
-        class_path = MOVED_MODULE_CLASSES[class_path]
+    """The task module class a checkpoint names, or a ConfigError."""
     module_name, _, class_name = class_path.rpartition(".")
     try:
         return getattr(importlib.import_module(module_name), class_name)
     except (ImportError, AttributeError) as err:
         raise ConfigError(
-            f"the checkpoint's module class {class_path!r} cannot be imported ({err}); task modules live in "
-            f"adalora_pl.tasks: {sorted(MOVED_MODULE_CLASSES.values())}"
+            f"the checkpoint's module class {class_path!r} cannot be imported ({err}); the task modules are "
+            f"{list(TASK_MODULES)}"
         ) from err
 
 
@@ -130,35 +124,19 @@ def load_task_module(ckpt_path: str | Path):
     return module, ckpt
 
 
-def peft_schedule_fields(hparams: Mapping[str, Any], ckpt: dict[str, Any], ckpt_path: str | Path) -> dict[str, Any]:
-    """The AdaLoRA settings of a fit checkpoint as :func:`export_peft` keyword arguments.
+def run_config(ckpt: dict[str, Any], ckpt_path: str | Path) -> AdaLoRAConfig:
+    """The :class:`~adalora_pl.config.AdaLoRAConfig` a fit checkpoint ran with, resolved (steps, total_step).
 
-    The schedule comes from the callback's state (tinit / tfinal resolved to steps, the real total_step); the
-    rest from ``hparams`` (the rebuilt module's, so defaults are filled in), with the override the module's
-    callback applies (``svd_lora`` keeps a constant budget: ``target_r = init_r``). ``init_r`` (ranknum),
-    ``lora_alpha``, ``lora_dropout``, ``target_modules`` and ``modules_to_save`` are read by
-    :func:`export_peft` from the adapters and trained heads themselves, so they describe what was trained.
-    The callback keeps its resolved settings under ``"settings"``.
+    The callback records it (``"settings"`` in its state) when it ran the schedule; otherwise the module's own
+    (``adalora_config``), which knows no total number of steps.
     """
-    callbacks = ckpt.get("callbacks") or {}
-    schedule = next((s["settings"] for s in callbacks.values() if isinstance(s, dict)
-                     and isinstance(s.get("settings"), dict)), None)
-    if schedule is None:
-        raise ConfigError(f"{ckpt_path} has no AdaLoRA schedule state; PEFT export needs an AdaLoRA run")
-    missing = [k for k in ("method", "init_r", "target_r", "beta1", "beta2", "orth_reg_weight") if k not in hparams]
-    if missing:
-        raise ConfigError(f"{ckpt_path}: the module's hyperparameters lack {missing}; PEFT export needs an AdaLoRA run")
-    target_r = hparams["init_r"] if hparams["method"] == "svd_lora" else hparams["target_r"]
-    return {
-        "total_step": schedule["total_step"],
-        "tinit": schedule["tinit"],
-        "tfinal": schedule["tfinal"],
-        "delta_t": schedule["delta_t"],
-        "target_r": target_r,
-        "beta1": float(hparams["beta1"]),
-        "beta2": float(hparams["beta2"]),
-        "orth_reg_weight": float(hparams["orth_reg_weight"]),
-    }
+    states = (ckpt.get("callbacks") or {}).values()
+    saved = next((s["settings"] for s in states if isinstance(s, dict) and isinstance(s.get("settings"), dict)), None)
+    if saved is None:
+        saved = ckpt.get(CONFIG_KEY)
+    if saved is None:
+        raise ConfigError(f"{ckpt_path} records no AdaLoRA settings; PEFT export needs a checkpoint of an AdaLoRA fit")
+    return AdaLoRAConfig.from_dict(saved)
 
 
 def output_folder_problem(output: str | Path, *, overwrite: bool, overwrite_hint: str = "pass overwrite=True"
@@ -218,8 +196,7 @@ def export_checkpoint(
     if fmt == "adapter":
         save_adapter(model, output, config={**h, "backbone": h.get("backbone")})
     elif fmt == "peft":
-        export_peft(model, output, base_model_name_or_path=h.get("backbone"),
-                    **peft_schedule_fields(module.hparams, ckpt, ckpt_path))
+        export_peft(model, output, config=run_config(ckpt, ckpt_path), base_model_name_or_path=h.get("backbone"))
     elif fmt == "lora":
         export_lora(model, output, base_model_name_or_path=h.get("backbone"))
     else:

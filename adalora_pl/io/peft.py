@@ -27,6 +27,8 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from adalora_pl.config import AdaLoRAConfig
+from adalora_pl.errors import ConfigError
 from adalora_pl.injection import find_adapters
 from adalora_pl.io._common import (
     base_linear,
@@ -161,16 +163,9 @@ def export_peft(
     model: nn.Module,
     directory: str | Path,
     *,
+    config: AdaLoRAConfig | None = None,
     base_model_name_or_path: str | None = None,
     task_type: str | None = None,
-    total_step: int | None = None,
-    tinit: int = 0,
-    tfinal: int = 0,
-    target_r: int | None = None,
-    delta_t: int = 1,
-    beta1: float = 0.85,
-    beta2: float = 0.85,
-    orth_reg_weight: float = 0.1,
     head_modules: Iterable[str] | None = None,
     zero_masked: bool = False,
 ) -> Path:
@@ -188,10 +183,12 @@ def export_peft(
         task_type: PEFT task type (``"SEQ_CLS"``, ...); None infers it from the model class name. It matters:
             it selects PEFT's model class, and SEQ_CLS / TOKEN_CLS / QUESTION_ANS add head names to
             ``modules_to_save`` (whose tensors are then written as well).
-        total_step, tinit, tfinal, target_r, delta_t, beta1, beta2, orth_reg_weight: AdaLoRA schedule
-            fields of the config; they only matter to whoever continues training with PEFT. ``total_step``
-            defaults to ``tinit + tfinal + 1`` and must exceed ``tinit + tfinal``; ``target_r`` defaults to
-            the mean kept rank.
+        config: the run's settings (:class:`~adalora_pl.config.AdaLoRAConfig`), for the schedule fields of PEFT's
+            config (``target_r``, ``tinit``, ``tfinal``, ``deltaT``, ``beta1``, ``beta2``, ``orth_reg_weight``,
+            ``total_step``); they only matter to whoever continues training with PEFT. Its ``init_r``,
+            ``lora_alpha`` and ``lora_dropout`` must be the adapters'. A fraction ``tinit``/``tfinal`` needs its
+            ``total_step``. None: no schedule (``tinit = tfinal = 0``, ``total_step = 1``) and ``target_r`` the mean
+            kept rank.
         head_modules: module names saved under ``modules_to_save``; by default the modules owning the
             trainable parameters that are not adapter tensors.
         zero_masked: a pruned triplet (``rank_mask`` False) with a nonzero ``lora_E`` is an error by default,
@@ -229,10 +226,7 @@ def export_peft(
     lora_alpha, lora_dropout = alphas.pop(), dropouts.pop()
     if lora_alpha <= 0:
         raise ValueError(f"PEFT replaces lora_alpha <= 0 by init_r; cannot export lora_alpha={lora_alpha}")
-    if total_step is None:
-        total_step = tinit + tfinal + 1
-    if total_step <= tinit + tfinal:
-        raise ValueError(f"total_step ({total_step}) must exceed tinit + tfinal ({tinit} + {tfinal})")
+    schedule = _peft_schedule(config, init_r, lora_alpha, lora_dropout)
     if task_type is None:
         task_type = infer_peft_task_type(model)
     merged = [p for p, a in adapters.items() if a.merged]
@@ -254,8 +248,8 @@ def export_peft(
         tensors[f"{prefix}.lora_A"] = cpu_copy(adapter.lora_A[keep])
         tensors[f"{prefix}.lora_E"] = cpu_copy(adapter.lora_E[keep])
         tensors[f"{prefix}.lora_B"] = cpu_copy(adapter.lora_B[:, keep])
-    if target_r is None:
-        target_r = round(kept_total / len(adapters))
+    if schedule["target_r"] is None:
+        schedule["target_r"] = round(kept_total / len(adapters))
     tensors.update(head_tensors)
     target_modules = peft_target_modules(model, adapters)
 
@@ -266,14 +260,7 @@ def export_peft(
         "revision": None,
         "inference_mode": True,
         "init_r": init_r,
-        "target_r": int(target_r),
-        "tinit": int(tinit),
-        "tfinal": int(tfinal),
-        "deltaT": int(delta_t),
-        "beta1": beta1,
-        "beta2": beta2,
-        "orth_reg_weight": orth_reg_weight,
-        "total_step": int(total_step),
+        **schedule,
         "rank_pattern": rank_pattern,
         "target_modules": target_modules,
         "lora_alpha": lora_alpha,
@@ -287,6 +274,29 @@ def export_peft(
     log.info("exported %d AdaLoRA layers (init_r=%d, %d kept triplets) to %s in PEFT format",
              len(adapters), init_r, kept_total, directory)
     return directory
+
+
+def _peft_schedule(config: AdaLoRAConfig | None, init_r: int, lora_alpha: float, lora_dropout: float) -> dict:
+    """The schedule fields of PEFT's AdaLoraConfig for adapters of ``init_r`` / ``lora_alpha`` / ``lora_dropout``."""
+    if config is None:
+        return {"target_r": None, "tinit": 0, "tfinal": 0, "deltaT": 1, "beta1": 0.85, "beta2": 0.85,
+                "orth_reg_weight": 0.1, "total_step": 1}
+    found = {"init_r": init_r, "lora_alpha": lora_alpha, "lora_dropout": lora_dropout}
+    differ = [f"{k}={getattr(config, k)!r} (adapters: {v!r})" for k, v in found.items() if getattr(config, k) != v]
+    if differ:
+        raise ConfigError(f"the config does not describe these adapters: {', '.join(differ)}")
+    total = config.total_step
+    if total is None:
+        if not all(isinstance(v, int) for v in (config.tinit, config.tfinal)):
+            raise ConfigError("tinit/tfinal are fractions of training: the config needs total_step to export them")
+        total = config.tinit + config.tfinal + 1
+    resolved = config.resolved(total)
+    gap = resolved.schedule_gap()
+    if gap is not None:
+        raise ConfigError(f"PEFT's AdaLoraConfig needs total_step > tinit + tfinal: {gap}")
+    fields = resolved.to_peft()
+    return {k: fields[k] for k in ("target_r", "tinit", "tfinal", "deltaT", "beta1", "beta2", "orth_reg_weight",
+                                   "total_step")}
 
 
 _LORA_E_SUFFIX = re.compile(r"\.lora_E(?:\.[^.]+)?$")
@@ -347,8 +357,6 @@ def import_peft(model: nn.Module, directory: str | Path) -> nn.Module:
         path, _, name = key.rpartition(".")
         if name in ("lora_A", "lora_E", "lora_B"):
             adapter_parts.setdefault(path, {})[name] = value
-        elif name == "ranknum":
-            continue  # PEFT never writes it; tolerate older files that did
         else:
             others[key] = value
     if not adapter_parts:

@@ -6,8 +6,11 @@ they work on headless machines and inside training processes.
 
 from __future__ import annotations
 
+import json
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from adalora_pl.injection import split_layer_path
 from adalora_pl.io.peft import rank_pattern_module_path
@@ -186,4 +189,53 @@ def save_budget_curve(
     return path_png
 
 
-__all__ = ["rank_table", "save_budget_curve", "save_rank_heatmap"]
+__all__ = ["rank_table", "save_budget_curve", "save_rank_heatmap", "write_rank_report"]
+
+
+def write_rank_report(allocator: Any, directory: str | Path, file_name: str = "rank_pattern.json",
+                      logger: Any = None) -> Path:
+    """What a finished allocation leaves in the log dir: the rank pattern as JSON, the heatmap and the planned
+    budget curve as PNG (and, with a TensorBoard logger, as its images).
+
+    The JSON is written first; a picture that cannot be drawn (no fonts, a broken matplotlib) is a warning naming
+    the JSON, never an error: the pattern is what exports and users read.
+
+    Args:
+        allocator: the :class:`~adalora_pl.allocator.RankAllocator` of the run.
+        directory: the log dir.
+        file_name: name of the JSON file.
+        logger: the Trainer's logger; its ``experiment.add_image`` receives the pictures when it has one.
+
+    Returns:
+        The path of the JSON file.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    pattern = allocator.rank_pattern()
+    s = allocator.schedule
+    payload = {
+        "schedule": {
+            "init_budget": s.init_budget, "target_budget": s.target_budget, "tinit": s.tinit, "tfinal": s.tfinal,
+            "total_step": s.total_step, "delta_t": s.delta_t, "frozen": allocator.frozen,
+            "last_step": allocator.last_step,
+        },
+        "total_rank": sum(sum(m) for m in pattern.values()),
+        "modules": {name: {"rank": sum(mask), "mask": mask} for name, mask in pattern.items()},
+    }
+    path = directory / file_name
+    path.write_text(json.dumps(payload, indent=1))
+    try:
+        heatmap, curve = directory / "rank_heatmap.png", directory / "budget_curve.png"
+        save_rank_heatmap(pattern, heatmap, title=f"Final ranks (total {payload['total_rank']})")
+        steps = list(range(s.total_step))
+        save_budget_curve(steps, [s.budget_at(t) for t in steps], curve)
+        experiment = getattr(logger, "experiment", None)
+        if hasattr(experiment, "add_image"):
+            import matplotlib.image
+
+            for tag, png in (("adalora/rank_heatmap", heatmap), ("adalora/budget_curve", curve)):
+                experiment.add_image(tag, matplotlib.image.imread(png)[..., :3], dataformats="HWC")
+    except Exception as err:  # a picture is never worth a failed fit: the pattern is already on disk
+        warnings.warn(f"AdaLoRA: could not draw the allocation report ({type(err).__name__}: {err}); the rank "
+                      f"pattern is in {path}", UserWarning, stacklevel=2)
+    return path

@@ -68,7 +68,7 @@ class GenerativeModule(AdapterModule):
     def __init__(self, rouge_lsum: bool = False, write_predictions: bool = True,
                  generate_on_sanity_check: bool = False, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.generated = GeneratedTexts()
+        self.generated = GeneratedTexts(self.decode)  # decodes with the tokenizer known when it computes
         self._own_tokenizer: Any = None
         self._progress: dict[str, Any] = {}
 
@@ -167,7 +167,6 @@ class GenerativeModule(AdapterModule):
         """
         if self.generated.update_count == 0:
             return
-        self.generated.decode = self.decode
         predictions = self.generated.compute()  # {example_index: text}, sorted
         datamodule = self.require_datamodule("eval_references", "reads the references from", self.reference_provider)
         split = SPLIT_OF_STAGE[stage]

@@ -216,8 +216,9 @@ def glue_metrics(task_name: str, prefix: str | None = None) -> MetricCollection:
 
 
 def main_metric_name(task_name: str) -> str:
-    """Key of the metric that ranks checkpoints: cola ``mcc``, stsb ``pearson``, mrpc/qqp ``f1``,
-    else ``accuracy``."""
+    """Key of the task's headline metric in GLUE's own reporting: cola ``mcc``, stsb ``pearson``, mrpc/qqp ``f1``,
+    else ``accuracy`` (for a ``ModelCheckpoint(monitor="val/" + name, mode="max")`` of your own; the CLI's
+    checkpoints keep the last epoch)."""
     return _MAIN_METRIC.get(normalize_task_name(task_name), "accuracy")
 
 

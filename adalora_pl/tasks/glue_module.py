@@ -11,7 +11,7 @@ from transformers import AutoConfig, AutoModelForSequenceClassification
 from adalora_pl.errors import ConfigError
 from adalora_pl.io.pretrained import load_pretrained
 from adalora_pl.module import AdapterModule, Stage
-from adalora_pl.tasks.glue import get_glue_task, glue_metrics, main_metric_name, preds_from_logits
+from adalora_pl.tasks.glue import get_glue_task, glue_metrics, preds_from_logits
 from adalora_pl.tasks.metrics import DistinctRows, RowSums
 
 
@@ -32,7 +32,6 @@ class GLUEClassifier(AdapterModule):
     def __init__(self, task_name: str = "cola", backbone: str = "microsoft/deberta-v3-base", **kwargs: Any) -> None:
         self.task = get_glue_task(task_name)  # before super().__init__: backbone_kwargs reads the label count
         super().__init__(backbone=backbone, **kwargs)
-        self.main_metric = main_metric_name(self.task.name)
         self.val_metrics = nn.ModuleList(DistinctRows(glue_metrics(self.task.name))
                                          for _ in self.task.val_split_names)
         # Per split: the summed loss of its distinct rows and their count (the loss of the whole split).

@@ -4,8 +4,9 @@ SQuAD answers and generated summaries can only be scored once every window or ex
 been seen, and under DDP each process sees a part of it. These metrics keep the per-batch outputs as list states
 reduced with ``dist_reduce_fx="cat"``, so that torchmetrics gathers them from every process when ``compute`` runs.
 Text cannot be a Metric state, so what is kept are tensors (feature and example indices, logits, token ids); the
-scoring or decoding function, which needs the data module or the tokenizer, is set as an attribute before
-``compute``.
+scoring or decoding function, which needs the data module or the tokenizer, is given at construction (a task module
+passes one of its methods, which looks the data module or tokenizer up when ``compute`` calls it), so ``compute``
+needs nothing but the metric itself.
 
 Every row counts once. Under DDP, Lightning's ``DistributedSampler`` pads the evaluation set to a multiple of the
 number of processes by repeating its first rows, so a metric that sums what each process saw counts those rows
@@ -44,6 +45,12 @@ def first_of_each_row(index: torch.Tensor) -> torch.Tensor:
     first = torch.ones_like(ordered, dtype=torch.bool)
     first[1:] = ordered[1:] != ordered[:-1]
     return order[first]
+
+
+def _require_callable(metric: str, argument: str, value: Any, what: str) -> None:
+    """Refuse a scorer/decoder that is missing or not a function, at construction, naming what it must be."""
+    if not callable(value):
+        raise TypeError(f"{metric} needs {argument}: {what}; got {value!r}")
 
 
 def _this_process_only() -> bool:
@@ -138,20 +145,22 @@ class SquadMetric(Metric):
     """SQuAD exact match / F1 of span logits, scored by a post-processing function over the whole evaluation set.
 
     ``update`` keeps each window's ``feature_index`` and its start/end logits (as float32); ``compute`` passes
-    all of them, gathered from every process, to :attr:`scorer` (the data module's ``compute_metrics``, which maps
+    all of them, gathered from every process, to ``scorer`` (the data module's ``compute_metrics``, which maps
     windows back to questions, picks the answers and applies the official metric) with the answer settings.
 
     Args:
+        scorer: called by ``compute`` as ``scorer(feature_index, start_logits, end_logits, n_best_size=...,
+            max_answer_length=..., version_2=..., null_score_diff_threshold=...)``; returns ``{name: value}``
+            (empty when no question had all of its windows scored). A task module passes a method of its own that
+            calls its data module's ``compute_metrics``, which is not known when the module is built.
         n_best_size: start and end candidates per window combined into answer spans.
         max_answer_length: longest answer, in tokens.
         version_2: SQuAD v2.0 rules (the answer ``""`` when the no-answer score wins).
         null_score_diff_threshold: v2 only: margin of the no-answer score over the best span's.
         **kwargs: passed to :class:`torchmetrics.Metric`.
 
-    Attributes:
-        scorer: called by ``compute`` as ``scorer(feature_index, start_logits, end_logits, n_best_size=...,
-            max_answer_length=..., version_2=..., null_score_diff_threshold=...)``; returns ``{name: value}``
-            (empty when no question had all of its windows scored).
+    Raises:
+        TypeError: ``scorer`` is not callable.
     """
 
     is_differentiable = False
@@ -164,6 +173,7 @@ class SquadMetric(Metric):
 
     def __init__(
         self,
+        scorer: SquadScorer,
         n_best_size: int = 20,
         max_answer_length: int = 30,
         version_2: bool = False,
@@ -177,7 +187,9 @@ class SquadMetric(Metric):
             "version_2": version_2,
             "null_score_diff_threshold": null_score_diff_threshold,
         }
-        self.scorer: SquadScorer | None = None
+        _require_callable("SquadMetric", "scorer", scorer,
+                          "the function that scores the windows' logits, e.g. a SquadDataModule's compute_metrics")
+        self.scorer = scorer
         for name in ("feature_index", "start_logits", "end_logits"):
             self.add_state(name, default=[], dist_reduce_fx="cat")
 
@@ -189,9 +201,7 @@ class SquadMetric(Metric):
         self.end_logits.append(end_logits.detach().float())
 
     def compute(self) -> dict[str, float]:
-        """``{name: value}`` from :attr:`scorer` over every window kept since the last reset, on every process."""
-        if self.scorer is None:
-            raise RuntimeError("SquadMetric.scorer is not set: assign the data module's compute_metrics first")
+        """``{name: value}`` from ``scorer`` over every window kept since the last reset, on every process."""
         index, start, end = (dim_zero_cat(s).cpu() for s in (self.feature_index, self.start_logits, self.end_logits))
         return {name: float(value) for name, value in self.scorer(index, start, end, **self.settings).items()}
 
@@ -201,11 +211,16 @@ class GeneratedTexts(Metric):
 
     Batches generate rows of different widths, so ``update`` flattens each batch's rows and keeps their widths
     beside them (``cat`` states must agree in every dimension but the first); ``compute`` splits them back into
-    rows and decodes them with :attr:`decode`.
+    rows and decodes them with ``decode``.
 
-    Attributes:
+    Args:
         decode: called by ``compute`` with the rows of token ids (lists of ints, padding included, as ``generate``
-            returned them); returns one text per row.
+            returned them); returns one text per row. A task module passes its own ``decode``, which finds the
+            tokenizer (the data module's) when it is called.
+        **kwargs: passed to :class:`torchmetrics.Metric`.
+
+    Raises:
+        TypeError: ``decode`` is not callable.
     """
 
     is_differentiable = False
@@ -215,9 +230,10 @@ class GeneratedTexts(Metric):
     token_ids: list[torch.Tensor]
     widths: list[torch.Tensor]
 
-    def __init__(self, **kwargs: Any) -> None:
+    def __init__(self, decode: Decoder, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.decode: Decoder | None = None
+        _require_callable("GeneratedTexts", "decode", decode, "the function that turns rows of token ids into texts")
+        self.decode = decode
         for name in ("example_index", "token_ids", "widths"):
             self.add_state(name, default=[], dist_reduce_fx="cat")
 
@@ -230,8 +246,6 @@ class GeneratedTexts(Metric):
 
     def compute(self) -> dict[int, str]:
         """``{example_index: text}`` sorted by index; the rows a padded sampler repeats collapse into one."""
-        if self.decode is None:
-            raise RuntimeError("GeneratedTexts.decode is not set: assign the tokenizer's decoding first")
         index = dim_zero_cat(self.example_index)
         rows = torch.split(dim_zero_cat(self.token_ids).cpu(), dim_zero_cat(self.widths).tolist())
         keep = first_of_each_row(index).tolist()  # decode each row once

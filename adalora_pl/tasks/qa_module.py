@@ -59,8 +59,9 @@ class QuestionAnswering(AdapterModule):
             )
         super().__init__(backbone=backbone, **kwargs)
         self.version_2 = version_2
-        self.squad_metric = SquadMetric(n_best_size=n_best_size, max_answer_length=max_answer_length,
-                                        version_2=version_2, null_score_diff_threshold=null_score_diff_threshold)
+        self.squad_metric = SquadMetric(self.score_answers, n_best_size=n_best_size,
+                                        max_answer_length=max_answer_length, version_2=version_2,
+                                        null_score_diff_threshold=null_score_diff_threshold)
 
     def setup(self, stage: str) -> None:
         """Refuse data of the other SQuAD version, then check the lengths (:meth:`AdapterModule.setup`)."""
@@ -87,13 +88,18 @@ class QuestionAnswering(AdapterModule):
         """SQuAD exact/F1 (and v2's HasAns/NoAns numbers) over the epoch's windows, from every process."""
         if self.squad_metric.update_count == 0:
             return
-        datamodule = self.require_datamodule(
-            "compute_metrics", "scores answers through", "datamodules.squad.SquadDataModule"
-        )
-        self.squad_metric.scorer = datamodule.compute_metrics
         # Empty when no question had all of its windows scored (e.g. a sanity check over few batches).
         for name, value in self.squad_metric.compute().items():
             self.log(f"{stage}/{name}", value, prog_bar=name in _PROG_BAR_METRICS)
+
+    def score_answers(self, feature_index: torch.Tensor, start_logits: torch.Tensor, end_logits: torch.Tensor,
+                      **settings: Any) -> dict[str, float]:
+        """The :class:`~adalora_pl.tasks.metrics.SquadMetric` scorer: the data module's ``compute_metrics`` (it maps
+        the windows back to their questions), looked up when the metric computes."""
+        datamodule = self.require_datamodule(
+            "compute_metrics", "scores answers through", "datamodules.squad.SquadDataModule"
+        )
+        return datamodule.compute_metrics(feature_index, start_logits, end_logits, **settings)
 
     def predict_step(
         self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0

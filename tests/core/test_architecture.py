@@ -10,6 +10,7 @@ run time, a fresh interpreter imports a module and ``sys.modules`` tells what th
 from __future__ import annotations
 
 import ast
+import importlib
 import json
 import re
 import subprocess
@@ -196,13 +197,21 @@ def test_the_datamodule_rule_allows_registries_and_refuses_the_method(source, re
 # ---------------------------------------------------------------------------------------- at run time
 # The rules above read each file alone; what an import really loads also depends on the package __init__ files and
 # on every module imported on the way. These tests import modules in a fresh interpreter and read sys.modules.
-RUNTIME_CORE = ("adalora_pl.schedule", "adalora_pl.importance", "adalora_pl.allocator", "adalora_pl.layers")
+# The package __init__ files export lazily (adalora_pl/_lazy.py), so a package costs what its used submodules cost.
+RUNTIME_CORE = (*CORE_MODULES, "adalora_pl.config", "adalora_pl.errors")
+# Beyond the core, the files that read, write and convert adapters (and the baselines' layers they need to): an
+# export needs no Trainer.
+RUNTIME_NO_LIGHTNING = (*RUNTIME_CORE, "adalora_pl.baselines.prune_lora", "adalora_pl.baselines.registry",
+                        "adalora_pl.io.adapter", "adalora_pl.io.peft", "adalora_pl.io.lora", "adalora_pl.io.surgery")
+LAZY_PACKAGES = ("adalora_pl", "adalora_pl.io", "adalora_pl.baselines", "adalora_pl.tasks", "datamodules")
+DATAMODULE_MODULES = tuple(module_name(path) for path in sorted(DATAMODULES.glob("[!_]*.py")))
 LIGHTNING = under("lightning", "pytorch_lightning")
-THE_METHOD = under("adalora_pl.callback", "adalora_pl.allocator")
-EAGER_INIT = "adalora_pl/__init__.py imports the callback eagerly; issue 21"
-# A lazy adalora_pl/__init__.py, as issue 21 will make it: the package object without running its __init__.
-LAZY_PACKAGE = (f"import sys, types; package = types.ModuleType('adalora_pl'); package.__path__ = [{str(PACKAGE)!r}]; "
-                "sys.modules['adalora_pl'] = package")
+# What a DataModule may load of adalora_pl: the packages (lazy), the errors, the loading checks and the task
+# registries; nothing of the method (layers, allocator, callback), its adapter files or the task LightningModules.
+DATAMODULES_MAY_LOAD = frozenset({
+    "adalora_pl", "adalora_pl._lazy", "adalora_pl.errors", "adalora_pl.io", "adalora_pl.io.pretrained",
+    "adalora_pl.tasks", "adalora_pl.tasks.glue", "adalora_pl.tasks.squad",
+})
 IMPORT_ONE_BY_ONE = """
 import importlib, json, sys
 added, seen = {}, set(sys.modules)
@@ -214,12 +223,12 @@ print(json.dumps(added))
 """
 
 
-def loaded_by(*modules: str, prelude: str = "") -> dict[str, list[str]]:
+def loaded_by(*modules: str) -> dict[str, list[str]]:
     """A fresh interpreter (in the repo root) imports ``modules`` one after the other: the modules each import added
     to ``sys.modules`` (a module two of them need is counted for the first)."""
-    code = f"{prelude}\nNAMES = {list(modules)!r}\n{IMPORT_ONE_BY_ONE}"
+    code = f"NAMES = {list(modules)!r}\n{IMPORT_ONE_BY_ONE}"
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
-    if done.returncode != 0:  # pytest.fail, not an assert: an xfail(raises=AssertionError) must not swallow this
+    if done.returncode != 0:  # pytest.fail, not an assert: the error is the import's, not a finding of the rule
         pytest.fail(f"importing {modules} failed:\n{done.stderr}")
     return json.loads(done.stdout.splitlines()[-1])
 
@@ -236,25 +245,71 @@ def test_the_run_time_probe_sees_what_an_import_loads():
     assert "adalora_pl.allocator" in added["adalora_pl.callback"]
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=EAGER_INIT)
+def test_importing_a_package_loads_none_of_its_submodules():
+    """The package __init__ files name their exports and import nothing (not even torch) until one is used."""
+    added = loaded_by(*LAZY_PACKAGES)
+    found = offending(added, lambda name: name not in (*LAZY_PACKAGES, "adalora_pl._lazy") and (
+        under("adalora_pl", "datamodules", "torch", "lightning")(name)))
+    assert not found, f"importing a package loads modules it does not need yet: {found}"
+
+
 def test_importing_the_core_modules_does_not_load_lightning():
-    found = offending(loaded_by(*RUNTIME_CORE), LIGHTNING)
-    assert not found, f"the core loads Lightning at run time: {found}"
-
-
-def test_the_core_modules_and_what_they_import_do_not_load_lightning():
-    """What the xfail above checks once adalora_pl/__init__.py is lazy, checked today with the package's __init__
-    left out: the core files and every module they import on the way (which the per-file rules above do not read,
-    e.g. adalora_pl.errors) load no Lightning."""
-    added = loaded_by(*RUNTIME_CORE, prelude=LAZY_PACKAGE)
-    assert set(RUNTIME_CORE) <= {name for names in added.values() for name in names}  # really imported from here
+    """The core (layers, allocator, schedule, importance, config, errors...) and the adapter files (save, load,
+    PEFT, LoRA, merge), with every module they import on the way and the package __init__ files, load no
+    Lightning."""
+    added = loaded_by(*RUNTIME_NO_LIGHTNING)
+    assert set(RUNTIME_NO_LIGHTNING) <= {name for names in added.values() for name in names}  # really imported here
     found = offending(added, LIGHTNING)
     assert not found, f"the core loads Lightning at run time: {found}"
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason=f"{EAGER_INIT}; and datamodules._base -> adalora_pl.io.pretrained runs adalora_pl/io/"
-                   "__init__.py, whose io.adapter -> adalora_pl.baselines -> prune_lora imports the callback")
-def test_importing_the_glue_datamodule_does_not_load_the_method():
-    found = offending(loaded_by("datamodules.glue"), THE_METHOD)
-    assert not found, f"import datamodules.glue loads the method: {found}"
+def test_importing_the_datamodules_does_not_load_the_method():
+    """``import datamodules.glue`` (and every other DataModule) loads the loading checks and the task registries of
+    adalora_pl, not the adapter code (callback, allocator, layers, adapter files, baselines)."""
+    assert DATAMODULE_MODULES and "datamodules.glue" in DATAMODULE_MODULES
+    added = loaded_by(*DATAMODULE_MODULES)
+    found = offending(added, lambda name: under("adalora_pl")(name) and name not in DATAMODULES_MAY_LOAD)
+    assert not found, f"importing a DataModule loads the method: {found}"
+
+
+@pytest.mark.parametrize("package", ["adalora_pl", "adalora_pl.io", "adalora_pl.baselines"])
+def test_every_lazy_export_resolves_to_its_submodules_object(package):
+    """Each name of ``__all__`` is the object its submodule defines, ``dir()`` lists it, and a name that is not
+    exported raises AttributeError (the fallback that lets ``from adalora_pl import fused_add`` import a submodule)."""
+    module = importlib.import_module(package)
+    exports = module._EXPORTS
+    assert module.__all__ == sorted(name for names in exports.values() for name in names)
+    for source, names in exports.items():
+        for name in names:
+            assert getattr(module, name) is getattr(importlib.import_module(source), name), (package, name)
+    assert set(module.__all__) <= set(dir(module))
+    with pytest.raises(AttributeError, match="has no attribute 'not_exported'"):
+        module.not_exported  # noqa: B018
+
+
+def test_the_top_level_exports_keep_every_name_and_add_the_config():
+    """What ``from adalora_pl import X`` supported before the exports went lazy still works, and the settings object
+    and its error are exported too; a submodule still imports by name."""
+    before = {
+        "AdaLoRACallback", "DEFAULT_TRAINABLE_MODULES", "IMPORTANCE_VARIANTS", "TARGET_MODULE_PRESETS",
+        "BudgetSchedule", "LoRALinear", "MaskEvent", "RankAllocator", "SVDLinear", "budget_at", "compact_adapters",
+        "count_adapter_parameters", "export_lora", "export_peft", "import_peft", "load_adapter", "merge_adapters",
+        "rank_table", "save_adapter", "save_budget_curve", "save_rank_heatmap", "find_adapters", "inject_adapters",
+        "mask_threshold", "orthogonal_regularizer", "set_trainable_modules", "triplet_scores",
+    }
+    import adalora_pl
+
+    assert before | {"AdaLoRAConfig", "ConfigError"} == set(adalora_pl.__all__)
+    from adalora_pl import AdaLoRAConfig, ConfigError, fused_add
+    from adalora_pl.config import AdaLoRAConfig as config_class
+    from adalora_pl.errors import ConfigError as error_class
+
+    assert (AdaLoRAConfig, ConfigError) == (config_class, error_class)
+    assert fused_add is importlib.import_module("adalora_pl.fused_add")
+
+
+def test_lazy_exports_refuses_a_name_of_two_submodules():
+    from adalora_pl._lazy import lazy_exports
+
+    with pytest.raises(ValueError, match="'X' is exported from both a.b and a.c"):
+        lazy_exports("a", {"a.b": ("X",), "a.c": ("X", "Y")})

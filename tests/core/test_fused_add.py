@@ -32,8 +32,6 @@ def _grads(layer, x, out, grad_out):
 @pytest.mark.parametrize("alpha", [32, 7.3])
 @pytest.mark.parametrize("shape", [(4, 7), (9,)])
 def test_fused_residual_add_is_bitwise_the_reference(kind, alpha, shape):
-    from adalora_pl import fused_add
-
     torch.manual_seed(0)
     cls = SVDLinear if kind == "adalora" else LoRALinear
     layer = cls(nn.Linear(24, 40), r=3, lora_alpha=alpha)
@@ -53,13 +51,31 @@ def test_fused_residual_add_is_bitwise_the_reference(kind, alpha, shape):
         assert torch.equal(layer(x), expected)
 
     # The switch back to the plain expressions gives the same numbers.
-    fused_add.FUSE_RESIDUAL_ADD = False
-    try:
-        out = layer(x)
-        assert type(out.grad_fn).__name__ != "_AddScaledIntoBackward"
-        assert torch.equal(out, expected)
-    finally:
-        fused_add.FUSE_RESIDUAL_ADD = True
+    layer.fuse_residual_add = False
+    out = layer(x)
+    assert type(out.grad_fn).__name__ != "_AddScaledIntoBackward"
+    assert torch.equal(out, expected)
+    assert all(torch.equal(a, b) for a, b in zip(_grads(layer, x, out, grad_out), expected_grads, strict=True))
+
+
+def test_the_fusion_switch_is_per_layer_and_per_call():
+    """``fuse_residual_add`` of one layer leaves every other layer fused (no module-level state), and
+    ``add_scaled(fused=False)`` evaluates the plain expression."""
+    from adalora_pl.fused_add import add_scaled
+
+    torch.manual_seed(0)
+    plain, fused = SVDLinear(nn.Linear(8, 6), r=2, lora_alpha=4), SVDLinear(nn.Linear(8, 6), r=2, lora_alpha=4)
+    plain.fuse_residual_add = False
+    x = torch.randn(3, 8, requires_grad=True)
+    assert type(plain(x).grad_fn).__name__ != "_AddScaledIntoBackward"
+    assert type(fused(x).grad_fn).__name__ == "_AddScaledIntoBackward"
+    assert SVDLinear.fuse_residual_add and LoRALinear.fuse_residual_add  # the class default is untouched
+
+    result, w = torch.randn(3, 5, requires_grad=True), torch.randn(5, 5, requires_grad=True)
+    assert type(add_scaled(result, result @ w, 2.0).grad_fn).__name__ == "_AddScaledIntoBackward"
+    out = add_scaled(result, result @ w, 2.0, fused=False)
+    assert type(out.grad_fn).__name__ == "AddBackward0"
+    assert torch.equal(out, result + (result @ w) * 2.0)
 
 
 @pytest.mark.parametrize("kind", ["adalora", "lora"])

@@ -12,8 +12,8 @@ import torch
 from transformers import AutoModelForSequenceClassification, BertForSequenceClassification
 
 from adalora_pl import load_adapter
+from adalora_pl.cli import main
 from adalora_pl.io.checkpoint import export_checkpoint
-from cli import main
 from tests.builders import REPO_ROOT, TouchOnUnpickle, fit_tiny, make_tiny_tokenizer, tiny_bert_config, write_cola
 
 

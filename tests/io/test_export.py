@@ -25,6 +25,8 @@ from adalora_pl import (
     merge_adapters,
     save_adapter,
 )
+from adalora_pl.config import RESUME_FIELDS, AdaLoRAConfig
+from adalora_pl.errors import ConfigError
 from adalora_pl.injection import find_adapters, inject_adapters
 from adalora_pl.layers import SVDLinear
 from tests.builders import (
@@ -141,11 +143,16 @@ def test_load_adapter_errors(tmp_path):
 def test_export_peft_loads_in_peft_with_same_logits(arch, tmp_path):
     peft = pytest.importorskip("peft")
     base, model, _, _ = trained_like(arch)
-    export_peft(model, tmp_path, base_model_name_or_path=f"tiny-{arch}", total_step=100, tinit=10, tfinal=20)
+    schedule = AdaLoRAConfig(init_r=INIT_R, target_r=2, lora_alpha=ALPHA, total_step=100, tinit=10, tfinal=20)
+    export_peft(model, tmp_path, config=schedule, base_model_name_or_path=f"tiny-{arch}")
 
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     assert config["peft_type"] == "ADALORA" and config["task_type"] == "SEQ_CLS"
-    assert config["init_r"] == INIT_R and config["lora_alpha"] == ALPHA and config["total_step"] == 100
+    assert config["init_r"] == INIT_R and config["lora_alpha"] == ALPHA
+    assert (config["total_step"], config["tinit"], config["tfinal"], config["target_r"]) == (100, 10, 20, 2)
+    back = AdaLoRAConfig.from_peft(config)  # back to ours: the same settings, the adapted paths as targets
+    assert back.differences(schedule.resolved(100), RESUME_FIELDS) == []
+    assert set(back.target_modules) == set(find_adapters(model))
     zero_path, _ = first_adapter(model)
     assert config["rank_pattern"][f"{zero_path}.lora_E"] == [False] * INIT_R
     assert all(k.endswith(".lora_E") for k in config["rank_pattern"])
@@ -161,15 +168,19 @@ def test_export_peft_loads_in_peft_with_same_logits(arch, tmp_path):
 
     # Compacted layers export the same adapter.
     compact_adapters(model)
-    export_peft(model, tmp_path / "compact", total_step=100)
+    export_peft(model, tmp_path / "compact")
     again = peft.PeftModel.from_pretrained(ARCHS[arch][0](0), str(tmp_path / "compact")).eval()
     torch.testing.assert_close(logits(again), logits(model), **TIGHT)
 
 
-def test_export_peft_rejects_bad_schedule(tmp_path):
+def test_export_peft_rejects_a_config_that_is_not_the_adapters(tmp_path):
     _, model, _, _ = trained_like("bert")
-    with pytest.raises(ValueError, match="total_step"):
-        export_peft(model, tmp_path, total_step=30, tinit=10, tfinal=20)
+    message = f"the config does not describe these adapters: init_r=12 \\(adapters: {INIT_R}\\)"
+    with pytest.raises(ConfigError, match=message):
+        export_peft(model, tmp_path, config=AdaLoRAConfig(lora_alpha=ALPHA))
+    with pytest.raises(ConfigError, match="tinit/tfinal are fractions of training: the config needs total_step"):
+        export_peft(model, tmp_path, config=AdaLoRAConfig(init_r=INIT_R, target_r=2, lora_alpha=ALPHA, tinit=0.1))
+    assert not tmp_path.joinpath("adapter_config.json").exists()
 
 
 @pytest.mark.parametrize("arch", ["bert", "bart"])
@@ -331,7 +342,7 @@ def test_pruned_triplets_with_nonzero_e_are_refused_or_zeroed_on_request(tmp_pat
     with pytest.raises(ValueError, match="compact_adapters: 3 " + expected_refusal):
         compact_adapters(model)
     with pytest.raises(ValueError, match="export_peft: 3 " + expected_refusal):
-        export_peft(model, tmp_path / "refused", total_step=100)
+        export_peft(model, tmp_path / "refused")
     assert not (tmp_path / "refused").exists()
     after = model.state_dict()
     assert all(torch.equal(after[k], v) for k, v in before.items()), "a refusal must leave the model as it was"
@@ -342,7 +353,7 @@ def test_pruned_triplets_with_nonzero_e_are_refused_or_zeroed_on_request(tmp_pat
     expected = logits(reference)
     assert not torch.allclose(logits(model), expected, atol=1e-4), "the revived triplets should matter"
     exported = copy.deepcopy(model)
-    export_peft(exported, tmp_path / "zeroed", total_step=100, zero_masked=True)
+    export_peft(exported, tmp_path / "zeroed", zero_masked=True)
     torch.testing.assert_close(logits(exported), expected, rtol=0, atol=0)
     peft_model = peft.PeftModel.from_pretrained(tiny_bert_classifier(0), str(tmp_path / "zeroed")).eval()
     torch.testing.assert_close(logits(peft_model), expected, **TIGHT)
@@ -358,7 +369,7 @@ def test_compaction_and_export_of_an_applied_pattern_keep_outputs(tmp_path):
     revive_masked_triplets(model)
     apply_pattern(model)
     expected = logits(model)
-    export_peft(model, tmp_path, total_step=100)
+    export_peft(model, tmp_path)
     peft_model = peft.PeftModel.from_pretrained(tiny_bert_classifier(0), str(tmp_path)).eval()
     torch.testing.assert_close(logits(peft_model), expected, **TIGHT)
     compact_adapters(model)
@@ -423,8 +434,9 @@ def refusal_cases():
          "PEFT needs one lora_alpha and one lora_dropout; found [8, 16], [0.0]"),
         ("alpha0", edit(lambda a: [setattr(x, "lora_alpha", 0) for x in a]), {},
          "PEFT replaces lora_alpha <= 0 by init_r; cannot export lora_alpha=0"),
-        ("schedule", adalora, {"total_step": 30, "tinit": 10, "tfinal": 20},
-         "total_step (30) must exceed tinit + tfinal (10 + 20)"),
+        ("schedule", adalora,
+         {"config": AdaLoRAConfig(init_r=INIT_R, target_r=2, lora_alpha=ALPHA, tinit=10, tfinal=20).resolved(30)},
+         "PEFT's AdaLoraConfig needs total_step > tinit + tfinal: 30 optimizer steps leave no budgeting phase"),
         ("merged", edit(lambda a: a[1].merge()), {},
          "adapter 'bert.encoder.layer.0.attention.self.key' is merged into its base weight; unmerge it before"),
         ("root", root_param, {}, "a trainable parameter sits on the root module; PEFT's modules_to_save cannot hold"),
@@ -541,7 +553,7 @@ def test_bfloat16_base_with_float32_adapters_merges_exports_imports_and_compacts
     assert expected.dtype == bf16
 
     # PEFT format: adapter tensors stay float32 in the file, exactly our values (kept triplets only).
-    export_peft(model, tmp_path / "peft", total_step=100)
+    export_peft(model, tmp_path / "peft")
     stored = load_file(str(tmp_path / "peft" / "adapter_model.safetensors"))
     assert {t.dtype for k, t in stored.items() if ".lora_" in k} == {torch.float32}
     for path, adapter in adapters.items():

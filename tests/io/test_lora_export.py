@@ -23,11 +23,11 @@ from transformers import (
     LlamaForCausalLM,
 )
 
+from adalora_pl.cli import main
 from adalora_pl.injection import find_adapters, inject_adapters
 from adalora_pl.io import export_lora, export_peft
 from adalora_pl.io.lora import lora_factors, pattern_keys
 from adalora_pl.layers import SVDLinear
-from cli import main
 from tests.builders import make_batch, trained_like
 
 pytest.importorskip("peft")

@@ -305,7 +305,7 @@ def test_ddp_ranks_end_with_rank_zero_masks_even_with_other_scores(tmp_path, cal
 
 def test_mask_broadcast_sends_a_tensor_not_a_pickle(monkeypatch):
     """The keep-mask goes through torch.distributed.broadcast as uint8 on the group's device."""
-    import adalora_pl.callback as callback_module
+    import adalora_pl.allocator as callback_module
 
     sent = []
     monkeypatch.setattr(callback_module.dist, "get_backend", lambda: "gloo")
@@ -512,8 +512,8 @@ def test_mask_events_log_ranks_and_setup_logs_the_schedule(tmp_path, caplog):
     trainer.callbacks.append(Ranks())
     with caplog.at_level("INFO"):
         trainer.fit(module)
-    assert ("AdaLoRA schedule: b0=36 -> bT=12 triplets over 12 adapters; T=20 optimizer steps, tinit=2, tfinal=6 "
-            "(pattern frozen at step 14), delta_t=4") in caplog.text
+    assert ("AdaLoRA schedule: b0=36 -> bT=12 triplets; T=20 optimizer steps, tinit=2, tfinal=6 "
+            "(pattern frozen at step 14), delta_t=4; 12 adapters") in caplog.text
     events = {step: m for step, m in recorder.records if "adalora/total_rank" in m}
     assert sorted(events) == [5, 9, 13, 15]  # steps 4, 8, 12 and the final step 14, logged after them
     for step, metrics in events.items():

@@ -200,7 +200,7 @@ def _first_fit(tmp_path) -> str:
     [
         (dict(target_r=2), dict(max_epochs=4), "target_r 1 -> 2"),
         (dict(importance="sensitivity"), dict(max_epochs=4), "importance 'sensitivity_uncertainty' -> 'sensitivity'"),
-        ({}, dict(max_epochs=6), "total_step 16 -> 24 (total_step comes from the Trainer's max_epochs/max_steps"),
+        ({}, dict(max_epochs=6), "total_step 16 -> 24 (total_step counts the optimizer steps of max_epochs/max_steps"),
     ],
     ids=["target_r", "importance", "max_epochs"],
 )

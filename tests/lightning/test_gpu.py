@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from adalora_pl import AdaLoRACallback, find_adapters, load_adapter
-from cli import main
+from adalora_pl.cli import main
 from tests.builders import BERT_TARGETS, REPO_ROOT, write_cola
 from tests.lightning_modules import PlainClassifier
 

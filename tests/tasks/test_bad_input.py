@@ -18,12 +18,12 @@ import torch
 import yaml
 from lightning.pytorch.accelerators import CPUAccelerator, CUDAAccelerator
 
+from adalora_pl.cli import main
 from adalora_pl.errors import ConfigError
 from adalora_pl.injection import DEFAULT_TRAINABLE_MODULES, inject_adapters, set_trainable_modules
 from adalora_pl.module import max_input_positions
 from adalora_pl.tasks.glue import GLUE_TASKS
 from adalora_pl.tasks.glue_module import GLUEClassifier
-from cli import main
 from datamodules._base import pin_memory_for
 from datamodules.glue import GLUEDataModule
 from tests.builders import BERT_TARGETS, REPO_ROOT, fit_tiny, tiny_bert_classifier, write_cola
@@ -207,8 +207,8 @@ def test_validate_names_the_checkpoint_settings_it_uses(capsys, tmp_path, tiny_b
             "--model.warmup_steps", "2", "--ckpt_path", str(ckpt)]
     validated = main(args)
     note = (f"cli.py validate: note: {ckpt} was saved with other model settings than the command line and its "
-            "config; using the checkpoint's: method='lora' (given: 'adalora'), tinit=0.2 (given: 800), "
-            "tfinal=0.3 (given: 3500), delta_t=1 (given: 10)")
+            "config; using the checkpoint's: method='lora' (given: 'adalora'), target_r=3 (given: 1), tinit=0.2 "
+            "(given: 800), tfinal=0.3 (given: 3500), delta_t=1 (given: 10)")  # LoRA keeps its rank: target_r = init_r
     err = capsys.readouterr().err
     assert note in err.splitlines(), err
     assert validated.model.method == "lora" and not validated.model.schedule_callback

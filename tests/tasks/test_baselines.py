@@ -76,9 +76,9 @@ def test_ablation_flags_reach_the_callback_and_the_run_prunes_to_the_budget(tmp_
     callbacks = [c for c in cli.trainer.callbacks if isinstance(c, AdaLoRACallback)]
     assert callbacks == [cli.model.schedule_callback]
     callback = callbacks[0]
-    assert (callback.init_r, callback.target_r) == (3, 1)
-    assert callback.orth_reg_weight == settings["orth_reg_weight"]
-    assert callback.importance == settings["importance"]
+    assert (callback.config.init_r, callback.config.target_r) == (3, 1)
+    assert callback.config.orth_reg_weight == settings["orth_reg_weight"]
+    assert callback.config.importance == settings["importance"]
     allocator = callback.allocator
     assert type(allocator) is settings["allocator"] and allocator.importance == settings["importance"]
     assert allocator.schedule.target_budget == 12 and allocator.frozen

@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from cli import main
+from adalora_pl.cli import main
 from tests.builders import REPO_ROOT, print_config, save_tiny_causal_lm, write_jsonl
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

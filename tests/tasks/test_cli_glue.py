@@ -14,8 +14,8 @@ import pytest
 import torch
 import yaml
 
+from adalora_pl.cli import ckpt_path_problem, main
 from adalora_pl.io.pretrained import LoadError, check_backbone, looks_like_path
-from cli import ckpt_path_problem, main
 from datamodules.glue import read_glue_tsv
 from tests.builders import REPO_ROOT, fit_tiny, print_config, write_cola, write_stsb
 from tests.lightning_modules import AdapterSnapshot, adapter_tensors
@@ -95,13 +95,15 @@ def test_validate_and_predict_from_a_fit_checkpoint(tmp_path, tiny_backbone):
     assert predictions.shape == (16,) and torch.equal(predictions, expected)
 
 
-def test_help_lists_export(capsys):
+def test_help_lists_export_and_recipes(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--help"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     assert "{fit,validate,test,predict}" in out
-    assert [line for line in out.splitlines() if "export" in line and "cli.py export --help" in line]
+    epilog = " ".join(out.split("\n\nAlso: ", 1)[1].split())  # argparse reflows it to the terminal's width
+    assert "`export` turns a fit checkpoint into adapter safetensors" in epilog and "(cli.py export --help)" in epilog
+    assert "`recipes` lists the shipped recipes, which --config takes by name (cli.py fit --config cola)" in epilog
 
 
 def run_cli_error(capsys, args: list[str]) -> str:

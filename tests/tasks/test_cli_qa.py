@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cli import main
+from adalora_pl.cli import main
 from tests.builders import REPO_ROOT
 
 # Contexts and questions use the tiny tokenizer's words only, so every word is one token.

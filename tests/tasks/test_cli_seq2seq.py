@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from adalora_pl.cli import main
 from adalora_pl.tasks.rouge import rouge_scores
-from cli import main
 from tests.builders import REPO_ROOT, print_config, write_csv, write_jsonl
 
 # Documents and summaries in the tiny tokenizer's words.
