@@ -38,6 +38,14 @@ from adalora_pl.importance import (
 )
 from adalora_pl.layers import SVDLinear
 from adalora_pl.schedule import BudgetSchedule, validate_betas, validate_ranks
+from adalora_pl.sharding import (
+    global_offsets,
+    is_sharded,
+    local,
+    scatter_partial_scores,
+    shard_group,
+    sum_across_ranks,
+)
 
 log = logging.getLogger(__name__)
 
@@ -142,8 +150,11 @@ class RankAllocator:
             total_step=total_step,
             delta_t=delta_t,
         )
-        self.numels = [p.numel() for p in self.params]
-        device = self.params[0].device
+        # Under FSDP2 the parameters are DTensors: the averages hold this rank's shards, and scores are summed over
+        # the ranks of this group at mask events (adalora_pl/sharding.py). None for whole adapters.
+        self.group = shard_group(self.params)
+        self.numels = [local(p).numel() for p in self.params]
+        device = local(self.params[0]).device
         numel = sum(self.numels)
         tracks_ema = importance != "magnitude"
         self.exp_avg_ipt = torch.zeros(numel if tracks_ema else 0, device=device)
@@ -215,7 +226,7 @@ class RankAllocator:
     def follow_parameters(self) -> None:
         """Move the averages to the parameters' device (a no-op when they are already there)."""
         # One parameter decides (all layers move together); no list of every parameter on the per-step path.
-        device = self.layer_params(self.layers[0])[0].device
+        device = local(self.layer_params(self.layers[0])[0]).device
         if self.exp_avg_ipt.device != device:
             self.exp_avg_ipt = self.exp_avg_ipt.to(device)
             self.exp_avg_unc = self.exp_avg_unc.to(device)
@@ -251,29 +262,47 @@ class RankAllocator:
             return
         self.follow_parameters()
         self.importance_steps += 1
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        ipt = elementwise_importance([p.detach() for p in params], grads)
+        params = [local(p.detach()) for p in params]  # this rank's shards (the whole tensors without sharding)
+        grads = [local(p.grad) if p.grad is not None else torch.zeros_like(local(p)) for p in self.params]
+        ipt = elementwise_importance(params, grads)
         unc = self.exp_avg_unc if self.importance == "sensitivity_uncertainty" else None
         self.last_finite = update_importance_(self.exp_avg_ipt, unc, ipt, self.beta1, self.beta2, applied)
 
     def element_scores(self) -> list[torch.Tensor]:
-        """Per-element scores s, one tensor per tracked parameter, shaped like it."""
+        """Per-element scores s, one tensor per tracked parameter, shaped like it (like its local shard)."""
         if self.importance == "sensitivity_uncertainty":
             flat = self.exp_avg_ipt * self.exp_avg_unc
         else:
             flat = self.exp_avg_ipt
-        return [t.view_as(p) for t, p in zip(flat.split(self.numels), self.params, strict=True)]
+        return [t.view_as(local(p)) for t, p in zip(flat.split(self.numels), self.params, strict=True)]
 
     def layer_scores(self) -> list[torch.Tensor]:
-        """The triplet scores S of every layer, one (r,) tensor per layer."""
+        """The triplet scores S of every layer, one (r,) tensor per layer (the same on every rank)."""
         if self.importance == "magnitude":
             return self.magnitude_scores()
         scores = self.element_scores()
-        return [triplet_scores(scores[3 * i + 1], scores[3 * i], scores[3 * i + 2]) for i in range(len(self.layers))]
+        if self.group is None:
+            return [triplet_scores(scores[3 * i + 1], scores[3 * i], scores[3 * i + 2])
+                    for i in range(len(self.layers))]
+        # Sharded: each rank scores what it holds into a slot per triplet; one all-reduce of all layers' slots.
+        partial = []
+        for i, m in enumerate(self.layers):
+            A, E, B = self.layer_params(m)
+            partial.append(scatter_partial_scores(
+                scores[3 * i + 1], scores[3 * i], scores[3 * i + 2], global_offsets(E), global_offsets(A),
+                global_offsets(B), m.r, m.in_features, m.out_features))
+        return list(sum_across_ranks(torch.cat(partial), self.group).split([m.r for m in self.layers]))
 
     def magnitude_scores(self) -> list[torch.Tensor]:
-        """|E_i| of every layer, one (r,) float32 tensor per layer."""
-        return [m.lora_E.detach().float().abs().view(-1) for m in self.layers]
+        """|E_i| of every layer, one (r,) float32 tensor per layer (the same on every rank)."""
+        if self.group is None:
+            return [m.lora_E.detach().float().abs().view(-1) for m in self.layers]
+        partial = []
+        for m in self.layers:
+            row, values = global_offsets(m.lora_E)[0], local(m.lora_E.detach()).float().abs().view(-1)
+            partial.append(torch.zeros(m.r, device=values.device).index_add_(
+                0, torch.arange(row, row + values.numel(), device=values.device), values))
+        return list(sum_across_ranks(torch.cat(partial), self.group).split([m.r for m in self.layers]))
 
     # ------------------------------------------------------------------ masking
     @torch.no_grad()
@@ -322,9 +351,11 @@ class RankAllocator:
 
     @torch.no_grad()
     def apply_rank_pattern(self) -> None:
-        """Zero the singular values that ``rank_mask`` marks as pruned."""
+        """Zero the singular values that ``rank_mask`` marks as pruned (on this rank's shard of E when sharded)."""
         for layer in self.layers:
-            layer.lora_E.masked_fill_(~layer.rank_mask.view(-1, 1), 0.0)
+            E = local(layer.lora_E)
+            row = global_offsets(layer.lora_E)[0]
+            E.masked_fill_(~layer.rank_mask[row:row + E.shape[0]].view(-1, 1), 0.0)
 
     def rank_pattern(self) -> dict[str, list[bool]]:
         """Module path -> kept flag per initial triplet (host sync)."""
@@ -336,21 +367,47 @@ class RankAllocator:
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
-        """EMAs, step, frozen flag and rank pattern; enough to resume bitwise."""
+        """EMAs, step, frozen flag and rank pattern; enough to resume bitwise.
+
+        The averages are stored per tracked parameter at its whole shape, so that a checkpoint does not depend on
+        how the parameters were sharded: under FSDP2 each rank's shards are gathered here (a collective: every rank
+        must call it, as Lightning does when it saves), and :meth:`load_state_dict` takes each rank's part back.
+        """
         return {
             "names": list(self.names),
-            "numels": list(self.numels),
+            "shapes": [list(p.shape) for p in self.params],
             "importance": self.importance,
-            "exp_avg_ipt": self.exp_avg_ipt.clone(),
-            "exp_avg_unc": self.exp_avg_unc.clone(),
+            "exp_avg_ipt": self._whole_averages(self.exp_avg_ipt),
+            "exp_avg_unc": self._whole_averages(self.exp_avg_unc),
             "last_step": self.last_step,
             "frozen": self.frozen,
             "importance_steps": self.importance_steps,
             "rank_mask": {n: m.rank_mask.clone() for n, m in zip(self.names, self.layers, strict=True)},
         }
 
+    def _whole_averages(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        """``flat`` (this rank's averages, in buffer order) as one tensor per parameter at its whole shape."""
+        if flat.numel() == 0:
+            return []
+        parts = [t.view_as(local(p)) for t, p in zip(flat.split(self.numels), self.params, strict=True)]
+        if self.group is None:
+            return [t.clone() for t in parts]
+        from torch.distributed.tensor import DTensor
+
+        return [DTensor.from_local(t, p.device_mesh, p.placements, shape=p.shape, stride=p.stride()).full_tensor()
+                if is_sharded(p) else t.clone() for t, p in zip(parts, self.params, strict=True)]
+
+    def _local_averages(self, whole: Sequence[torch.Tensor]) -> torch.Tensor:
+        """This rank's part of per-parameter whole averages, as one flat buffer in buffer order."""
+        parts = []
+        for t, p in zip(whole, self.params, strict=True):
+            slices = tuple(slice(o, o + n) for o, n in zip(global_offsets(p), local(p).shape, strict=True))
+            parts.append(t[slices].reshape(-1))
+        return torch.cat(parts) if parts else torch.zeros(0)
+
     def load_state_dict(self, state: Mapping) -> None:
-        if list(state["names"]) != self.names or list(state["numels"]) != self.numels:
+        shapes = [list(p.shape) for p in self.params]
+        if list(state["names"]) != self.names or [list(s) for s in state["shapes"]] != shapes:
             raise ValueError(
                 "allocator state does not match these adapters: saved for "
                 f"{len(state['names'])} layers ({state['names'][:3]}...), model has {len(self.names)} "
@@ -359,8 +416,10 @@ class RankAllocator:
         if state["importance"] != self.importance:
             raise ValueError(f"allocator state is for importance={state['importance']!r}, not {self.importance!r}")
         self.follow_parameters()
-        self.exp_avg_ipt.copy_(state["exp_avg_ipt"])
-        self.exp_avg_unc.copy_(state["exp_avg_unc"])
+        if self.exp_avg_ipt.numel():
+            self.exp_avg_ipt.copy_(self._local_averages(state["exp_avg_ipt"]))
+        if self.exp_avg_unc.numel():
+            self.exp_avg_unc.copy_(self._local_averages(state["exp_avg_unc"]))
         self.last_step = state["last_step"]
         self.frozen = bool(state["frozen"])
         self.importance_steps = int(state["importance_steps"])

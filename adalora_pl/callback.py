@@ -13,7 +13,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
@@ -23,9 +23,11 @@ from adalora_pl.errors import ConfigError
 from adalora_pl.importance import add_orthogonal_regularizer_grad_
 from adalora_pl.injection import find_adapters, inject_adapters, preset_targets
 from adalora_pl.layers import SVDLinear
+from adalora_pl.sharding import all_finite, global_offsets, local, masked_rows, shard_group, whole
 
-# Strategies that shard parameters: importance needs every rank to hold whole adapters and their gradients.
-SHARDING_STRATEGIES = (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)
+# Sharding strategies the callback cannot run under: FSDP1 flattens parameters (the adapters' shapes are gone) and
+# DeepSpeed owns the optimizer step. ModelParallelStrategy (FSDP2: DTensor parameters) is supported.
+UNSUPPORTED_STRATEGIES = (FSDPStrategy, DeepSpeedStrategy)
 
 
 def _grad_scaler(trainer: pl.Trainer) -> torch.amp.GradScaler | None:
@@ -82,6 +84,7 @@ class AdaLoRACallback(Callback):
         self._trainer: pl.Trainer | None = None
         self._step_hooks: list[Any] = []
         self._checked_params: list[torch.nn.Parameter] = []
+        self._grad_group = None
         self._ranks_logged_at: int | None = None
 
     # One key whatever the settings: a resume with changed settings must find the checkpoint's state to say what
@@ -92,10 +95,10 @@ class AdaLoRACallback(Callback):
 
     # ------------------------------------------------------------------ setup
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if isinstance(trainer.strategy, SHARDING_STRATEGIES):
+        if isinstance(trainer.strategy, UNSUPPORTED_STRATEGIES):
             raise RuntimeError(
-                f"AdaLoRACallback does not support {type(trainer.strategy).__name__}: importance needs every rank "
-                "to hold full adapter parameters and gradients. Use strategy='ddp' (adapters are small)."
+                f"AdaLoRACallback does not support {type(trainer.strategy).__name__}: use ModelParallelStrategy "
+                "(FSDP2, fully_shard) to shard the model, or strategy='ddp' when the model fits one device."
             )
         if is_overridden("configure_model", pl_module, pl.LightningModule):
             # Lightning calls configure_model after the callbacks' setup, but the adapters must be in before the
@@ -156,6 +159,7 @@ class AdaLoRACallback(Callback):
             self._step_hooks = [holder.register_step_post_hook(self._after_optimizer_step)]
         self._trainer = trainer
         self._checked_params = [p for p in pl_module.parameters() if p.requires_grad]
+        self._grad_group = shard_group(self._checked_params)
 
     @staticmethod
     def _estimated_total_steps(trainer: pl.Trainer) -> int:
@@ -210,9 +214,7 @@ class AdaLoRACallback(Callback):
 
     def _stop_on_nonfinite_gradients(self, trainer: pl.Trainer) -> None:
         """Raise before the optimizer writes an inf/NaN gradient into the parameters (no GradScaler to skip it)."""
-        grads = [p.grad for p in self._checked_params if p.grad is not None]
-        # The largest |g| of each tensor: finite for any finite gradient (a norm could overflow), NaN propagates.
-        if grads and not bool(torch.stack(torch._foreach_norm(grads, float("inf"))).isfinite().all()):  # host sync
+        if not all_finite([p.grad for p in self._checked_params if p.grad is not None], self._grad_group):
             raise FloatingPointError(
                 f"AdaLoRA: inf/NaN gradients at optimizer step {trainer.global_step} (the loss or a gradient "
                 "overflowed); stopped before the optimizer writes them into the parameters. Lower the learning "
@@ -300,7 +302,7 @@ class AdaLoRACallback(Callback):
             "last_global_step": self._last_global_step,
             # The checkpoint's state_dict has masked singular values zeroed (see on_save_checkpoint); the live
             # values, which may still come back at the next mask event, resume from here.
-            "live_lora_E": {name: layer.lora_E.detach().clone() for name, layer in self._adapters.items()
+            "live_lora_E": {name: whole(layer.lora_E.detach()) for name, layer in self._adapters.items()
                             if isinstance(layer, SVDLinear)},
         }
 
@@ -314,20 +316,28 @@ class AdaLoRACallback(Callback):
         for name, layer in self._adapters.items():
             key = f"{name}.lora_E"
             if isinstance(layer, SVDLinear) and key in state:
-                state[key] = state[key].masked_fill(~layer.rank_mask.view(-1, 1).to(state[key].device), 0.0)
+                state[key] = masked_rows(state[key], layer.rank_mask)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if state_dict:
+        if not state_dict:
+            return
+        if self.allocator is None:
             # Lightning restores callbacks before the strategy sets up and before on_fit_start knows the number of
             # steps: the state is checked against this run's settings and applied there.
             self._pending_state = state_dict
+            return
+        # ModelParallelStrategy restores after on_fit_start, once the model is sharded.
+        self._resolved.check_resume(state_dict["settings"])
+        self._load_allocator_state(state_dict)
 
     def _load_allocator_state(self, state: dict[str, Any]) -> None:
         self.allocator.load_state_dict(state["allocator"])
         self._last_global_step = state["last_global_step"]
         with torch.no_grad():
             for name, live in state["live_lora_E"].items():
-                self._adapters[name].lora_E.copy_(live)
+                E = self._adapters[name].lora_E
+                row = global_offsets(E)[0]
+                local(E).copy_(live[row:row + local(E).shape[0]])
         if self.allocator.last_step is not None:
             self.budget = self.allocator.schedule.budget_at(self.allocator.last_step)
         self._restored = True

@@ -37,7 +37,7 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_only
 
 from adalora_pl.errors import ConfigError
-from adalora_pl.io.checkpoint import output_folder_problem, torch_archive_problem
+from adalora_pl.io.checkpoint import is_distributed_checkpoint, output_folder_problem, torch_archive_problem
 
 # The name in messages when main() is called from Python with its own ``args`` (tests, benchmarks): sys.argv[0] is
 # then the caller's program, not this command.
@@ -187,6 +187,8 @@ def ckpt_path_problem(ckpt_path: str | None, prog: str = DEFAULT_PROG) -> str | 
     if not path.exists():
         return f"--ckpt_path {value}: file not found; {expected}"
     if path.is_dir():
+        if is_distributed_checkpoint(path):  # ModelParallelStrategy's folder: Lightning loads it (weights only)
+            return None
         return f"--ckpt_path {value}: is a folder, not a checkpoint file; {expected}"
     problem = torch_archive_problem(path)
     return f"--ckpt_path {value}: {problem}; {expected}" if problem else None

@@ -12,6 +12,7 @@ from typing import Literal, get_args
 import torch
 
 from adalora_pl.errors import ConfigError
+from adalora_pl.sharding import add_sharded_orthogonal_regularizer_grad_, shard_group
 
 Importance = Literal["sensitivity_uncertainty", "sensitivity", "magnitude"]
 IMPORTANCE_VARIANTS: tuple[str, ...] = get_args(Importance)
@@ -53,6 +54,9 @@ def add_orthogonal_regularizer_grad_(
         weight: the regularizer's weight (``orth_reg_weight``).
     """
     params = [p for pair in factors for p in pair]
+    group = shard_group(params)
+    if group is not None:  # FSDP2: Grams summed from the local shards (adalora_pl/sharding.py)
+        return add_sharded_orthogonal_regularizer_grad_(factors, weight, group)
     with torch.enable_grad():
         reg = orthogonal_regularizer(factors)
         grads = torch.autograd.grad(reg * weight, params)

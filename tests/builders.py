@@ -305,6 +305,149 @@ def save_tiny_causal_lm(folder: Path, family: str = "llama", seed: int = 0, tie_
     return str(folder)
 
 
+# ---------------------------------------------------------------------------------------- quantized bases
+# Tiny Llamas loaded through transformers' quantization configs, as a user loads a QLoRA base (tests/quant).
+
+#: The llama preset's targets (every linear of a block).
+LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+#: Test id -> (kind, double_quant) of every quantized base the tests cover; kinds as ``--model.quantization``.
+QUANTIZED_BASES = {
+    "nf4": ("nf4", False),
+    "fp4": ("fp4", False),
+    "nf4-dq": ("nf4", True),
+    "int8": ("int8", False),
+    "torchao_int8": ("torchao_int8", False),
+}
+
+
+def tiny_llama_config(**overrides):
+    """A two-block Llama whose every linear has in/out features that are multiples of 64.
+
+    Why 64: bitsandbytes' 4-bit block size is 64, and on CPUs with AVX512-BF16 its eval-mode kernel repacks a
+    4-bit weight in blocks of 32 output rows and fails on a layer with fewer (``save_tiny_causal_lm``'s k/v
+    projections have 16).
+    """
+    from transformers import LlamaConfig
+
+    kwargs = dict(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=32, max_position_embeddings=64, tie_word_embeddings=False,
+    )
+    kwargs.update(overrides)
+    return LlamaConfig(**kwargs)
+
+
+def save_tiny_llama(folder: Path, seed: int = 0, tokenizer: bool = False, **overrides) -> str:
+    """The unquantized tiny Llama of :func:`tiny_llama_config` saved to ``folder`` (float32 weights), with the tiny
+    WordPiece tokenizer when ``tokenizer`` (then the vocabulary is the tokenizer's). Returns the folder."""
+    from transformers import AutoModelForCausalLM
+
+    folder.mkdir(parents=True, exist_ok=True)
+    if tokenizer:
+        tok = make_tiny_tokenizer(folder)
+        overrides = {"vocab_size": len(tok), "pad_token_id": tok.pad_token_id, "bos_token_id": tok.cls_token_id,
+                     "eos_token_id": tok.sep_token_id, **overrides}
+    torch.manual_seed(seed)
+    AutoModelForCausalLM.from_config(tiny_llama_config(**overrides)).save_pretrained(folder)
+    return str(folder)
+
+
+def quantization_config(kind: str, *, double_quant: bool = False, compute_dtype: torch.dtype = torch.float32):
+    """transformers' quantization config for ``kind`` (``nf4``, ``fp4``, ``int8``, ``torchao_int8``)."""
+    from transformers import BitsAndBytesConfig
+
+    if kind in ("nf4", "fp4"):
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=kind, bnb_4bit_use_double_quant=double_quant,
+                                  bnb_4bit_compute_dtype=compute_dtype)
+    if kind == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    if kind == "torchao_int8":
+        from torchao.quantization import Int8WeightOnlyConfig
+        from transformers import TorchAoConfig
+
+        return TorchAoConfig(Int8WeightOnlyConfig())
+    raise ValueError(f"unknown quantization kind {kind!r}")
+
+
+def load_quantized(folder: str | Path, kind: str, *, double_quant: bool = False,
+                   compute_dtype: torch.dtype = torch.float32, dtype: torch.dtype = torch.float32,
+                   cpu_repack: bool = False):
+    """The causal LM saved in ``folder`` loaded on CPU with ``kind``'s quantization, in eval mode.
+
+    ``cpu_repack=False`` turns off bitsandbytes' eval-mode repacking of 4-bit weights on CPUs with AVX512-BF16
+    (``Linear4bit.support_avx512bf16_for_cpu``): that path rounds the block scales to bfloat16 in place, for good,
+    and computes in bfloat16, so a model that was evaluated once is no longer the one it dequantizes to. With it
+    off, every 4-bit forward is bitsandbytes' dequantize-then-matmul, on CPU as on GPU.
+    """
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        folder, quantization_config=quantization_config(kind, double_quant=double_quant, compute_dtype=compute_dtype),
+        device_map="cpu", dtype=dtype,
+    )
+    if not cpu_repack:
+        for module in model.modules():
+            if hasattr(module, "support_avx512bf16_for_cpu"):
+                module.support_avx512bf16_for_cpu = False
+    return model.eval()
+
+
+def tiny_quantized_llama(kind: str, *, double_quant: bool = False, compute_dtype: torch.dtype = torch.float32,
+                         dtype: torch.dtype = torch.float32, seed: int = 0, folder: Path | None = None,
+                         cpu_repack: bool = False):
+    """A tiny Llama (:func:`tiny_llama_config`) quantized as ``kind`` (``nf4``, ``fp4``, ``int8``,
+    ``torchao_int8``; ``double_quant`` for 4-bit) through transformers, in eval mode.
+
+    ``folder``: where the unquantized model is saved (and kept, e.g. to load it again unquantized or into PEFT);
+    a temporary folder otherwise. ``dtype`` is the model's dtype (``from_pretrained(dtype=...)``), ``compute_dtype``
+    the 4-bit matmul dtype. See :func:`load_quantized` for ``cpu_repack``.
+    """
+    import tempfile
+
+    if folder is not None:
+        return load_quantized(save_tiny_llama(folder, seed), kind, double_quant=double_quant,
+                              compute_dtype=compute_dtype, dtype=dtype, cpu_repack=cpu_repack)
+    with tempfile.TemporaryDirectory() as tmp:
+        return load_quantized(save_tiny_llama(Path(tmp), seed), kind, double_quant=double_quant,
+                              compute_dtype=compute_dtype, dtype=dtype, cpu_repack=cpu_repack)
+
+
+def llama_batch(seed: int = 7, batch_size: int = 2, seq_len: int = 12, vocab: int = 128) -> dict:
+    """Token ids (and the same ids as labels) for the tiny Llama."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (batch_size, seq_len), generator=g)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+
+
+def train_adalora_steps(model, adapters, batch: dict, *, steps: int = 4, target_r: int = 2, lr: float = 1e-2,
+                        orth_reg_weight: float = 0.1) -> tuple:
+    """``steps`` AdamW steps of ``model`` on ``batch`` with the rank allocator after each (a plain loop: warm-up of one
+    step, then masking down to ``target_r`` per layer, the pattern fixed for the last step). Returns
+    ``(allocator, losses, grad_names)``: the allocator, the loss of every step and the names of the parameters that
+    had a gradient at the first step."""
+    from adalora_pl.allocator import RankAllocator
+    from adalora_pl.importance import add_orthogonal_regularizer_grad_
+
+    allocator = RankAllocator(adapters, target_r=target_r, tinit=1, tfinal=1, total_step=steps, delta_t=1)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr)
+    model.train()
+    losses, grad_names = [], None
+    for step in range(steps):
+        loss = model(**batch).loss
+        loss.backward()
+        add_orthogonal_regularizer_grad_([(a.lora_A, a.lora_B) for a in adapters.values()], orth_reg_weight)
+        if grad_names is None:
+            grad_names = [n for n, p in model.named_parameters() if p.grad is not None]
+        optimizer.step()
+        allocator.update_and_allocate(step)
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(float(loss.detach()))
+    model.eval()
+    return allocator, losses, grad_names
+
+
 # ---------------------------------------------------------------------------------------- data files
 #: Five Alpaca records over the tiny tokenizer's words (instruction-tuning tests).
 INSTRUCTION_ROWS = [

@@ -56,6 +56,8 @@ class DoubletPruner(RankAllocator):
         if importance != "sensitivity_uncertainty":
             raise ValueError(f"DoubletPruner scores doublets by sensitivity x uncertainty, got {importance!r}")
         super().__init__(adapters, importance=importance, **kwargs)
+        if self.group is not None:  # its scores and masks read whole rows of A and columns of B
+            raise RuntimeError("the prune-LoRA ablation does not run on sharded (FSDP2) adapters; use DDP for it")
 
     @staticmethod
     def layer_params(layer: nn.Module) -> tuple[torch.Tensor, ...]:

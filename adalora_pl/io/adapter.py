@@ -38,6 +38,7 @@ from adalora_pl.io._common import (
     require_key,
 )
 from adalora_pl.layers import SVDLinear, linear_shape
+from adalora_pl.quantized import compute_dtype, keep_model_exact, quantization_kind
 
 log = logging.getLogger(__name__)
 
@@ -171,8 +172,10 @@ def _saved_with_autocast(
     tensors: Mapping[str, torch.Tensor], path: str, base: nn.Module, heads: Iterable[str]
 ) -> bool:
     """Whether the adapter at ``path`` was saved with ``autocast_adapter_dtype`` (the default): False only
-    when its own saved tensors (not trained heads such as a bias) are in its half-precision base's dtype."""
-    weight_dtype, heads = base.weight.dtype, set(heads)
+    when its own saved tensors (not trained heads such as a bias) are in its half-precision base's dtype (a
+    quantized base's compute dtype)."""
+    weight_dtype = compute_dtype(base) if quantization_kind(base) is not None else base.weight.dtype
+    heads = set(heads)
     saved = {t.dtype for k, t in tensors.items()
              if k.startswith(path + ".") and k not in heads and t.is_floating_point()}
     return not (weight_dtype in (torch.float16, torch.bfloat16) and weight_dtype in saved)
@@ -190,7 +193,8 @@ def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
         ``model``, modified in place.
 
     Adapter tensors come back in the dtype they were saved in (float32 adapters of a bfloat16 base stay
-    float32); head tensors take the model's dtype.
+    float32); head tensors take the model's dtype. A quantized base (bitsandbytes 4-bit / int8, torchao int8)
+    keeps running quantized, as in training; another quantized layer is refused with its type named.
 
     Raises:
         FileNotFoundError: a file of the folder is missing.
@@ -219,6 +223,7 @@ def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
     refuse_pickles(directory, weights_path, "load_adapter")
     tensors = read_safetensors(weights_path)
 
+    keep_model_exact(model)  # bitsandbytes' CPU repacking of 4-bit layers would cut the adapters' gradients
     # ---- validate everything against the base model before attaching anything. Building an adapter freezes
     # its base layer, so the flags are restored if a check fails.
     layer_cls = classes[method]
@@ -273,8 +278,9 @@ def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
             stored = tensors[f"{path}.{name}"]
             if stored.is_floating_point():
                 cast_adapter_tensor(adapter, name, stored.dtype)
-        adapter.requires_grad_(True)
-        adapter.base_layer.requires_grad_(False)
+        # Only the adapter's own parameters: a quantized base's integer weight cannot even be asked to.
+        for p in adapter.adapter_parameters():
+            p.requires_grad_(True)
         replace_module(model, path, adapter)
     with torch.no_grad():
         params = dict(model.named_parameters())

@@ -101,6 +101,9 @@ def export_lora(
     which the log lists. Trained heads are written as ``modules_to_save``, as in :func:`export_peft`.
 
     The loaded model's outputs equal ``model``'s up to float rounding (the fold is rounded once into ``lora_A``).
+    On a quantized base (bitsandbytes 4-bit / int8, torchao int8) the folder is the same as on its unquantized model,
+    and PEFT loads it onto the base quantized the same way (its LoRA ``Linear4bit``, ``Linear8bitLt`` or torchao
+    layer; docs/method.md §11).
     Unlike :func:`export_peft`, layers may differ in ``ranknum`` and ``lora_alpha``: the fold absorbs both. What is
     lost is the AdaLoRA structure (E, the orthogonality of A and B, the pruned triplets): the folder is for
     inference or further plain LoRA training.

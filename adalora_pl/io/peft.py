@@ -47,6 +47,7 @@ from adalora_pl.io._common import (
 )
 from adalora_pl.io.surgery import check_pruned_triplets
 from adalora_pl.layers import SVDLinear, linear_shape
+from adalora_pl.quantized import check_adaptable, keep_model_exact
 
 log = logging.getLogger(__name__)
 
@@ -195,7 +196,9 @@ def export_peft(
             because leaving it out of the folder would change the outputs; True zeroes such triplets in
             ``model`` (in place) first, so that the model and the export agree.
 
-    Tensors keep their dtype (float32 adapters of a bfloat16 base stay float32, as PEFT keeps them).
+    Tensors keep their dtype (float32 adapters of a bfloat16 base stay float32, as PEFT keeps them). On a quantized
+    base the files are the same as on its unquantized model: PEFT loads them onto the base quantized the same way
+    (its ``SVDLinear4bit`` / ``SVDLinear8bitLt`` for a transformers bitsandbytes model; docs/method.md §11).
 
     Returns:
         The directory.
@@ -315,7 +318,8 @@ def import_peft(model: nn.Module, directory: str | Path) -> nn.Module:
     the stored triplets go to the positions the rank pattern keeps, the pruned rows of A, E and B are zero
     and ``rank_mask`` is the pattern. ``modules_to_save`` tensors are copied into the model and made
     trainable. The adapter layers are found from the tensor names, so regex ``target_modules`` work too.
-    As in PEFT (``autocast_adapter_dtype=True``), adapters of a float16 / bfloat16 base are float32.
+    As in PEFT (``autocast_adapter_dtype=True``), adapters of a float16 / bfloat16 base are float32; so are those
+    of a quantized base (bitsandbytes 4-bit / int8, torchao int8), which keeps running quantized, as in training.
 
     Returns:
         ``model``, modified in place.
@@ -324,8 +328,8 @@ def import_peft(model: nn.Module, directory: str | Path) -> nn.Module:
         FileNotFoundError: the folder or its ``adapter_config.json`` / ``adapter_model.safetensors`` is missing.
         ValueError: another ``peft_type``, only pickled weights (``adapter_model.bin``: never unpickled), an
             unreadable file, a module the model lacks, a shape mismatch (the message names the tensor and both
-            shapes), a rank pattern of the wrong length, or a model that already has adapters. The model is
-            not changed then.
+            shapes), a rank pattern of the wrong length, a quantized layer adapters cannot wrap (named with its
+            type), or a model that already has adapters. The model is not changed then.
     """
     directory = Path(directory)
     if not directory.is_dir():
@@ -365,6 +369,7 @@ def import_peft(model: nn.Module, directory: str | Path) -> nn.Module:
     if stray:
         raise ValueError(f"{config_path}: rank_pattern names modules without adapter tensors: {stray[:3]}")
 
+    keep_model_exact(model)  # bitsandbytes' CPU repacking of 4-bit layers would cut the adapters' gradients
     # ---- validate
     bases: dict[str, nn.Module] = {}
     keeps: dict[str, torch.Tensor] = {}
@@ -373,6 +378,7 @@ def import_peft(model: nn.Module, directory: str | Path) -> nn.Module:
         if missing:
             raise ValueError(f"{weights_path}: module {path!r} lacks {missing}")
         base = bases[path] = base_linear(model, path, weights_path)
+        check_adaptable(base, path)  # a quantized layer adapters cannot wrap: refused here, before any change
         in_features, out_features, _ = linear_shape(base)
         pattern = patterns.get(path, [True] * init_r)
         if len(pattern) != init_r:

@@ -1,7 +1,7 @@
 """Model surgery on trained adapters: merging, compaction, and the check both rely on.
 
 - :func:`merge_adapters`: fold every adapter into its base weight and put the plain layer back, leaving an
-  ordinary transformers model for ``save_pretrained``.
+  ordinary transformers model for ``save_pretrained``; a quantized base comes out dequantized (docs/method.md §11).
 - :func:`compact_adapters`: physically drop pruned triplets (rank_mask False) from every :class:`SVDLinear`,
   optionally rewriting an optimizer's parameters and state so training can go on.
 - :func:`check_pruned_triplets`: dropping pruned triplets only preserves the outputs when their singular values
@@ -17,7 +17,8 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from adalora_pl.injection import find_adapters
+from adalora_pl import quantized
+from adalora_pl.injection import find_adapters, inside_any
 from adalora_pl.io._common import replace_module
 from adalora_pl.layers import SVDLinear
 
@@ -77,7 +78,7 @@ def check_pruned_triplets(
 
 # ====================================================================== merge
 @torch.no_grad()
-def merge_adapters(model: nn.Module) -> nn.Module:
+def merge_adapters(model: nn.Module, *, dtype: torch.dtype | None = None) -> nn.Module:
     """Fold every adapter into its base weight and put the plain base layer back in its place.
 
     The result has no adapter modules left: a plain model (for transformers models, ready for
@@ -88,8 +89,27 @@ def merge_adapters(model: nn.Module) -> nn.Module:
     the wider dtype and rounded once to the weight's: ``(W.float() + delta).to(W.dtype)``, as PEFT's
     ``merge_and_unload`` does. Already merged adapters are only unwrapped.
 
+    A quantized base (bitsandbytes 4-bit / int8, torchao int8; :mod:`adalora_pl.quantized`) cannot hold the update:
+    its layers are dequantized exactly to float32, the adapter's update added in float32, and the sum rounded once
+    into a plain ``nn.Linear``. The quantized layers that carry no adapter are dequantized as well, so the result is
+    one plain, unquantized model (re-quantize it on load if wanted), and a transformers model loses its quantization
+    markers (``config.quantization_config``, ``hf_quantizer``, ``is_loaded_in_4bit`` ...) so that
+    ``save_pretrained`` writes, and ``from_pretrained`` reads, an ordinary checkpoint. Everything is checked before
+    the model changes: a quantized module that cannot be dequantized (another scheme, a bitsandbytes 4-bit layer
+    repacked by its CPU inference kernel) is refused.
+
+    Args:
+        dtype: the dtype of the layers that were quantized. None: the dtype each was quantized from, where the layer
+            records it (bitsandbytes 4-bit, torchao), else the model's (``config.dtype``, or its first unquantized
+            floating-point parameter): the dtype its other layers, hence the activations, have. Not the 4-bit
+            compute dtype, which is only the precision of the quantized matmul, whose output is cast back.
+
     Returns:
         ``model``, modified in place.
+
+    Raises:
+        ValueError: an adapter without a weight delta (bottleneck adapters), or a quantized module that cannot be
+            dequantized. The model is not changed then.
     """
     adapters = find_adapters(model)
     for path, adapter in adapters.items():  # check every adapter can merge before changing any weight
@@ -97,14 +117,82 @@ def merge_adapters(model: nn.Module) -> nn.Module:
             adapter.delta_weight()
         except NotImplementedError as err:
             raise ValueError(f"adapter {path!r} ({type(adapter).__name__}) has no weight delta to merge") from err
+    plain_quantized = _unadapted_quantized(model, adapters)
+    fallback = dtype or _model_dtype(model)
     # Deepest paths first, so that replacing a module never invalidates a path still to come.
     for path in sorted(adapters, key=lambda p: p.count("."), reverse=True):
         adapter = adapters[path]
+        if adapter.quantization is not None:
+            base = adapter.base_layer
+            layer_dtype = dtype or quantized.plain_dtype(base) or fallback
+            replace_module(model, path, quantized.dequantized_linear(base, layer_dtype, adapter.delta_weight()))
+            continue
         if not adapter.merged:
             _fold_delta(adapter)
         replace_module(model, path, adapter.base_layer)
-    log.info("merged %d adapters into %s", len(adapters), type(model).__name__)
+    for path, layer in plain_quantized.items():
+        layer_dtype = dtype or quantized.plain_dtype(layer) or fallback
+        replace_module(model, path, quantized.dequantized_linear(layer, layer_dtype))
+    if plain_quantized or any(a.quantization is not None for a in adapters.values()):
+        _drop_quantization_markers(model)
+    log.info("merged %d adapters into %s%s", len(adapters), type(model).__name__,
+             f" and dequantized {len(plain_quantized)} unadapted quantized layers" if plain_quantized else "")
     return model
+
+
+def _unadapted_quantized(model: nn.Module, adapters: Mapping[str, nn.Module]) -> dict[str, nn.Module]:
+    """The quantized linears of ``model`` outside the adapters, by path; a ValueError naming every quantized module
+    that cannot be dequantized (and the adapted layers that cannot)."""
+    found: dict[str, nn.Module] = {}
+    refused: list[str] = []
+    for path, module in model.named_modules():
+        if path in adapters:
+            if adapters[path].quantization is not None:  # repacked since injection, say
+                reason = quantized.unsupported_reason(adapters[path].base_layer)
+                if reason is not None:
+                    refused.append(f"{path}.base_layer ({reason})")
+            continue
+        if inside_any(path, list(adapters)) is not None or next(module.children(), None) is not None:
+            continue  # inside an adapter, or a container: its leaves are looked at
+        reason = quantized.unsupported_reason(module)
+        if reason is not None:
+            refused.append(f"{path} ({type(module).__name__}: {reason})")
+        elif quantized.is_quantized(module):
+            found[path] = module
+    if refused:
+        raise ValueError(
+            f"merge_adapters writes a plain model, but it cannot dequantize {', '.join(refused[:3])}"
+            f"{f' and {len(refused) - 3} more' if len(refused) > 3 else ''}; nothing was changed"
+        )
+    return found
+
+
+def _model_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of ``model``'s unquantized layers: ``config.dtype`` of a transformers model, else its first plain
+    floating-point parameter's dtype, else float32."""
+    configured = getattr(getattr(model, "config", None), "dtype", None)
+    if isinstance(configured, torch.dtype):
+        return configured
+    for p in model.parameters():
+        if type(p) in (torch.Tensor, nn.Parameter) and p.is_floating_point():
+            return p.dtype
+    return torch.float32
+
+
+def _drop_quantization_markers(model: nn.Module) -> None:
+    """Make every transformers model inside ``model`` an unquantized one, as transformers' own ``dequantize`` does:
+    ``save_pretrained`` would otherwise write ``quantization_config`` and ``from_pretrained`` expect quantized
+    tensors; PEFT reads ``is_loaded_in_4bit`` / ``is_loaded_in_8bit`` to choose its quantized layers."""
+    for module in model.modules():
+        quantizer = getattr(module, "hf_quantizer", None)
+        if quantizer is not None and hasattr(quantizer, "remove_quantization_config"):
+            quantizer.remove_quantization_config(module)
+        config = getattr(module, "config", None)
+        if config is not None and getattr(config, "quantization_config", None) is not None:
+            del config.quantization_config
+        for flag in ("is_loaded_in_4bit", "is_loaded_in_8bit", "is_quantized"):
+            if getattr(module, flag, False) is True:
+                setattr(module, flag, False)
 
 
 def _fold_delta(adapter: nn.Module) -> None:

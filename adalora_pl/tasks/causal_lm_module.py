@@ -18,7 +18,9 @@ and the backbone's own loss skips them. Validation and test report, over all res
 
 Large models: ``torch_dtype="bfloat16"`` loads the base weights in bfloat16 while the adapters stay in float32
 (as PEFT does); ``gradient_checkpointing`` recomputes each block's activations in backward (non-reentrant, so
-it works with frozen embeddings and needs no ``enable_input_require_grads``).
+it works with frozen embeddings). ``quantization="nf4"`` (``fp4``, ``int8``, ``torchao_int8``) loads the base
+quantized, QLoRA style, with the norms, embeddings and ``lm_head`` in float32
+(:meth:`~adalora_pl.module.AdapterModule.load_quantized_backbone`).
 """
 
 from __future__ import annotations
@@ -57,8 +59,11 @@ class CausalLMModule(GenerativeModule):
     Args:
         backbone: hub name or local folder of a causal language model.
         torch_dtype: dtype of the base weights (``"bfloat16"`` halves their memory; the adapters stay float32).
-            ``None`` keeps the checkpoint's default (float32 in transformers).
-        gradient_checkpointing: recompute activations in backward to save memory (same gradients).
+            ``None`` keeps the checkpoint's default (float32 in transformers). With ``quantization``: the dtype the
+            weights are quantized from.
+        gradient_checkpointing: recompute activations in backward to save memory (same gradients); non-reentrant,
+            and on a quantized base with input embeddings whose output requires grad
+            (:meth:`~adalora_pl.module.AdapterModule.enable_gradient_checkpointing`).
         trust_remote_code: let transformers run model code from the hub repository. Off by default: a model
             folder then runs only code that ships with transformers.
         attn_implementation: transformers' attention kernel (``"sdpa"``, ``"flash_attention_2"``, ``"eager"``);
@@ -110,21 +115,20 @@ class CausalLMModule(GenerativeModule):
                          write_predictions=write_predictions, generate_on_sanity_check=generate_on_sanity_check,
                          **kwargs)
         if gradient_checkpointing:
-            # Non-reentrant checkpointing back-propagates into the adapters even though no input of a block
-            # requires grad (the embeddings are frozen); the reentrant kind would silently give them no gradient.
-            # (transformers 5.x renamed the switch; the old name still works there but warns.)
-            if hasattr(self.model, "activation_checkpointing_enable"):
-                self.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-            else:
-                self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            self.model.config.use_cache = False  # a cache is useless in training and conflicts with recomputation
+            # Non-reentrant, cache off; on a quantized base also inputs that require grad (AdapterModule's docstring).
+            self.enable_gradient_checkpointing()
         # Per example: summed NLL, correct tokens and response tokens; summed over the distinct examples of the
         # epoch, gathered from every process (token-weighted, each example once).
         self.token_sums = RowSums(width=3)
 
     def backbone_kwargs(self, backbone: str) -> dict[str, Any]:
         """``dtype`` (``torch_dtype`` before transformers 4.56, see :func:`dtype_keyword`), ``trust_remote_code``
-        and ``attn_implementation`` for ``from_pretrained``."""
+        and ``attn_implementation`` for ``from_pretrained``.
+
+        On a quantized base ``torch_dtype`` is the dtype the weights load in before they are quantized (bitsandbytes
+        4-bit records it, torchao's int8 weights dequantize to it); the layers left unquantized are float32 in
+        training whatever it is (:meth:`~adalora_pl.module.AdapterModule.prepare_quantized_base`). The
+        quantization settings themselves are added by the base class."""
         kwargs: dict[str, Any] = {"trust_remote_code": self.hparams.trust_remote_code}
         if self.hparams.torch_dtype is not None:
             kwargs[dtype_keyword()] = getattr(torch, self.hparams.torch_dtype)

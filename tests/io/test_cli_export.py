@@ -144,7 +144,8 @@ def test_files_that_are_not_checkpoints_are_refused_without_unpickling(tmp_path,
             f"cli.py export: error: {path} is not a Lightning checkpoint: {reason}\n"
         )
     assert export_error(tmp_path, capsys, tmp_path) == (
-        f"cli.py export: error: {tmp_path} is a directory, not a Lightning checkpoint file (pass the .ckpt file)\n"
+        f"cli.py export: error: {tmp_path} is a directory, not a Lightning checkpoint file (pass the .ckpt file, or "
+        "the folder of a distributed checkpoint written by ModelParallelStrategy)\n"
     )
 
 

@@ -39,7 +39,7 @@ def _project() -> dict:
     return tomllib.loads(PYPROJECT.read_text(encoding="utf-8"))["project"]
 
 
-def _requirements(groups: tuple[str, ...] = ("", "dev", "llm")) -> dict[str, tuple[str, str]]:
+def _requirements(groups: tuple[str, ...] = ("", "dev", "llm", "quant")) -> dict[str, tuple[str, str]]:
     """``{distribution: (group, floor)}`` of pyproject's dependencies ("") and optional groups; every one must
     carry a ``>=`` floor."""
     project = _project()

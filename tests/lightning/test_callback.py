@@ -549,14 +549,14 @@ def test_per_layer_ranks_are_logged_at_the_trainers_rate(tmp_path):
 
 
 @pytest.mark.parametrize("strategy_class", ["FSDPStrategy", "DeepSpeedStrategy"])
-def test_sharding_strategies_are_refused_at_setup(strategy_class):
+def test_fsdp1_and_deepspeed_are_refused_at_setup_naming_the_strategy_that_works(strategy_class):
     from types import SimpleNamespace
 
     import lightning.pytorch.strategies as strategies
 
     strategy = object.__new__(getattr(strategies, strategy_class))  # no process group or deepspeed needed
     cb = AdaLoRACallback(target_modules=BERT_TARGETS)
-    with pytest.raises(RuntimeError, match=f"does not support {strategy_class}.*Use strategy='ddp'"):
+    with pytest.raises(RuntimeError, match=f"does not support {strategy_class}: use ModelParallelStrategy"):
         cb.setup(SimpleNamespace(strategy=strategy), PlainClassifier(), "fit")
 
 

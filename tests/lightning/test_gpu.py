@@ -157,3 +157,35 @@ def test_decoder_llm_bf16_base_with_checkpointing_on_cuda(tmp_path):
     ckpt = Path(cli.trainer.log_dir) / "checkpoints" / "last.ckpt"
     main(["export", "--ckpt_path", str(ckpt), "--format", "peft", "--output", str(tmp_path / "peft")])
     assert json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["task_type"] == "CAUSAL_LM"
+
+
+def test_fsdp1_on_cuda_is_refused_naming_the_strategy_that_works(tmp_path):
+    """FSDPStrategy (FSDP1) flattens parameters; the callback refuses it at setup, before any step, naming
+    ModelParallelStrategy."""
+    module = PlainClassifier(num_examples=16, batch_size=8)
+    cb = AdaLoRACallback(target_modules=BERT_TARGETS, trainable_modules=["classifier", "pooler"], init_r=3, target_r=1,
+                         tinit=1, tfinal=1)
+    trainer = pl.Trainer(accelerator="gpu", devices=1, strategy="fsdp", max_steps=2, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, default_root_dir=tmp_path,
+                         callbacks=[cb])
+    with pytest.raises(RuntimeError, match="does not support FSDPStrategy: use ModelParallelStrategy"):
+        trainer.fit(module)
+    assert module.losses == []
+
+
+def test_model_parallel_strategy_on_cuda_reaches_the_budget(tmp_path):
+    """The GLUE module sharded by ModelParallelStrategy (FSDP2, NCCL) on the GPUs there are."""
+    import subprocess
+    import sys
+
+    from tests.builders import save_tiny_backbone
+
+    backbone = save_tiny_backbone(tmp_path / "bb")
+    devices = torch.cuda.device_count()
+    command = [sys.executable, str(REPO_ROOT / "tests" / "lightning" / "model_parallel_fit.py"), "--backbone",
+               backbone, "--out", str(tmp_path / "run"), "--devices", str(devices), "--accelerator", "cuda",
+               "--strategy", "model_parallel"]
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((tmp_path / "run" / "rank0.json").read_text())
+    assert report["sharded"] and sum(report["ranks"].values()) == 12 and report["adapter_dtypes"] == ["torch.float32"]

@@ -140,7 +140,7 @@ def test_invalid_lr_scheduler_on_the_command_line_is_named(capsys, tmp_path, tin
     reason = torch_message(lambda: torch.optim.lr_scheduler.OneCycleLR(torch.optim.SGD([param], lr=0.1), max_lr=0.1,
                                                                        total_steps=-5))
     lines = cli_error_lines(capsys, lambda: fit_tiny(
-        tmp_path, "cola.yaml", tiny_backbone, cola, "--optimizer", "SGD", "--optimizer.lr", "0.1",
+        tmp_path, "cola.yaml", tiny_backbone, cola, "--optimizer", "torch.optim.SGD", "--optimizer.lr", "0.1",
         "--lr_scheduler", "OneCycleLR", "--lr_scheduler.max_lr", "0.1", "--lr_scheduler.total_steps", "-5"))
     assert lines[-1] == (
         "cli.py fit: error: lr_scheduler.init_args.total_steps = -5 (on the command line): "
