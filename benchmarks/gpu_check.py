@@ -7,7 +7,8 @@
 2. A 200-step fit with AdaLoRACallback on a DeBERTa-v3-base-shaped model (random weights: nothing can be
    downloaded there) in bf16-mixed and in 16-mixed: stopped at step 100, resumed from that checkpoint to 200,
    exported as a PEFT folder. Prints ms/step, the final total rank and whether the masked triplets are zero.
-3. ``benchmarks/step_time.py --device cuda --models deberta``: our AdaLoRA against PEFT's on the GPU.
+3. ``benchmarks/step_time.py --device cuda --models deberta``: our AdaLoRA against PEFT's on the GPU, and
+   ``benchmarks/sharded_step.py --accelerator cuda``: FSDP2 (ModelParallelStrategy, NCCL) on the GPUs there are.
 
 Results go to ``$OUT/gpu_check.json`` when ``OUT`` is set (the device tool's output folder), else to
 ``benchmarks/results/gpu_check.json``. ``--smoke`` runs part 2 on the CPU with a tiny model (checks the plumbing).
@@ -151,6 +152,10 @@ def main(argv: list[str] | None = None) -> dict:
     if not args.skip_step_time:
         report["step_time"] = run([sys.executable, "benchmarks/step_time.py", "--device", "cuda", "--models",
                                    "deberta", "--steps", "10", "--json", str(out_dir / "step_time_cuda.json")], 300)
+        # FSDP2 over the GPUs there are (NCCL): step time, memory and the bytes of every collective.
+        report["sharded_step"] = run([sys.executable, "benchmarks/sharded_step.py", "--accelerator", "cuda",
+                                      "--devices", str(max(1, torch.cuda.device_count())), "--steps", "20",
+                                      "--json", str(out_dir / "sharded_step_cuda.json")], 300)
     print("\n| precision | steps | ms/step | total rank / budget | masked E zero | adapters | peak MiB |")
     print("|---|---:|---:|---|---|---|---:|")
     for r in report["fits"]:
