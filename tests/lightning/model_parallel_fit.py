@@ -97,6 +97,8 @@ def main() -> None:
     parser.add_argument("--init-r", type=int, default=3)
     parser.add_argument("--precision", default="32-true")
     parser.add_argument("--accelerator", default="cpu")
+    parser.add_argument("--consolidated", action="store_true",
+                        help="ModelParallelStrategy(save_distributed_checkpoint=False): one checkpoint file")
     parser.add_argument("--strategy", default=None, help="model_parallel: shard even on one device (default: "
                                                            "ModelParallelStrategy on more than one)")
     parser.add_argument("--fail-on-rank", type=int, default=None, help="raise a ConfigError in setup on this rank")
@@ -126,7 +128,8 @@ def main() -> None:
     if args.devices > 1 or args.strategy == "model_parallel":
         from lightning.pytorch.strategies import ModelParallelStrategy
 
-        strategy = ModelParallelStrategy(data_parallel_size=args.devices, tensor_parallel_size=1)
+        strategy = ModelParallelStrategy(data_parallel_size=args.devices, tensor_parallel_size=1,
+                                         save_distributed_checkpoint=not args.consolidated)
     else:
         strategy = "auto"
     trainer = pl.Trainer(accelerator=args.accelerator, devices=args.devices, strategy=strategy,

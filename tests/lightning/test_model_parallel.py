@@ -78,13 +78,17 @@ def test_each_rank_holds_half_of_the_frozen_base(runs):
         assert abs(report["frozen_bytes_here"] / total - 0.5) < 0.02, report["frozen_bytes_here"] / total
 
 
-def test_resume_from_a_distributed_checkpoint_in_the_cubic_phase_is_exact(runs, backbone, tmp_path):
-    """Stop at step 8 (the cubic phase runs from step 3 to 12), resume from the distributed checkpoint folder to
-    step 12: bitwise the uninterrupted sharded run (averages, masks, adapters and optimizer state restored)."""
-    fit(tmp_path / "first", backbone, 2, "--max-steps", "8", "--save-every", "8")
+@pytest.mark.parametrize("consolidated", [False, True], ids=["distributed", "consolidated"])
+def test_resume_from_a_checkpoint_in_the_cubic_phase_is_exact(runs, backbone, tmp_path, consolidated):
+    """Stop at step 8 (the cubic phase runs from step 3 to 12), resume from the checkpoint to step 12: bitwise the
+    uninterrupted sharded run (averages, masks, adapters and optimizer state restored), from Lightning's distributed
+    checkpoint folder and from a consolidated file alike."""
+    extra = ("--consolidated",) if consolidated else ()
+    fit(tmp_path / "first", backbone, 2, "--max-steps", "8", "--save-every", "8", *extra)
     ckpt = next((tmp_path / "first" / "ckpt").iterdir())
-    assert ckpt.is_dir() and (ckpt / ".metadata").is_file()  # sharded: one file per rank
-    fit(tmp_path / "resumed", backbone, 2, "--max-steps", "12", "--ckpt-in", str(ckpt))
+    # distributed: a folder with each rank's shards; consolidated: one file with the whole tensors
+    assert ckpt.is_dir() == (not consolidated) and (ckpt / ".metadata").is_file() == (not consolidated)
+    fit(tmp_path / "resumed", backbone, 2, "--max-steps", "12", "--ckpt-in", str(ckpt), *extra)
     uninterrupted = reports(runs / "sharded", 2)[0]
     resumed = reports(tmp_path / "resumed", 2)[0]
     assert resumed["global_step"] == 12 and resumed["importance_steps"] == uninterrupted["importance_steps"]
