@@ -3,7 +3,8 @@
 1. ``pytest -m gpu tests/lightning/test_gpu.py``: the GLUE module with the callback on CUDA in 16-mixed and
    bf16-mixed, a resume and the three exports; a user's module with fused AdamW under fp16; FSDP1 refused at setup
    naming ModelParallelStrategy; the GLUE module sharded by ModelParallelStrategy (FSDP2, NCCL) on the GPUs there
-   are.
+   are; and ``tests/quant/test_quantized_gpu.py``: nf4, fp4, nf4 + double quantization and LLM.int8() bases on
+   bitsandbytes' CUDA kernels (fit to the budget, base bit-identical), AdamW8bit's CUDA states, a merged nf4 model.
 2. A 200-step fit with AdaLoRACallback on a DeBERTa-v3-base-shaped model (random weights: nothing can be
    downloaded there) in bf16-mixed and in 16-mixed: stopped at step 100, resumed from that checkpoint to 200,
    exported as a PEFT folder. Prints ms/step, the final total rank and whether the masked triplets are zero.
@@ -142,7 +143,8 @@ def main(argv: list[str] | None = None) -> dict:
     report: dict = {"cuda": torch.cuda.is_available(), "torch": torch.__version__,
                     "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
     if not args.skip_tests:
-        tests = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "tests/lightning/test_gpu.py"]
+        tests = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "tests/lightning/test_gpu.py",
+                 "tests/quant/test_quantized_gpu.py"]
         report["gpu_tests"] = run(tests, 300)
     report["fits"] = []
     for precision in ("bf16-mixed", "16-mixed"):
