@@ -19,6 +19,7 @@ _EXPORTS = {
     "adalora_pl.injection": (
         "DEFAULT_TRAINABLE_MODULES",
         "TARGET_MODULE_PRESETS",
+        "adapter_param_groups",
         "count_adapter_parameters",
         "find_adapters",
         "inject_adapters",
@@ -33,7 +34,7 @@ _EXPORTS = {
         "merge_adapters",
         "save_adapter",
     ),
-    "adalora_pl.io.report": ("rank_table", "save_budget_curve", "save_rank_heatmap"),
+    "adalora_pl.io.report": ("rank_table", "read_rank_pattern", "save_budget_curve", "save_rank_heatmap"),
     "adalora_pl.layers": ("LoRALinear", "SVDLinear"),
     "adalora_pl.schedule": ("BudgetSchedule", "budget_at"),
 }

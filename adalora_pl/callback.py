@@ -74,6 +74,9 @@ class AdaLoRACallback(Callback):
         if config is not None and settings:
             raise ConfigError(f"give AdaLoRACallback a config or settings, not both (settings {sorted(settings)})")
         self.config = config if config is not None else AdaLoRAConfig(**settings)
+        if self.config.rank_pattern is not None:
+            raise ConfigError(f"rank_pattern={self.config.rank_pattern!r} fixes LoRA ranks (method='lora' of the task "
+                              f"modules); {type(self).__name__} allocates the ranks itself: leave rank_pattern None")
         self.rank_pattern_file = rank_pattern_file
         self.allocator: RankAllocator | None = None
         self.budget: int | None = None
@@ -127,7 +130,9 @@ class AdaLoRACallback(Callback):
             rank_zero_info(f"AdaLoRA: adopting the {len(adapters)} adapters the module already has")
             return adapters
         targets = c.target_modules or preset_targets(_find_model_for_preset(pl_module), c.trainable_modules)
-        options = {"adapter_init": c.adapter_init} if c.adapter_init != "reference" else {}
+        # Only the options that differ from the layer's defaults: a subclass's adapter class may not take them.
+        options = {k: v for k, v, default in (("adapter_init", c.adapter_init, "reference"),
+                                              ("scaling", c.scaling, "alpha_over_r")) if v != default}
         adapters = inject_adapters(pl_module, targets, method=self.adapter_class, r=c.init_r, lora_alpha=c.lora_alpha,
                                    lora_dropout=c.lora_dropout, trainable_modules=c.trainable_modules,
                                    autocast_adapter_dtype=c.autocast_adapter_dtype, **options)

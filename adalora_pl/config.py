@@ -10,6 +10,8 @@ arguments to this class, and LightningCLI reads its fields, types, defaults and 
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
@@ -17,7 +19,7 @@ from typing import Any, Literal, get_args
 from adalora_pl.errors import ConfigError
 from adalora_pl.importance import Importance, validate_importance
 from adalora_pl.injection import DEFAULT_TRAINABLE_MODULES
-from adalora_pl.layers import ADAPTER_INITS, AdapterInit
+from adalora_pl.layers import ADAPTER_INITS, AdapterInit, Scaling, check_scaling
 from adalora_pl.schedule import resolve_steps, validate_betas, validate_ranks, validate_schedule
 
 __all__ = [
@@ -26,9 +28,12 @@ __all__ = [
 ]
 
 #: The settings a resumed fit must share with its checkpoint: they define the importance averages, the budget schedule
-#: and the objective the averages were collected under.
+#: and the objective the averages were collected under. ``scaling`` and ``adapter_init`` change the model being trained
+#: (its update's scale; a weight-SVD start changes the base weight too); ``lr_ratio_b`` / ``lr_ratio_e`` because a
+#: resume restores each optimizer group's learning rate from the checkpoint, so a changed ratio would silently not
+#: apply. Checkpoints written before these fields existed hold their defaults.
 RESUME_FIELDS = ("init_r", "target_r", "lora_alpha", "tinit", "tfinal", "total_step", "delta_t", "beta1", "beta2",
-                 "importance", "orth_reg_weight")
+                 "importance", "orth_reg_weight", "scaling", "adapter_init", "lr_ratio_b", "lr_ratio_e")
 # The step count a fraction is checked against while the run's total is not known yet (any large number will do:
 # only the range of the fraction is checked then).
 _UNKNOWN_TOTAL = 1_000_000
@@ -54,8 +59,15 @@ class AdaLoRAConfig:
         orth_reg_weight: weight of the orthogonal regularizer (0 turns it off).
         importance: sensitivity_uncertainty (the paper's score), sensitivity or magnitude (the ablations).
         total_step: total optimizer steps; None reads it from the Trainer when fit starts.
-        adapter_init: reference (A, B ~ N(0, 0.02), as the authors and PEFT) or orthogonal.
+        adapter_init: reference (A, B ~ N(0, 0.02), as the authors and PEFT), orthogonal, or weight_svd (PiSSA-like:
+            the top init_r singular triplets of each base weight, which keeps the residual; docs/method.md §13).
         autocast_adapter_dtype: keep adapters float32 on a float16/bfloat16 base (as PEFT).
+        lr_ratio_b: learning rate of the B factors (lora_B) over learning_rate, LoRA+-style; > 0, 1 = the reference.
+        lr_ratio_e: learning rate of the singular values (lora_E, SVD adapters only) over learning_rate; > 0.
+        scaling: alpha_over_r (the reference: lora_alpha / init_r; LoRA lora_alpha / r) or alpha_over_sqrt_r (rsLoRA:
+            lora_alpha / sqrt(init_r)).
+        rank_pattern: method lora only: a rank_pattern.json written by an AdaLoRA fit; each module trains LoRA at
+            the rank the file gives it (rank 0: the module is not adapted).
 
     Raises:
         ConfigError: a value out of range; the message names the field, the value and what is allowed.
@@ -77,6 +89,10 @@ class AdaLoRAConfig:
     total_step: int | None = None
     adapter_init: AdapterInit = "reference"
     autocast_adapter_dtype: bool = True
+    lr_ratio_b: float = 1.0
+    lr_ratio_e: float = 1.0
+    scaling: Scaling = "alpha_over_r"
+    rank_pattern: str | None = None
 
     def __post_init__(self) -> None:
         # Lists from YAML become tuples: the object is frozen and compares by value.
@@ -102,6 +118,14 @@ class AdaLoRAConfig:
             raise ConfigError(f"delta_t must be an integer >= 1, got {self.delta_t!r}")
         if self.adapter_init not in ADAPTER_INITS:
             raise ConfigError(f"adapter_init must be one of {list(ADAPTER_INITS)}, got {self.adapter_init!r}")
+        for name in ("lr_ratio_b", "lr_ratio_e"):
+            check_lr_ratio(name, getattr(self, name))
+        check_scaling(self.scaling)
+        if self.rank_pattern is not None:
+            if not isinstance(self.rank_pattern, str | os.PathLike) or not str(self.rank_pattern):
+                raise ConfigError(f"rank_pattern must be the path of a rank_pattern.json file or None, got "
+                                  f"{self.rank_pattern!r}")
+            object.__setattr__(self, "rank_pattern", str(self.rank_pattern))  # JSON-safe in checkpoints
         total = self.total_step
         if total is not None and (not isinstance(total, int) or isinstance(total, bool) or total <= 0):
             raise ConfigError(f"total_step must be a positive integer or None, got {total!r}")
@@ -207,6 +231,16 @@ class AdaLoRAConfig:
             beta2=float(values.get("beta2", 0.85)), orth_reg_weight=float(values.get("orth_reg_weight", 0.5)),
             total_step=values.get("total_step"),
         )
+
+
+def check_lr_ratio(name: str, value: Any) -> None:
+    """Refuse a learning-rate ratio that is not a finite number > 0.
+
+    Raises:
+        ConfigError: naming the field, the value and what is allowed.
+    """
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"{name} must be a finite number > 0 (1 keeps the learning_rate), got {value!r}")
 
 
 # ---------------------------------------------------------------------------------------- methods

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import math
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from torch import nn
@@ -172,6 +173,7 @@ def inject_adapters(
     lora_dropout: float = 0.0,
     trainable_modules: Sequence[str] = DEFAULT_TRAINABLE_MODULES,
     autocast_adapter_dtype: bool = True,
+    ranks: Mapping[str, int] | None = None,
     **layer_options: Any,
 ) -> dict[str, AdapterLayer]:
     """Replace the target linear layers of ``model`` in place by adapters and freeze everything else.
@@ -194,7 +196,11 @@ def inject_adapters(
             must match a module (see :func:`set_trainable_modules`), which is checked before the model changes.
         autocast_adapter_dtype: float32 adapters on a float16/bfloat16 model (default, as PEFT); False keeps
             the model's dtype.
-        **layer_options: further keyword arguments of the adapter class (:class:`SVDLinear`: ``adapter_init``).
+        ranks: a rank per module path (e.g. a rank pattern an AdaLoRA run found, :func:`read_rank_pattern`) instead
+            of one ``r``: the paths must be exactly those ``target_modules`` match; a path at rank 0 is not adapted
+            (it keeps its plain base layer: rank 0 is no update).
+        **layer_options: further keyword arguments of the adapter class (:class:`SVDLinear`: ``adapter_init``,
+            ``scaling``; :class:`LoRALinear`: ``scaling``).
 
     Returns:
         The adapters by module path.
@@ -210,6 +216,8 @@ def inject_adapters(
         ConfigError: a target is quantized in a way adapters cannot wrap (HQQ, GPTQ, another torchao scheme, ...);
             the message names its type. Raised before the model changes.
         ConfigError: a trainable module name that is not a known head name matches nothing.
+        ConfigError: ``ranks`` names a module the targets do not match, or misses one they match (both listed), or
+            gives a rank that is not an integer >= 0.
     """
     if isinstance(method, type) and issubclass(method, AdapterLayer):
         layer_cls = method
@@ -237,19 +245,101 @@ def inject_adapters(
                 "narrow target_modules or trainable_modules"
             )
 
+    if ranks is not None:
+        check_ranks(ranks, matched)
     keep_model_exact(model)  # bitsandbytes' CPU repacking of 4-bit layers would cut the adapters' gradients
     model.requires_grad_(False)
     adapters = {}
     for name, module in matched.items():
+        layer_r = r if ranks is None else ranks[name]
+        if layer_r == 0:
+            continue  # rank 0: no update, the plain base layer stays (frozen)
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        adapter = layer_cls(module, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+        adapter = layer_cls(module, r=layer_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                             autocast_adapter_dtype=autocast_adapter_dtype, **layer_options)
         setattr(parent, child, adapter)
         adapters[name] = adapter
     set_trainable_modules(model, trainable_modules)
-    log.info("injected %d %s adapters (r=%d) into %s", len(adapters), method, r, type(model).__name__)
+    log.info("injected %d %s adapters (r=%s) into %s", len(adapters), method,
+             r if ranks is None else "per module", type(model).__name__)
     return adapters
+
+
+def check_ranks(ranks: Mapping[str, int], matched: Mapping[str, nn.Module]) -> None:
+    """Refuse per-module ``ranks`` that do not name exactly the ``matched`` target paths, or a rank that is not an
+    integer >= 0.
+
+    Raises:
+        ConfigError: listing the paths the ranks name but the targets lack, and those the targets match but the ranks
+            lack.
+    """
+    extra = [p for p in ranks if p not in matched]
+    missing = [p for p in matched if p not in ranks]
+    if extra or missing:
+        def listed(paths: list[str]) -> str:
+            return f"{paths[:5]}{f' and {len(paths) - 5} more' if len(paths) > 5 else ''}"
+
+        parts = ([f"{len(extra)} modules the model's targets lack: {listed(extra)}"] if extra else []) + (
+            [f"no rank for {len(missing)} targeted modules: {listed(missing)}"] if missing else [])
+        raise ConfigError(f"the rank pattern does not fit the model's target modules: {'; '.join(parts)}")
+    bad = {p: k for p, k in ranks.items() if isinstance(k, bool) or not isinstance(k, int) or k < 0}
+    if bad:
+        raise ConfigError(f"ranks must be integers >= 0, got {dict(list(bad.items())[:5])}")
+
+
+def adapter_param_groups(
+    module: nn.Module, lr: float, lr_ratio_b: float = 1.0, lr_ratio_e: float = 1.0
+) -> list[dict[str, Any]]:
+    """Optimizer param groups for the trainable adapter parameters of ``module``, with per-factor learning rates.
+
+    LoRA+-style (Hayou et al. 2024, arXiv 2402.12354): the B factors (``lora_B``) learn at ``lr * lr_ratio_b``,
+    the singular values of SVD adapters (``lora_E``) at ``lr * lr_ratio_e``, everything else of the adapters (the A
+    factors ``lora_A``, a bottleneck adapter's weights) at ``lr``. With both ratios 1 this is ONE group of all
+    adapter parameters at ``lr``, the optimizer the reference builds. Groups are ``{"params": [...], "lr": ...}``
+    in the order A, B, E (empty ones left out), parameters in ``module.parameters()`` order. Heads and other trained
+    parameters are not included: add their own group.
+
+    For :class:`~adalora_pl.AdaLoRACallback` users, whose optimizer is their own::
+
+        def configure_optimizers(self):
+            groups = adapter_param_groups(self, lr=5e-4, lr_ratio_b=4.0)
+            return torch.optim.AdamW(groups + [{"params": self.head.parameters(), "lr": 1e-3}])
+
+    (the callback injects the adapters in ``setup``, before ``configure_optimizers`` runs).
+
+    Raises:
+        ConfigError: ``lr`` or a ratio is not a finite number > 0; ``lr_ratio_e != 1`` on adapters without
+            ``lora_E`` (LoRA); ``lr_ratio_b != 1`` on adapters without ``lora_B`` (bottleneck adapters); no adapters.
+    """
+    if isinstance(lr, bool) or not isinstance(lr, int | float) or not math.isfinite(lr) or lr <= 0:
+        raise ConfigError(f"lr must be a finite number > 0, got {lr!r}")
+    for name, value in (("lr_ratio_b", lr_ratio_b), ("lr_ratio_e", lr_ratio_e)):
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
+            raise ConfigError(f"{name} must be a finite number > 0 (1 keeps the learning_rate), got {value!r}")
+    adapters = find_adapters(module)
+    if not adapters:
+        raise ConfigError(f"{type(module).__name__} has no adapters to group (inject them first)")
+    factor: dict[int, str] = {}  # id(parameter) -> "A", "B" or "E"
+    for layer in adapters.values():
+        for name, p in layer.named_parameters():
+            if not name.startswith("base_layer."):
+                factor[id(p)] = {"lora_B": "B", "lora_E": "E"}.get(name.rpartition(".")[2], "A")
+    params: dict[str, list[nn.Parameter]] = {"A": [], "B": [], "E": []}
+    for p in module.parameters():
+        if p.requires_grad and id(p) in factor:
+            params[factor[id(p)]].append(p)
+    for key, ratio, name, holder in (("E", lr_ratio_e, "lr_ratio_e", "lora_E (SVD adapters)"),
+                                     ("B", lr_ratio_b, "lr_ratio_b", "lora_B (LoRA and SVD adapters)")):
+        if ratio != 1 and not params[key]:
+            kinds = sorted({type(a).__name__ for a in adapters.values()})
+            raise ConfigError(f"{name}={ratio!r} scales the learning rate of {holder}, which the adapters {kinds} do "
+                              f"not have; leave it at 1")
+    if lr_ratio_b == 1 and lr_ratio_e == 1:
+        # One group, as the reference's optimizer (PEFT parity, and resumes of checkpoints from before the option).
+        return [{"params": [p for p in module.parameters() if p.requires_grad and id(p) in factor], "lr": lr}]
+    rates = {"A": lr, "B": lr * lr_ratio_b, "E": lr * lr_ratio_e}
+    return [{"params": params[key], "lr": rates[key]} for key in ("A", "B", "E") if params[key]]
 
 
 def match_targets(model: nn.Module, targets: Sequence[str], skip: Sequence[str] = ()) -> dict[str, nn.Module]:

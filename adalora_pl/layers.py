@@ -40,8 +40,28 @@ def linear_shape(base_layer: nn.Module) -> tuple[int, int, bool]:
 
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
-AdapterInit = Literal["reference", "orthogonal"]
+#: How an SVD adapter starts: the reference's N(0, 0.02) factors with E = 0, orthonormal factors with E = 0, or the
+#: top singular triplets of the base weight, which then holds the residual (docs/method.md §13).
+AdapterInit = Literal["reference", "orthogonal", "weight_svd"]
 ADAPTER_INITS: tuple[str, ...] = get_args(AdapterInit)
+#: How the update is scaled: ``lora_alpha / r`` (the reference; AdaLoRA divides by ``ranknum + 1e-5``), or rsLoRA's
+#: ``lora_alpha / sqrt(r)`` (Kalajdzievski 2023, arXiv 2312.03732; AdaLoRA: ``lora_alpha / sqrt(ranknum + 1e-5)``).
+Scaling = Literal["alpha_over_r", "alpha_over_sqrt_r"]
+SCALINGS: tuple[str, ...] = get_args(Scaling)
+#: The buffers of an SVD adapter started from the base weight's SVD (``adapter_init="weight_svd"``): its initial
+#: triplets, whose product the base weight gave up (the residual ``W - scale * B0 diag(E0) A0`` is the base layer's
+#: weight). Exports rebuild the pretrained weight, and a delta relative to it, from these.
+INITIAL_TENSORS = ("init_lora_A", "init_lora_E", "init_lora_B")
+
+
+def check_scaling(scaling: str) -> None:
+    """Refuse an unknown scaling rule.
+
+    Raises:
+        ConfigError: naming the value and the allowed ones.
+    """
+    if scaling not in SCALINGS:
+        raise ConfigError(f"scaling must be one of {list(SCALINGS)}, got {scaling!r}")
 
 
 def adapter_dtype(base_dtype: torch.dtype, autocast_adapter_dtype: bool = True) -> torch.dtype:
@@ -222,11 +242,16 @@ class SVDLinear(AdapterLayer):
         lora_alpha: scaling numerator (the reference divides by ranknum, not by r).
         lora_dropout: dropout probability on the adapter branch only.
         autocast_adapter_dtype: float32 adapter tensors on a float16/bfloat16 base layer (default).
-        adapter_init: ``"reference"`` (default; A, B ~ N(0, 0.02), as the authors' code and PEFT) or
+        adapter_init: ``"reference"`` (default; A, B ~ N(0, 0.02), as the authors' code and PEFT),
             ``"orthogonal"``: A with orthonormal rows and B with orthonormal columns, the state the orthogonal
-            regularizer drives them to. E = 0 either way, so the layer starts equal to ``base_layer``; the
-            point is a faster start, since the update ``B diag(E) A`` is no longer a product of three small
-            factors.
+            regularizer drives them to (E = 0 either way, so the layer starts equal to ``base_layer``), or
+            ``"weight_svd"`` (PiSSA-like, Meng et al. 2024, arXiv 2404.02948): A, E, B are the top-``r`` singular
+            triplets of the base weight W (E divided by the scale, so that the update is ``U_r S_r V_r^T``) and the
+            base weight becomes the residual ``W - U_r S_r V_r^T``; the layer starts equal to ``base_layer`` up to
+            float rounding (docs/method.md §13). Not on a quantized or sharded base weight.
+        scaling: ``"alpha_over_r"`` (default: ``lora_alpha / (ranknum + 1e-5)``, the reference) or
+            ``"alpha_over_sqrt_r"`` (rsLoRA, Kalajdzievski 2023, arXiv 2312.03732):
+            ``lora_alpha / sqrt(ranknum + 1e-5)``.
 
     Attributes:
         lora_A: (r, in) right singular vectors, N(0, 0.02).
@@ -235,16 +260,22 @@ class SVDLinear(AdapterLayer):
         ranknum: buffer holding float(r).
         rank_mask: boolean buffer (r,), the last mask applied by the rank allocator (True = kept).
             It travels with a weights-only checkpoint, so the final rank pattern is never lost.
+        init_lora_A, init_lora_E, init_lora_B: with ``adapter_init="weight_svd"`` only: buffers holding the initial
+            triplets, whose scaled product the base weight gave up (see :meth:`initial_delta`).
     """
 
     def __init__(
         self, base_layer: nn.Module, r: int, lora_alpha: float, lora_dropout: float = 0.0,
         autocast_adapter_dtype: bool = True,
         adapter_init: AdapterInit = "reference",
+        scaling: Scaling = "alpha_over_r",
     ) -> None:
         super().__init__(base_layer, r, lora_alpha, lora_dropout, autocast_adapter_dtype)
         if adapter_init not in ADAPTER_INITS:
             raise ConfigError(f"adapter_init must be one of {list(ADAPTER_INITS)}, got {adapter_init!r}")
+        check_scaling(scaling)
+        self.scaling_rule = scaling
+        self.adapter_init = adapter_init
         factory = self.adapter_factory()
         self.lora_A = nn.Parameter(torch.empty(r, self.in_features, **factory))
         self.lora_E = nn.Parameter(torch.zeros(r, 1, **factory))
@@ -261,11 +292,125 @@ class SVDLinear(AdapterLayer):
         self.register_buffer("ranknum", torch.full((1,), float(r), **factory))
         self.register_buffer("rank_mask", torch.ones(r, dtype=torch.bool, device=factory["device"]))
         self.parameters_per_rank = self.in_features + self.out_features + 1  # a row of A, E_i, a column of B
+        if adapter_init == "weight_svd":
+            self._start_from_weight_svd()
+
+    # The init this layer started from (a loaded weight-SVD layer says so once its initial triplets are registered);
+    # "weight_svd" layers carry INITIAL_TENSORS and a residual base weight. Class defaults serve instances unpickled
+    # from before these existed.
+    adapter_init: str = "reference"
+    scaling_rule: str = "alpha_over_r"
+    _residualised: bool = False
+
+    def scale_denominator(self) -> torch.Tensor:
+        """The tensor the scaled update is divided by: ``ranknum + 1e-5`` (the reference), or its square root under
+        rsLoRA scaling. ``lora_alpha / scale_denominator()`` is the update's scale."""
+        if self.scaling_rule == "alpha_over_sqrt_r":
+            return torch.sqrt(self.ranknum + RANKNUM_EPS)
+        return self.ranknum + RANKNUM_EPS
+
+    def scale(self, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        """The update's scale ``lora_alpha / scale_denominator()`` as a (1,) tensor of ``dtype`` (float64 for exports
+        and folds, which round once at the end)."""
+        ranknum = self.ranknum.to(dtype) + RANKNUM_EPS
+        return self.lora_alpha / (torch.sqrt(ranknum) if self.scaling_rule == "alpha_over_sqrt_r" else ranknum)
 
     def delta_weight(self) -> torch.Tensor:
-        """The (out, in) update ``B (A * E) * lora_alpha / (ranknum + 1e-5)``."""
-        return self.lora_B @ (self.lora_A * self.lora_E) * self.lora_alpha / (self.ranknum + RANKNUM_EPS)
+        """The (out, in) update ``B (A * E) * lora_alpha / (ranknum + 1e-5)`` (the rsLoRA denominator under
+        ``scaling="alpha_over_sqrt_r"``)."""
+        return self.lora_B @ (self.lora_A * self.lora_E) * self.lora_alpha / self.scale_denominator()
 
+    # ------------------------------------------------------------------ weight-SVD start (docs/method.md §13)
+    @torch.no_grad()
+    def _start_from_weight_svd(self) -> None:
+        """A, E, B from the top-``r`` singular triplets of the base weight; the base weight becomes the residual."""
+        from adalora_pl.sharding import is_sharded
+
+        if self.quantization is not None:
+            raise ConfigError(
+                f"adapter_init='weight_svd' needs a plain base weight to replace by its residual, but this base layer "
+                f"is quantized ({quantized.describe(self.base_layer)}); use adapter_init 'reference' or 'orthogonal'"
+            )
+        weight = self.base_layer.weight
+        if is_sharded(weight):
+            raise ConfigError("adapter_init='weight_svd' cannot residualise a sharded (DTensor) base weight; use "
+                              "another adapter_init (or DDP, where every rank holds whole weights)")
+        if not weight.is_floating_point():
+            raise ConfigError(f"adapter_init='weight_svd' needs a floating-point base weight, got {weight.dtype}")
+        if self.r > min(self.in_features, self.out_features):
+            raise ConfigError(
+                f"adapter_init='weight_svd' takes r={self.r} singular triplets of a {self.out_features} x "
+                f"{self.in_features} weight, which has at most {min(self.in_features, self.out_features)}; lower init_r"
+            )
+        scale = self.scale()
+        if not torch.isfinite(scale).all() or (scale == 0).any():
+            raise ConfigError(f"adapter_init='weight_svd' divides the singular values by the scale, which is "
+                              f"{float(scale)} for lora_alpha={self.lora_alpha}; use a lora_alpha != 0")
+        # float64 SVD: the factors are rounded once into the adapter's dtype, and the residual is computed from those
+        # rounded factors, so that residual + update reconstructs W up to the weight dtype's rounding.
+        w = self._orient(weight.detach()).to(torch.float64)
+        u, s, vh = torch.linalg.svd(w, full_matrices=False)
+        r = self.r
+        self.lora_A.copy_(vh[:r])
+        self.lora_E.copy_((s[:r] / scale).view(r, 1))
+        self.lora_B.copy_(u[:, :r])
+        self.register_initial_triplets(self.lora_A.detach(), self.lora_E.detach(), self.lora_B.detach())
+        self.residualise_base()
+
+    @torch.no_grad()
+    def register_initial_triplets(self, lora_a: torch.Tensor, lora_e: torch.Tensor, lora_b: torch.Tensor) -> None:
+        """Record the initial triplets of a weight-SVD start (copies, in the adapter's dtype) as the buffers
+        :data:`INITIAL_TENSORS`; :meth:`residualise_base` then takes their update out of the base weight.
+
+        Used by the weight-SVD init itself, and by :func:`adalora_pl.io.load_adapter`, which rebuilds a saved layer
+        from the saved triplets (not from a new SVD), so that the residual is the one training used.
+        """
+        factory = self.adapter_factory()
+        for name, value in zip(INITIAL_TENSORS, (lora_a, lora_e, lora_b), strict=True):
+            self.register_buffer(name, value.detach().to(**factory).clone())
+        self.adapter_init = "weight_svd"
+
+    def initial_delta(self) -> torch.Tensor | None:
+        """The (out, in) update of the initial triplets, ``scale * B0 diag(E0) A0``, in float64: what a weight-SVD
+        start took out of the base weight (so the pretrained weight is the base weight plus this). None for the
+        other inits."""
+        if self.adapter_init != "weight_svd":
+            return None
+        a, e, b = (getattr(self, name).detach().double() for name in INITIAL_TENSORS)
+        return b @ (a * e) * self.scale()
+
+    @torch.no_grad()
+    def residualise_base(self) -> None:
+        """Replace the base weight W by ``W - initial_delta()``, computed in float64 and rounded once (once per layer).
+
+        Raises:
+            RuntimeError: called twice, or on a layer without initial triplets.
+        """
+        if self.adapter_init != "weight_svd" or self._residualised:
+            raise RuntimeError("residualise_base: the layer has no initial triplets, or its base weight is the "
+                               "residual already")
+        weight = self.base_layer.weight
+        delta = self._orient(self.initial_delta()).to(weight.device)
+        weight.copy_((weight.double() - delta).to(weight.dtype))
+        self._residualised = True
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        """Load as usual; a weight-SVD layer whose loaded initial triplets differ from its own (a checkpoint of this
+        model whose SVD was computed by another LAPACK) moves its base weight to the residual of the loaded ones, so
+        that the base weight is always the pretrained W minus :meth:`initial_delta` (to float rounding). The base
+        weight of a full state dict, loaded after this (children load after their parent), overrides it."""
+        before = self.initial_delta() if self._residualised else None
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if before is None:
+            return
+        after = self.initial_delta()
+        if not torch.equal(before, after):
+            with torch.no_grad():
+                weight = self.base_layer.weight
+                shift = self._orient(before - after).to(weight.device)
+                weight.copy_((weight.double() + shift).to(weight.dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)
@@ -275,14 +420,21 @@ class SVDLinear(AdapterLayer):
         # Same operation order as the reference, so results match PEFT bitwise:
         # result += update * lora_alpha / (ranknum + 1e-5), fused into one pass where that is exact.
         update = self.lora_dropout(x) @ (self.lora_A * self.lora_E).T @ self.lora_B.T
+        denominator = self.scale_denominator()
         if self.quantization is not None:
             # Out of place: bitsandbytes' 4-bit output is made inside its autograd Function, and an in-place add
             # into it is an autograd error in training (PEFT clones it). The same numbers as the in-place add:
             # summed in the wider dtype, rounded once into the base output's dtype.
-            out = result + update * self.lora_alpha / (self.ranknum + RANKNUM_EPS)
+            out = result + update * self.lora_alpha / denominator
             return out.to(result.dtype)
         # A float32 adapter on a half-precision base adds into the base output in place, rounding once (PEFT).
-        return add_scaled(result, update, self.lora_alpha, self.ranknum + RANKNUM_EPS, fused=self.fuse_residual_add)
+        return add_scaled(result, update, self.lora_alpha, denominator, fused=self.fuse_residual_add)
+
+    def extra_repr(self) -> str:
+        extra = "".join(f", {k}={v}" for k, v, default in (("adapter_init", self.adapter_init, "reference"),
+                                                           ("scaling", self.scaling_rule, "alpha_over_r"))
+                        if v != default)
+        return super().extra_repr() + extra
 
 
 class LoRALinear(AdapterLayer):
@@ -295,6 +447,9 @@ class LoRALinear(AdapterLayer):
         r: rank (> 0).
         lora_alpha: scaling numerator; the update is scaled by ``lora_alpha / r``.
         lora_dropout: dropout probability on the adapter branch only.
+        autocast_adapter_dtype: float32 adapter tensors on a float16/bfloat16 base layer (default).
+        scaling: ``"alpha_over_r"`` (default, ``lora_alpha / r``) or ``"alpha_over_sqrt_r"`` (rsLoRA,
+            Kalajdzievski 2023, arXiv 2312.03732: ``lora_alpha / sqrt(r)``, PEFT's ``use_rslora``).
 
     Attributes:
         lora_A: (r, in), Kaiming-uniform init as in the LoRA reference code.
@@ -303,22 +458,30 @@ class LoRALinear(AdapterLayer):
 
     def __init__(
         self, base_layer: nn.Module, r: int, lora_alpha: float, lora_dropout: float = 0.0,
-        autocast_adapter_dtype: bool = True,
+        autocast_adapter_dtype: bool = True, scaling: Scaling = "alpha_over_r",
     ) -> None:
         if r <= 0:
             raise ConfigError(f"LoRA rank r must be > 0, got {r}")
+        check_scaling(scaling)
         super().__init__(base_layer, r, lora_alpha, lora_dropout, autocast_adapter_dtype)
+        self.scaling_rule = scaling
         factory = self.adapter_factory()
         self.lora_A = nn.Parameter(torch.empty(r, self.in_features, **factory))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, **factory))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
 
+    # Class default for instances unpickled from before the option existed.
+    scaling_rule: str = "alpha_over_r"
+
     @property
     def scaling(self) -> float:
+        """The update's scale: ``lora_alpha / r``, or ``lora_alpha / sqrt(r)`` under rsLoRA scaling."""
+        if self.scaling_rule == "alpha_over_sqrt_r":
+            return self.lora_alpha / math.sqrt(self.r)
         return self.lora_alpha / self.r
 
     def delta_weight(self) -> torch.Tensor:
-        """The (out, in) update ``B A * lora_alpha / r``."""
+        """The (out, in) update ``B A * scaling``."""
         return self.lora_B @ self.lora_A * self.scaling
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -332,3 +495,6 @@ class LoRALinear(AdapterLayer):
         # result + update * scaling, fused into one pass where that is exact.
         return add_scaled(result, update, self.scaling, fused=self.fuse_residual_add)
 
+    def extra_repr(self) -> str:
+        extra = f", scaling={self.scaling_rule}" if self.scaling_rule != "alpha_over_r" else ""
+        return super().extra_repr() + extra

@@ -31,6 +31,7 @@ from adalora_pl.callback import AdaLoRACallback
 from adalora_pl.config import AdaLoRAConfig, Method, method_overrides, method_spec
 from adalora_pl.errors import ConfigError
 from adalora_pl.injection import (
+    adapter_param_groups,
     count_adapter_parameters,
     inject_adapters,
     inside_any,
@@ -193,7 +194,9 @@ class AdapterModule(pl.LightningModule):
     Raises:
         ConfigError: an unknown ``method``, a learning rate that is not > 0, a ``param_budget`` that is not a
             positive integer, ``adapter_init`` on a method without SVD adapters, or a ``trainable_modules`` name that
-            matches nothing; the message names the argument and the value.
+            matches nothing; the message names the argument and the value. Also an opt-in option of README's
+            "Faster-starting options" on a method without what it acts on (:meth:`check_faster_start_options`), or a
+            ``rank_pattern`` file that cannot be read or does not fit the targeted modules.
     """
 
     #: The transformers Auto class whose ``from_pretrained`` loads the backbone, e.g.
@@ -244,6 +247,7 @@ class AdapterModule(pl.LightningModule):
         if self.adalora.adapter_init != "reference" and spec.adapter != "adalora":
             raise ConfigError(f"adapter_init={self.adalora.adapter_init!r} applies to SVD adapters (adalora, "
                               f"svd_lora), not to method={method!r}")
+        self.check_faster_start_options(method, spec.adapter, param_budget, quantization)
         for name, value, allowed in (("quantization", quantization, QUANTIZATIONS),
                                      ("quantization_compute_dtype", quantization_compute_dtype, COMPUTE_DTYPES),
                                      ("optimizer", optimizer, OPTIMIZERS),
@@ -275,12 +279,79 @@ class AdapterModule(pl.LightningModule):
                                                 if any(name_matches(n, t) for t in targets)])
             r, actual = match_budget(shapes, spec.budget, param_budget)
             log.info("param_budget %d -> r/bottleneck %d (%d params)", param_budget, r, actual)
-        svd_options = {"adapter_init": c.adapter_init} if spec.adapter == "adalora" else {}
+        layer_options: dict[str, Any] = {}
+        if spec.adapter in ("adalora", "lora", "prune_lora"):  # the layers with a lora_alpha scaling
+            layer_options["scaling"] = c.scaling
+        if spec.adapter == "adalora":
+            layer_options["adapter_init"] = c.adapter_init
+        if c.rank_pattern is not None:
+            layer_options["ranks"] = self.rank_pattern_ranks(c.rank_pattern, targets)
         self.adapters = inject_adapters(
             self.model, targets, method=ADAPTER_CLASSES[spec.adapter], r=r, lora_alpha=c.lora_alpha,
             lora_dropout=c.lora_dropout, trainable_modules=c.trainable_modules,
-            autocast_adapter_dtype=c.autocast_adapter_dtype, **svd_options,
+            autocast_adapter_dtype=c.autocast_adapter_dtype, **layer_options,
         )
+
+    def check_faster_start_options(self, method: str, adapter: str | None, param_budget: int | None,
+                                   quantization: str) -> None:
+        """Refuse the opt-in options of README's "Faster-starting options" where the method has nothing they act on
+        (before the backbone loads).
+
+        Raises:
+            ConfigError: ``lr_ratio_b`` / ``scaling`` on a method without LoRA factors, ``lr_ratio_e`` without SVD
+                adapters, ``rank_pattern`` on another method than ``lora`` or with ``param_budget``, ``weight_svd`` on a
+                quantized base; the message names the option, its value and what is allowed.
+        """
+        c = self.adalora
+        factors = adapter in ("adalora", "lora", "prune_lora")
+        if c.lr_ratio_b != 1 and not factors:
+            raise ConfigError(f"lr_ratio_b={c.lr_ratio_b!r} scales the learning rate of lora_B, which "
+                              f"method={method!r} does not have; use it with adalora, svd_lora, lora or prune_lora, "
+                              "or leave it at 1")
+        if c.lr_ratio_e != 1 and adapter != "adalora":
+            raise ConfigError(f"lr_ratio_e={c.lr_ratio_e!r} scales the learning rate of the singular values "
+                              f"lora_E, which method={method!r} does not have; use it with adalora or svd_lora, or "
+                              "leave it at 1")
+        if c.scaling != "alpha_over_r" and not factors:
+            raise ConfigError(f"scaling={c.scaling!r} applies to LoRA-style adapters (adalora, svd_lora, lora, "
+                              f"prune_lora), not to method={method!r}")
+        if c.rank_pattern is not None and method != "lora":
+            raise ConfigError(f"rank_pattern={c.rank_pattern!r} trains LoRA at the ranks an AdaLoRA run found: it "
+                              f"applies to method='lora', not to method={method!r}")
+        if c.rank_pattern is not None and param_budget is not None:
+            raise ConfigError(f"rank_pattern fixes each module's rank; param_budget={param_budget!r} would choose one "
+                              "uniform rank: give one of them")
+        if c.adapter_init == "weight_svd" and quantization != "none":
+            raise ConfigError(f"adapter_init='weight_svd' replaces each adapted base weight by its residual, which a "
+                              f"quantized base (quantization={quantization!r}) cannot hold; use quantization='none' or "
+                              "another adapter_init")
+
+    def rank_pattern_ranks(self, path: str, targets: list[str]) -> dict[str, int]:
+        """The rank of each module the ``targets`` match, from the ``rank_pattern.json`` at ``path``
+        (:func:`adalora_pl.io.report.read_rank_pattern`), keyed by path in the backbone.
+
+        The file of a task module's fit names modules from the LightningModule (``model.bert.encoder...``); one of an
+        :class:`~adalora_pl.AdaLoRACallback` run on a bare backbone names them from the backbone: both are accepted,
+        whichever names exactly the targeted modules.
+
+        Raises:
+            ConfigError: the file cannot be read, or names modules the targets do not match / misses some they match
+                (both listed, :func:`adalora_pl.injection.check_ranks`).
+        """
+        from adalora_pl.io.report import read_rank_pattern
+
+        ranks = read_rank_pattern(path)
+        skip = trainable_module_names(self.model, self.adalora.trainable_modules)
+        targeted = {n for n, _ in self.model.named_modules()
+                    if any(name_matches(n, t) for t in targets) and inside_any(n, skip) is None}
+        prefix = "model."
+        if all(k.startswith(prefix) for k in ranks):
+            stripped = {k.removeprefix(prefix): v for k, v in ranks.items()}
+            # The LightningModule's names, unless the file's own names are the backbone's already (a backbone whose
+            # first module is called ``model``, e.g. Llama's, written by a callback run on the bare backbone).
+            if set(stripped) == targeted or len(set(stripped) & targeted) > len(set(ranks) & targeted):
+                ranks = stripped
+        return ranks
 
     # ------------------------------------------------------------------ the backbone
 
@@ -667,6 +738,11 @@ class AdapterModule(pl.LightningModule):
         if "tensor_parallel" in mesh.mesh_dim_names and mesh["tensor_parallel"].size() > 1:
             raise ConfigError(f"tensor_parallel_size={mesh['tensor_parallel'].size()}: AdaLoRA shards with FSDP2 "
                               "data parallelism only; use ModelParallelStrategy(tensor_parallel_size=1)")
+        if self.adalora.adapter_init == "weight_svd":
+            # Not handled: the initial triplets and the residual base weights would have to be sharded consistently,
+            # and the exports rebuild W from both. Refused rather than risked.
+            raise ConfigError("adapter_init='weight_svd' is not supported under ModelParallelStrategy (sharded base "
+                              "weights); use another adapter_init, or DDP")
         data_mesh = mesh["data_parallel"] if "data_parallel" in mesh.mesh_dim_names else mesh
         placement = adapter_shard_placement(self.model, data_mesh.size())
         for unit in self.sharding_units():
@@ -708,6 +784,11 @@ class AdapterModule(pl.LightningModule):
             if p.requires_grad:
                 (adapter_params if id(p) in adapter_ids or self.method == "full" else head_params).append(p)
         groups = [{"params": adapter_params, "lr": h.learning_rate}]
+        ratio_b, ratio_e = self.adalora.lr_ratio_b, self.adalora.lr_ratio_e
+        if (ratio_b != 1 or ratio_e != 1) and self.method != "full":
+            # LoRA+-style per-factor learning rates: A, B and E groups (adapter_param_groups). With both ratios 1 the
+            # one group above stays: the reference's optimizer, and the group layout of older checkpoints.
+            groups = adapter_param_groups(self, h.learning_rate, ratio_b, ratio_e)
         if head_params:
             groups.append({"params": head_params, "lr": h.head_learning_rate or h.learning_rate})
         if h.get("optimizer", "adamw") == "adamw8bit":

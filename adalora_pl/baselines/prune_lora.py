@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from adalora_pl.allocator import MaskEvent, RankAllocator
-from adalora_pl.layers import LoRALinear
+from adalora_pl.layers import LoRALinear, Scaling
 
 
 class PrunableLoRALinear(LoRALinear):
@@ -24,9 +24,9 @@ class PrunableLoRALinear(LoRALinear):
 
     def __init__(
         self, base_layer: nn.Module, r: int, lora_alpha: float, lora_dropout: float = 0.0,
-        autocast_adapter_dtype: bool = True,
+        autocast_adapter_dtype: bool = True, scaling: Scaling = "alpha_over_r",
     ) -> None:
-        super().__init__(base_layer, r, lora_alpha, lora_dropout, autocast_adapter_dtype)
+        super().__init__(base_layer, r, lora_alpha, lora_dropout, autocast_adapter_dtype, scaling=scaling)
         self.register_buffer("rank_mask", torch.ones(r, dtype=torch.bool, device=self.lora_A.device))
         self.parameters_per_rank = self.in_features + self.out_features  # a row of A, a column of B
         self.lora_A.register_hook(lambda g: g * self.rank_mask.view(-1, 1).to(g.dtype))

@@ -80,7 +80,11 @@ def save_adapter(
         under their state-dict names (see :func:`head_tensor_names`).
         ``adapter_config.json``: method, ``init_r`` (AdaLoRA) or ``r`` (LoRA), ``lora_alpha``,
         ``lora_dropout``, ``target_modules``, ``trainable_modules``, ``backbone``, every adapter's module
-        path with its current ``r``, ``ranknum`` and kept rank, the head tensor names, and ``config`` as given.
+        path with its current ``r``, ``ranknum`` and kept rank (and, where not the default, its ``scaling`` and
+        ``adapter_init: "weight_svd"``), the head tensor names, and ``config`` as given.
+
+    A weight-SVD layer (docs/method.md §13) also stores its initial triplets (``init_lora_A`` / ``_E`` / ``_B``):
+    :func:`load_adapter` takes their update out of the fresh base weight, giving back the residual it trained on.
 
     Args:
         model: the model with adapters (the module whose paths the adapters are named by).
@@ -119,6 +123,13 @@ def save_adapter(
         if isinstance(adapter, SVDLinear):
             entry["ranknum"] = float(adapter.ranknum.item())
             entry["kept_rank"] = adapter.kept_rank
+        # The opt-in options, recorded only where they differ from the defaults (the files of default runs stay as
+        # they were): the scaling rule, and a weight-SVD start, whose initial triplets (INITIAL_TENSORS) are among
+        # the tensors and give load_adapter the residual base weight back.
+        if getattr(adapter, "scaling_rule", "alpha_over_r") != "alpha_over_r":
+            entry["scaling"] = adapter.scaling_rule
+        if getattr(adapter, "adapter_init", "reference") == "weight_svd":
+            entry["adapter_init"] = "weight_svd"
         layers[path] = entry
     heads = head_tensor_names(model, head_modules)
     for key in heads:
@@ -181,6 +192,19 @@ def _saved_with_autocast(
     return not (weight_dtype in (torch.float16, torch.bfloat16) and weight_dtype in saved)
 
 
+def _expect_initial_triplets(adapter: nn.Module, entry: Mapping[str, Any], config_path: Path) -> None:
+    """Give a layer built for a saved weight-SVD adapter its :data:`~adalora_pl.layers.INITIAL_TENSORS` (zeros of
+    the shapes the saved ones must have, ``ranknum`` triplets: compaction never drops initial ones) so that the
+    checks below expect them; their values are loaded with the rest, then :meth:`SVDLinear.residualise_base`."""
+    if not isinstance(adapter, SVDLinear):
+        raise ValueError(f"{config_path}: adapter_init 'weight_svd' is recorded for a {type(adapter).__name__}")
+    count = round(float(require_key(entry, "ranknum", config_path)))
+    factory = adapter.adapter_factory()
+    adapter.register_initial_triplets(torch.zeros(count, adapter.in_features, **factory),
+                                      torch.zeros(count, 1, **factory),
+                                      torch.zeros(adapter.out_features, count, **factory))
+
+
 def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
     """Rebuild the adapters saved by :func:`save_adapter` on ``model`` (a fresh base model) and load them.
 
@@ -234,13 +258,17 @@ def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
     try:
         for path, entry in layers.items():
             base = bases[path] = base_linear(model, path, config_path)
+            options = {"scaling": entry["scaling"]} if "scaling" in entry else {}
             built[path] = layer_cls(
                 base,
                 r=int(require_key(entry, "r", config_path)),
                 lora_alpha=entry.get("lora_alpha", meta.get("lora_alpha")),
                 lora_dropout=float(entry.get("lora_dropout", meta.get("lora_dropout", 0.0))),
                 autocast_adapter_dtype=_saved_with_autocast(tensors, path, base, heads),
+                **options,
             )
+            if entry.get("adapter_init", "reference") == "weight_svd":
+                _expect_initial_triplets(built[path], entry, config_path)
             for name, value in adapter_state(built[path]).items():
                 expected[f"{path}.{name}"] = tuple(value.shape)
         base_state = model.state_dict()
@@ -265,7 +293,7 @@ def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
                 in_features, out_features, _ = linear_shape(bases[path])
                 what = f"{path} is {type(bases[path]).__name__} in={in_features}, out={out_features}"
             check_shape(weights_path, key, tensors[key], shape, what)
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, RuntimeError):
         for name, p in model.named_parameters():
             p.requires_grad_(flags.get(name, p.requires_grad))
         raise
@@ -292,5 +320,8 @@ def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
             target.copy_(value.to(dtype=target.dtype))
             if key in heads and isinstance(target, nn.Parameter):
                 target.requires_grad_(True)
+        for adapter in built.values():
+            if getattr(adapter, "adapter_init", "reference") == "weight_svd":
+                adapter.residualise_base()  # the fresh base weight minus the saved initial triplets' update
     log.info("loaded %d %s adapters and %d head tensors from %s", len(layers), method, len(heads), directory)
     return model

@@ -34,7 +34,7 @@ from adalora_pl.io.peft import (
     write_peft_folder,
 )
 from adalora_pl.io.surgery import check_pruned_triplets
-from adalora_pl.layers import RANKNUM_EPS, SVDLinear
+from adalora_pl.layers import INITIAL_TENSORS, SVDLinear
 
 log = logging.getLogger(__name__)
 
@@ -44,16 +44,32 @@ def lora_factors(adapter: SVDLinear) -> tuple[torch.Tensor, torch.Tensor]:
     """LoRA factors ``(lora_A (k, in), lora_B (out, k))`` of an AdaLoRA layer with ``k`` kept triplets, such that
     ``lora_B @ lora_A`` is its update ``B diag(E) A * lora_alpha / (ranknum + 1e-5)`` with scaling 1.
 
-    ``lora_A = (E * s)[keep] * A[keep]`` and ``lora_B = B[:, keep]``, ``s = lora_alpha / (ranknum + 1e-5)``.
-    Pruned triplets are left out, which is exact only when their ``lora_E`` is zero (see
-    :func:`~adalora_pl.io.surgery.check_pruned_triplets`). Both factors keep the adapter's dtype.
+    ``lora_A = (E * s)[keep] * A[keep]`` and ``lora_B = B[:, keep]``, ``s = lora_alpha / (ranknum + 1e-5)``
+    (``lora_alpha / sqrt(ranknum + 1e-5)`` under rsLoRA scaling). Pruned triplets are left out, which is exact only
+    when their ``lora_E`` is zero (see :func:`~adalora_pl.io.surgery.check_pruned_triplets`). A weight-SVD layer
+    adds its initial triplets with a negated scale, so that the update is relative to the pretrained weight (its
+    rank is then :func:`lora_rank`). Both factors keep the adapter's dtype.
     """
     keep = adapter.rank_mask.nonzero().view(-1).to(adapter.lora_A.device)
     # E and the scaling go into A: B stays the left singular vectors, and A * E is the product the forward pass
     # forms anyway. Computed in float64 and rounded once, so the fold itself adds no error beyond the dtype's.
-    scale = adapter.lora_alpha / (adapter.ranknum.double() + RANKNUM_EPS)
+    scale = adapter.scale().to(adapter.lora_A.device)  # lora_alpha / (ranknum + 1e-5), or the rsLoRA scale
     lora_a = (adapter.lora_A.double() * (adapter.lora_E.double() * scale))[keep]
-    return lora_a.to(adapter.lora_A.dtype), adapter.lora_B[:, keep]
+    lora_b = adapter.lora_B[:, keep]
+    if adapter.adapter_init == "weight_svd":
+        # PEFT's PiSSA conversion: the folder's update is relative to the pretrained W, which is our residual base
+        # plus the initial triplets' update; so they are appended with a negative sign (docs/method.md §13).
+        a0, e0, b0 = (getattr(adapter, name) for name in INITIAL_TENSORS)
+        lora_a = torch.cat([lora_a, -(a0.double() * (e0.double() * scale))])
+        lora_b = torch.cat([lora_b, b0], dim=1)
+    return lora_a.to(adapter.lora_A.dtype), lora_b
+
+
+def lora_rank(adapter: SVDLinear) -> int:
+    """The rank of the LoRA layer :func:`lora_factors` makes of ``adapter``: its kept triplets, plus its initial
+    ones for a weight-SVD start."""
+    initial = adapter.init_lora_E.shape[0] if adapter.adapter_init == "weight_svd" else 0
+    return adapter.kept_rank + initial
 
 
 def _pattern_matches(key: str, name: str) -> bool:
@@ -104,9 +120,11 @@ def export_lora(
     On a quantized base (bitsandbytes 4-bit / int8, torchao int8) the folder is the same as on its unquantized model,
     and PEFT loads it onto the base quantized the same way (its LoRA ``Linear4bit``, ``Linear8bitLt`` or torchao
     layer; docs/method.md §11).
-    Unlike :func:`export_peft`, layers may differ in ``ranknum`` and ``lora_alpha``: the fold absorbs both. What is
-    lost is the AdaLoRA structure (E, the orthogonality of A and B, the pruned triplets): the folder is for
-    inference or further plain LoRA training.
+    Unlike :func:`export_peft`, layers may differ in ``ranknum``, ``lora_alpha`` and scaling rule: the fold absorbs
+    them. What is lost is the AdaLoRA structure (E, the orthogonality of A and B, the pruned triplets): the folder is
+    for inference or further plain LoRA training. A weight-SVD layer (docs/method.md §13) becomes a LoRA of rank
+    kept + init_r whose update is relative to the pretrained weight (PEFT's PiSSA conversion), so the folder loads
+    onto the original base model.
 
     Args:
         model: a model with :class:`SVDLinear` adapters.
@@ -143,7 +161,7 @@ def export_lora(
     if len(dropouts) > 1:
         raise ValueError(f"a LoRA config holds one lora_dropout; the adapters have {sorted(dropouts)}")
     lora_dropout = dropouts.pop()
-    ranks = {path: a.kept_rank for path, a in adapters.items()}
+    ranks = {path: lora_rank(a) for path, a in adapters.items()}
     targeted = [p for p, k in ranks.items() if k > 0]
     pruned = [p for p, k in ranks.items() if k == 0]
     if not targeted:

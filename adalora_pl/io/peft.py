@@ -46,7 +46,7 @@ from adalora_pl.io._common import (
     require_key,
 )
 from adalora_pl.io.surgery import check_pruned_triplets
-from adalora_pl.layers import SVDLinear, linear_shape
+from adalora_pl.layers import INITIAL_TENSORS, RANKNUM_EPS, SVDLinear, linear_shape
 from adalora_pl.quantized import check_adaptable, keep_model_exact
 
 log = logging.getLogger(__name__)
@@ -175,7 +175,13 @@ def export_peft(
 
     The rank pattern is each layer's ``rank_mask`` (padded with False to ``init_r`` for a compacted layer);
     only the kept triplets are written, as PEFT does. All layers must share ``ranknum`` (PEFT's ``init_r``,
-    which fixes the scaling), ``lora_alpha`` and ``lora_dropout``.
+    which fixes the scaling), ``lora_alpha``, ``lora_dropout`` and the scaling rule.
+
+    The opt-in options are written in PEFT's terms, so that PEFT's model gives ours' outputs up to float rounding
+    (docs/method.md §13): rsLoRA scaling (which PEFT's AdaLoRA lacks) by the ``lora_alpha`` whose PEFT scale
+    ``lora_alpha / (init_r + 1e-5)`` equals ours; a weight-SVD start by appending each layer's initial triplets
+    with negated ``lora_E`` (``init_r`` in the folder is then twice ours), since PEFT loads onto the pretrained
+    weight W, not onto our residual.
 
     Args:
         model: a model with :class:`SVDLinear` adapters.
@@ -229,7 +235,21 @@ def export_peft(
     lora_alpha, lora_dropout = alphas.pop(), dropouts.pop()
     if lora_alpha <= 0:
         raise ValueError(f"PEFT replaces lora_alpha <= 0 by init_r; cannot export lora_alpha={lora_alpha}")
+    rules = {a.scaling_rule for a in adapters.values()}
+    if len(rules) > 1:
+        raise ValueError(f"PEFT's AdaLoraConfig has one scaling; the adapters mix the scaling rules {sorted(rules)}")
     schedule = _peft_schedule(config, init_r, lora_alpha, lora_dropout)
+    # PEFT's AdaLoRA scales by lora_alpha / (init_r + 1e-5) and has no rsLoRA, nor a weight-SVD start. Both are
+    # written exactly in its terms (docs/method.md §13): a weight-SVD layer's initial triplets are appended with
+    # negated singular values, so that the folder's update is the change relative to the ORIGINAL weight W (PEFT
+    # loads onto the pretrained base, not our residual), and init_r grows by their number; the alpha written is the
+    # one whose PEFT scale equals ours. Default adapters are written as they always were.
+    initial = init_r if any(a.adapter_init == "weight_svd" for a in adapters.values()) else 0
+    peft_init_r = init_r + initial
+    peft_alpha = lora_alpha
+    if rules != {"alpha_over_r"} or initial:
+        scale = next(iter(adapters.values())).scale()  # float64; the same for every layer (one ranknum, alpha, rule)
+        peft_alpha = float(scale * (peft_init_r + RANKNUM_EPS))
     if task_type is None:
         task_type = infer_peft_task_type(model)
     merged = [p for p, a in adapters.items() if a.merged]
@@ -246,11 +266,20 @@ def export_peft(
     for path, adapter in adapters.items():
         keep = adapter.rank_mask.nonzero().view(-1)
         kept_total += keep.numel()
-        rank_pattern[f"{path}.lora_E"] = adapter.rank_mask.tolist() + [False] * (init_r - adapter.r)
+        pattern = adapter.rank_mask.tolist() + [False] * (init_r - adapter.r)
+        a, e, b = adapter.lora_A[keep], adapter.lora_E[keep], adapter.lora_B[:, keep]
+        if initial:
+            if adapter.adapter_init == "weight_svd":
+                a0, e0, b0 = (getattr(adapter, name) for name in INITIAL_TENSORS)
+                a, e, b = torch.cat([a, a0]), torch.cat([e, -e0]), torch.cat([b, b0], dim=1)
+                pattern += [True] * initial
+            else:  # a plain layer next to weight-SVD ones: its update is relative to W already
+                pattern += [False] * initial
+        rank_pattern[f"{path}.lora_E"] = pattern
         prefix = f"{PEFT_PREFIX}{path}"
-        tensors[f"{prefix}.lora_A"] = cpu_copy(adapter.lora_A[keep])
-        tensors[f"{prefix}.lora_E"] = cpu_copy(adapter.lora_E[keep])
-        tensors[f"{prefix}.lora_B"] = cpu_copy(adapter.lora_B[:, keep])
+        tensors[f"{prefix}.lora_A"] = cpu_copy(a)
+        tensors[f"{prefix}.lora_E"] = cpu_copy(e)
+        tensors[f"{prefix}.lora_B"] = cpu_copy(b)
     if schedule["target_r"] is None:
         schedule["target_r"] = round(kept_total / len(adapters))
     tensors.update(head_tensors)
@@ -262,11 +291,11 @@ def export_peft(
         "base_model_name_or_path": base_model_name_or_path,
         "revision": None,
         "inference_mode": True,
-        "init_r": init_r,
+        "init_r": peft_init_r,
         **schedule,
         "rank_pattern": rank_pattern,
         "target_modules": target_modules,
-        "lora_alpha": lora_alpha,
+        "lora_alpha": peft_alpha,
         "lora_dropout": lora_dropout,
         "fan_in_fan_out": any(a.fan_in_fan_out for a in adapters.values()),
         "bias": "none",

@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from adalora_pl.errors import ConfigError, MissingFileError
 from adalora_pl.injection import split_layer_path
 from adalora_pl.io.peft import rank_pattern_module_path
 
@@ -189,7 +190,44 @@ def save_budget_curve(
     return path_png
 
 
-__all__ = ["rank_table", "save_budget_curve", "save_rank_heatmap", "write_rank_report"]
+__all__ = ["rank_table", "read_rank_pattern", "save_budget_curve", "save_rank_heatmap", "write_rank_report"]
+
+
+def read_rank_pattern(path: str | Path) -> dict[str, int]:
+    """The kept rank of every module in a ``rank_pattern.json`` that :func:`write_rank_report` wrote (the end of an
+    AdaLoRA fit): ``{module path: rank}``, paths as the file names them.
+
+    Each entry of the file's ``"modules"`` is ``{"rank": k, "mask": [bool] * init_r}``; the rank is ``k`` (which
+    must be the number of True in ``mask`` where both are given).
+
+    Raises:
+        MissingFileError: no file at ``path``.
+        ConfigError: not JSON, not in this format, or a rank that is not an integer >= 0; one line naming the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise MissingFileError(f"rank_pattern file not found: {path}")
+    try:
+        payload = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ConfigError(f"rank_pattern {path} is not valid JSON ({err})") from None
+    modules = payload.get("modules") if isinstance(payload, dict) else None
+    if not isinstance(modules, dict) or not modules:
+        raise ConfigError(f"rank_pattern {path} has no \"modules\" entries; expected the rank_pattern.json an AdaLoRA "
+                          "fit writes ({\"modules\": {path: {\"rank\": k, \"mask\": [...]}}})")
+    ranks: dict[str, int] = {}
+    for name, entry in modules.items():
+        rank = entry.get("rank") if isinstance(entry, dict) else None
+        mask = entry.get("mask") if isinstance(entry, dict) else None
+        if rank is None and isinstance(mask, list):
+            rank = sum(bool(m) for m in mask)
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
+            raise ConfigError(f"rank_pattern {path}: module {name!r} has rank {rank!r}; expected an integer >= 0")
+        if isinstance(mask, list) and sum(bool(m) for m in mask) != rank:
+            raise ConfigError(f"rank_pattern {path}: module {name!r} has rank {rank} but its mask keeps "
+                              f"{sum(bool(m) for m in mask)}")
+        ranks[name] = rank
+    return ranks
 
 
 def write_rank_report(allocator: Any, directory: str | Path, file_name: str = "rank_pattern.json",

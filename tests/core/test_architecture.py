@@ -299,7 +299,9 @@ def test_the_top_level_exports_keep_every_name_and_add_the_config():
     }
     import adalora_pl
 
-    assert before | {"AdaLoRAConfig", "ConfigError"} == set(adalora_pl.__all__)
+    # and the opt-in options' helpers (README, "Faster-starting options")
+    assert before | {"AdaLoRAConfig", "ConfigError", "adapter_param_groups", "read_rank_pattern"} == set(
+        adalora_pl.__all__)
     from adalora_pl import AdaLoRAConfig, ConfigError, fused_add
     from adalora_pl.config import AdaLoRAConfig as config_class
     from adalora_pl.errors import ConfigError as error_class
