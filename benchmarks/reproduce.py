@@ -48,6 +48,41 @@ never free). On a GPU add ``--trainer-args --trainer.accelerator gpu --trainer.d
 trainer arguments are part of a run's settings: a result made without them is refused, not reused, so give a GPU
 grid its own ``--results-dir`` unless the folder has no MPNet results yet.
 
+The short-budget study of issue #25 (``--preset short``; not run yet): the default 189-step grid (MiniLM, CoLA, RTE,
+MRPC, STS-B, 2000 rows, 3 epochs, AdaLoRA 12 -> 8), seeds 1-3, results kept in ``benchmarks/results/short/``. Its rows
+are ``adalora``, ``lora`` and ``lora_scaled`` (LoRA at the final budget), AdaLoRA with each opt-in faster-starting
+option (README "Faster-starting options"): ``adalora_lr_plus`` (``--model.lr_ratio_b`` = ``--lr-ratio-b``, default
+4; ``--lr-ratio-e`` adds ``--model.lr_ratio_e``), ``adalora_rslora`` (``--model.scaling alpha_over_sqrt_r``),
+``adalora_weight_svd`` (``--model.adapter_init weight_svd``), ``adalora_combo`` (the ``--combo`` options together,
+default all three), and the two-stage recipe ``lora_from_pattern``: LoRA from scratch with ``--model.rank_pattern``
+= the rank_pattern.json of the ``adalora`` run of the same task, seed, backbone and tag (kept beside its result as
+``<task>-adalora-<seed>.rank_pattern.json``, else read from its run folder in ``--out``; without it the row stops
+and says to run adalora first; the grid runs adalora before it). The two-stage row takes ``lora_scaled``'s alpha
+(``lora_alpha * target_r / init_r``): a module at rank k scales by alpha / k, so one at the budget's average rank
+has scaled LoRA's (and AdaLoRA's) alpha / init_r and the row differs from ``lora_scaled`` only in where the ranks
+sit; its settings include the adalora run's, so a result made from another AdaLoRA run is refused. The report tests
+each option row and the two-stage row against ``adalora`` and against ``lora`` and ``lora_scaled`` (paired
+sign-flip tests over (task, seed)). Learning rates are chosen by a sweep on seed 1 only, one value per
+invocation, each under its own ``--tag`` (result files ``<task>-<method>-1-<tag>.json`` and run folders beside the
+grid's own; the ratio, learning rate and combination are in every run's settings, so a run made with other values
+is refused, never silently reused), then the grid runs seeds 1-3 at the chosen values, seeds 2-3 untouched by the
+choice (``--method-lr`` gives each method its own rate in one invocation, so the report covers the whole grid)::
+
+    for lr in 5e-4 1e-3 2e-3 4e-3; do                                    # seed 1: every row at each rate
+        python benchmarks/reproduce.py --preset short --seeds 1 --learning-rate $lr --tag lr$lr
+    done
+    for r in 2 8 16; do                                                  # seed 1: LoRA+'s ratio (4 is in lr1e-3)
+        python benchmarks/reproduce.py --preset short --seeds 1 --methods adalora_lr_plus --lr-ratio-b $r --tag lrb$r
+    done
+    python benchmarks/reproduce.py --preset short --seeds 1 --report-only --tag lr2e-3    # one value's table
+    nohup python benchmarks/reproduce.py --preset short --lr-ratio-b 8 --combo lr_plus,rslora \\
+        --method-lr adalora=2e-3 lora=1e-3 lora_scaled=2e-3 ... > short.log 2>&1 &      # the chosen values
+    python benchmarks/reproduce.py --preset short --report-only --lr-ratio-b 8 --combo lr_plus,rslora \\
+        --method-lr adalora=2e-3 lora=1e-3 lora_scaled=2e-3 ...
+
+(``benchmarks/update_scale.py --preset short`` probes the update size of each option; ``benchmarks/llm_xsum.py
+--adalora-options`` gives the SmolLM2 XSum rows.)
+
 #Params is counted as in the paper's tables: adapter parameters of the kept ranks, heads excluded
 (``adalora_pl.count_adapter_parameters(model, kept_only=True)``).
 """
@@ -63,9 +98,9 @@ import re
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -78,13 +113,31 @@ TASK_DIRS = {"cola": "CoLA", "sst2": "SST-2", "mrpc": "MRPC", "qqp": "QQP", "sts
              "qnli": "QNLI", "rte": "RTE"}
 MAIN_METRIC = {"cola": "val/mcc", "stsb": "val/pearson", "mrpc": "val/accuracy", "qqp": "val/accuracy",
                "mnli": "val/accuracy_validation_matched"}  # the paper reports accuracy for MRPC/QQP/MNLI-m
+#: The opt-in faster-starting options of README / docs/method.md §13 as the short-budget study (#25) runs them:
+#: ``lr_plus`` (LoRA+: ``lora_B`` at ``--lr-ratio-b`` times the learning rate), ``rslora`` (alpha / sqrt(r)
+#: scaling) and ``weight_svd`` (the PiSSA-like start). ``adalora_<option>`` is AdaLoRA with one of them,
+#: ``adalora_combo`` AdaLoRA with those ``--combo`` names.
+ADALORA_OPTIONS = ("lr_plus", "rslora", "weight_svd")
+OPTION_METHODS = (*(f"adalora_{option}" for option in ADALORA_OPTIONS), "adalora_combo")
+#: The two-stage recipe (AdaLoRA as a rank finder): LoRA from scratch at the per-module ranks of the rank_pattern.json
+#: that the ``adalora`` run of the same task, seed, backbone and tag wrote (see :func:`rank_pattern_file`).
+PATTERN_METHOD = "lora_from_pattern"
 METHODS = ("adalora", "lora", "lora_init_r", "lora_scaled", "full", "houlsby", "pfeiffer", "svd_lora", "prune_lora",
-           "adalora_no_orth", "adalora_sensitivity", "adalora_magnitude", "adalora_orthogonal_init", "svd_lora_init_r")
+           "adalora_no_orth", "adalora_sensitivity", "adalora_magnitude", "adalora_orthogonal_init", "svd_lora_init_r",
+           *OPTION_METHODS, PATTERN_METHOD)
 # The LoRA rows AdaLoRA is tested against (paired test, catch-up step), in the order the report lists them.
 LORA_PEERS = ("lora", "lora_scaled", "lora_init_r")
-# Variants of AdaLoRA itself, each tested against adalora (paired test): the orthogonal initialisation, and the
-# same SVD adapters at the initial rank never pruned (isolates what the budget schedule does).
-ADALORA_VARIANTS = ("adalora_orthogonal_init", "svd_lora_init_r")
+# Variants of AdaLoRA itself, each tested against adalora (paired test): the orthogonal initialisation, the same
+# SVD adapters at the initial rank never pruned (isolates what the budget schedule does), the faster-starting
+# options, and the two-stage recipe (LoRA at adalora's ranks: does the pattern AdaLoRA found pay without AdaLoRA?).
+ADALORA_VARIANTS = ("adalora_orthogonal_init", "svd_lora_init_r", *OPTION_METHODS, PATTERN_METHOD)
+# The rows of the short-budget study also tested against LoRA at the same final budget (issue #25: does an option,
+# or the two-stage recipe, close AdaLoRA's gap to LoRA / scaled LoRA at short budgets?). Not lora_init_r: it ends
+# with init_r / target_r times the budget.
+SAME_BUDGET_PEERS = ("lora", "lora_scaled")
+#: The short preset's rows (``--preset short``): the 189-step grid's AdaLoRA and LoRA rows, each option, the
+#: combination, and the two-stage recipe (after adalora, whose rank pattern it needs; see :func:`grid_order`).
+SHORT_METHODS = ("adalora", "lora", "lora_scaled", *OPTION_METHODS, PATTERN_METHOD)
 # The authors' schedules as fractions of their runs (configs/<task>.yaml; batch 32, 25 epochs of the full train
 # set: CoLA 8551 rows = 6700 steps, STS-B 5749 rows = 4500 steps): tinit, tfinal and warm-up in steps / total.
 PAPER_FRACTIONS = {"cola": {"tinit": 800 / 6700, "tfinal": 3500 / 6700, "warmup": 100 / 6700},
@@ -111,13 +164,63 @@ BACKBONES = {
 DEFAULT_BACKBONE = "minilm"
 
 
-def method_args(method: str, init_r: int, target_r: int, bottleneck: int, lora_alpha: float = 32.0) -> list[str]:
+def option_fields(options: Sequence[str], lr_ratio_b: float = 4.0, lr_ratio_e: float | None = None) -> dict[str, Any]:
+    """The :class:`~adalora_pl.AdaLoRAConfig` fields of the faster-starting ``options`` (names of
+    :data:`ADALORA_OPTIONS`), in the order of that tuple whatever the order given, so that one combination always
+    gives the same run settings. ``lr_plus`` sets ``lr_ratio_b`` (and ``lr_ratio_e`` when given: the singular
+    values' own ratio, 1 when None).
+
+    Raises:
+        ValueError: an unknown option name.
+    """
+    unknown = sorted(set(options) - set(ADALORA_OPTIONS))
+    if unknown:
+        raise ValueError(f"unknown AdaLoRA options {unknown}; choose from {list(ADALORA_OPTIONS)}")
+    fields: dict[str, Any] = {}
+    if "lr_plus" in options:
+        fields["lr_ratio_b"] = float(lr_ratio_b)
+        if lr_ratio_e is not None:
+            fields["lr_ratio_e"] = float(lr_ratio_e)
+    if "rslora" in options:
+        fields["scaling"] = "alpha_over_sqrt_r"
+    if "weight_svd" in options:
+        fields["adapter_init"] = "weight_svd"
+    return fields
+
+
+def option_cli_args(fields: dict[str, Any]) -> list[str]:
+    """``--model.<field> <value>`` for each of :func:`option_fields`' fields (numbers as ``%.6g``)."""
+    args: list[str] = []
+    for name, value in fields.items():
+        args += [f"--model.{name}", f"{value:.6g}" if isinstance(value, float) else str(value)]
+    return args
+
+
+def method_args(method: str, init_r: int, target_r: int, bottleneck: int, lora_alpha: float = 32.0, *,
+                lr_ratio_b: float = 4.0, lr_ratio_e: float | None = None,
+                combo: Sequence[str] = ADALORA_OPTIONS) -> list[str]:
     """CLI overrides for one method of the table. LoRA runs at r = target_r: the final budget of AdaLoRA.
 
     ``lora_scaled`` is LoRA at that rank with ``lora_alpha * target_r / init_r``, so that its scaling alpha / r
     equals AdaLoRA's alpha / init_r (the same update per unit of B A); plain ``lora`` keeps the config's alpha,
     which at r = 1 makes its scaling init_r times AdaLoRA's.
+
+    ``adalora_<option>`` is AdaLoRA with one faster-starting option (:func:`option_fields`; ``lr_plus`` at
+    ``lr_ratio_b``, and ``lr_ratio_e`` when given), ``adalora_combo`` with each of ``combo``.
+
+    ``lora_from_pattern`` is LoRA with the same alpha as ``lora_scaled``: its rank pattern (added by
+    :func:`pattern_args`, the total rank being AdaLoRA's final budget, target_r per module on average) gives each
+    module its own rank k, scaled by alpha / k as LoRA scales (PEFT's ``rank_pattern`` without an
+    ``alpha_pattern``), so a module at the average rank has scaled LoRA's, and AdaLoRA's, alpha / init_r, and the
+    row differs from ``lora_scaled`` only in where the ranks are. ``--model.init_r`` (target_r) is then only the
+    rank of a module the pattern would not name, which the library refuses.
     """
+    if method in OPTION_METHODS:
+        options = combo if method == "adalora_combo" else [method.removeprefix("adalora_")]
+        return ["--model.method", "adalora", "--model.init_r", str(init_r), "--model.target_r", str(target_r),
+                *option_cli_args(option_fields(options, lr_ratio_b, lr_ratio_e))]
+    if method == PATTERN_METHOD:
+        return method_args("lora_scaled", init_r, target_r, bottleneck, lora_alpha)
     ablations = {
         "adalora_no_orth": ["--model.method", "adalora", "--model.orth_reg_weight", "0"],
         "adalora_sensitivity": ["--model.method", "adalora", "--model.importance", "sensitivity"],
@@ -168,14 +271,23 @@ def settings(method: str, task: str, seed: int, args: argparse.Namespace) -> lis
         init_r, target_r, alpha = config_adapter_settings(task)
     else:
         init_r, target_r, alpha = args.init_r, args.target_r, config_adapter_settings(task)[2]
-    cli_args = ["--seed_everything", str(seed), *method_args(method, init_r, target_r, args.bottleneck, alpha)]
+    # getattr: a Namespace made before these options existed (or by hand) runs the options at their defaults.
+    options = {"lr_ratio_b": getattr(args, "lr_ratio_b", 4.0), "lr_ratio_e": getattr(args, "lr_ratio_e", None),
+               "combo": getattr(args, "combo", ADALORA_OPTIONS)}
+    cli_args = ["--seed_everything", str(seed), *method_args(method, init_r, target_r, args.bottleneck, alpha,
+                                                             **options)]
+    method_lr = getattr(args, "method_lr", None) or {}
     if args.preset == "long":
         cli_args += long_args(task)
     elif not args.paper:  # a short CPU run: the paper's step counts assume DeBERTa's long schedules
-        lr = args.full_lr if method == "full" else args.lr
+        lr = method_lr.get(method, args.full_lr if method == "full" else args.lr)
         cli_args += ["--trainer.max_epochs", str(args.epochs), "--model.tinit", "0.1", "--model.tfinal", "0.3",
                      "--model.delta_t", "1", "--model.warmup_steps", "0.06", "--data.max_seq_length",
                      str(args.max_seq_length), "--model.learning_rate", str(lr)]
+    if (args.preset == "long" or args.paper) and method in method_lr:
+        # Only when asked: the configs' own learning rates stay out of the settings, so the committed long-grid
+        # results (made before --method-lr existed) keep matching.
+        cli_args += ["--model.learning_rate", str(method_lr[method])]
     if args.max_train_samples:
         cli_args += ["--data.max_train_samples", str(args.max_train_samples)]
     return cli_args + args.trainer_args
@@ -211,9 +323,73 @@ def backbone_suffix(args: argparse.Namespace) -> str:
     return getattr(args, "backbone_suffix", "")
 
 
+def tag_suffix(args: argparse.Namespace) -> str:
+    """``""``, or ``-<tag>`` for a ``--tag``: what the result files and run folders of a tagged grid end in, so that
+    the runs of a learning-rate sweep (one value a tag) sit beside the grid's own instead of replacing them."""
+    tag = getattr(args, "tag", None)
+    return f"-{tag}" if tag else ""
+
+
 def result_path(method: str, task: str, seed: int, args: argparse.Namespace) -> Path:
-    """Where the result of one run is kept: ``<results-dir>/<task>-<method>-<seed>[-<backbone>].json``."""
-    return Path(args.results_dir) / f"{task}-{method}-{seed}{backbone_suffix(args)}.json"
+    """Where the result of one run is kept: ``<results-dir>/<task>-<method>-<seed>[-<backbone>][-<tag>].json``."""
+    return Path(args.results_dir) / f"{task}-{method}-{seed}{backbone_suffix(args)}{tag_suffix(args)}.json"
+
+
+def run_dir_path(method: str, task: str, seed: int, args: argparse.Namespace) -> Path:
+    """The run's folder in ``--out`` (logs, checkpoints, settings.json, an AdaLoRA run's rank_pattern.json)."""
+    return Path(args.out) / f"{method}_{task}_{seed}{backbone_suffix(args)}{tag_suffix(args)}"
+
+
+def pattern_copy_path(result: Path) -> Path:
+    """Where an ``adalora`` result's rank pattern is kept next to it: ``<result stem>.rank_pattern.json``, so that
+    the two-stage rows can be run (and checked) from the results folder alone, on another machine or after
+    ``--out`` is gone."""
+    return result.with_name(f"{result.stem}.rank_pattern.json")
+
+
+def keeps_patterns(args: argparse.Namespace) -> bool:
+    """Whether an ``adalora`` result gets its rank pattern copied beside it (:func:`pattern_copy_path`): in the
+    short study (``--preset short``, whose adalora runs are the two-stage rows' first stage, also when those rows
+    run later) and in any grid with ``lora_from_pattern``. The other grids' folders (the committed long grid's)
+    keep one file per run, as before the two-stage rows existed."""
+    return args.preset == "short" or PATTERN_METHOD in args.methods
+
+
+def rank_pattern_file(task: str, seed: int, args: argparse.Namespace) -> Path:
+    """The rank_pattern.json of the ``adalora`` run of ``(task, seed)`` in this grid (same settings, backbone and
+    tag): the copy beside its result in ``--results-dir`` (the result's settings checked first), else the file
+    its fit wrote into its run folder in ``--out`` (a folder made with the same settings; newest attempt).
+
+    Raises:
+        SystemExit: neither exists: the message says to run ``adalora`` first. Also a stored adalora result made with
+            other settings (:func:`stored_result`).
+    """
+    looked = []
+    if args.results_dir:
+        copy = pattern_copy_path(result_path("adalora", task, seed, args))
+        looked.append(str(copy))
+        if stored_result("adalora", task, seed, args) is not None and copy.is_file():
+            return copy
+    run_dir = run_dir_path("adalora", task, seed, args)
+    looked.append(str(run_dir / "lightning_logs" / "version_*" / "rank_pattern.json"))
+    marker = run_dir / "settings.json"
+    if marker.is_file() and json.loads(marker.read_text()) == planned_settings("adalora", task, seed, args):
+        written = sorted(run_dir.glob("lightning_logs/version_*/rank_pattern.json"),
+                         key=lambda path: int(path.parent.name.split("_")[1]))
+        if written:
+            return written[-1]
+    raise SystemExit(f"{PATTERN_METHOD} ({task}, seed {seed}) trains LoRA at the ranks the adalora run of the same "
+                     f"task and seed found, and its rank_pattern.json is not there ({' nor '.join(looked)}): run "
+                     f"adalora first (e.g. --methods adalora {PATTERN_METHOD}, with the same settings, --out, "
+                     "--results-dir and --tag)")
+
+
+def pattern_args(method: str, task: str, seed: int, args: argparse.Namespace) -> list[str]:
+    """``--model.rank_pattern <file>`` for the two-stage row, else nothing. Not part of the run's settings: the path
+    is this machine's; what identifies the pattern is the adalora run's settings (:func:`planned_settings`)."""
+    if method != PATTERN_METHOD:
+        return []
+    return ["--model.rank_pattern", str(rank_pattern_file(task, seed, args))]
 
 
 def read_curve(log_dir: Path, metric: str) -> list[list[float]]:
@@ -226,8 +402,13 @@ def read_curve(log_dir: Path, metric: str) -> list[list[float]]:
 
 
 def planned_settings(method: str, task: str, seed: int, args: argparse.Namespace) -> list[str]:
-    """What identifies a run: the backbone's label and the command-line overrides of :func:`settings`."""
-    return [f"backbone={run_backbone_label(args)}", *settings(method, task, seed, args)]
+    """What identifies a run: the backbone's label and the command-line overrides of :func:`settings`; for the
+    two-stage row also the settings of the adalora run whose ranks it trains at (a result made from another
+    AdaLoRA run, e.g. at another learning rate, is then refused rather than reused)."""
+    planned = [f"backbone={run_backbone_label(args)}"]
+    if method == PATTERN_METHOD:
+        planned.append("rank_pattern_of=adalora " + " ".join(settings("adalora", task, seed, args)))
+    return [*planned, *settings(method, task, seed, args)]
 
 
 def stored_result(method: str, task: str, seed: int, args: argparse.Namespace) -> dict | None:
@@ -242,8 +423,8 @@ def stored_result(method: str, task: str, seed: int, args: argparse.Namespace) -
     result = json.loads(stored.read_text())
     planned = planned_settings(method, task, seed, args)
     if result.get("settings") != planned:
-        raise SystemExit(f"{stored} was made with other settings ({result.get('settings')}); move it away or "
-                         f"choose another --results-dir to run {planned}")
+        raise SystemExit(f"{stored} was made with other settings ({result.get('settings')}); move it away, choose "
+                         f"another --results-dir or give this grid a --tag to run {planned}")
     return result
 
 
@@ -257,7 +438,8 @@ def run_one(method: str, task: str, seed: int, args: argparse.Namespace) -> dict
         print(f"skipping {stored.name}: finished earlier ({result['metric']:.2f})")
         return result
     planned = planned_settings(method, task, seed, args)
-    run_dir = Path(args.out) / f"{method}_{task}_{seed}{backbone_suffix(args)}"
+    pattern = pattern_args(method, task, seed, args)  # before anything is written: a missing pattern stops here
+    run_dir = run_dir_path(method, task, seed, args)
     key = MAIN_METRIC.get(task, "val/accuracy")
     attempt = start_attempt(run_dir, planned, key)
     logger = json.dumps({"class_path": "lightning.pytorch.loggers.CSVLogger",
@@ -266,7 +448,7 @@ def run_one(method: str, task: str, seed: int, args: argparse.Namespace) -> dict
                                        "flush_logs_every_n_steps": 1}})
     cli_args = ["fit", "--config", str(REPO / "configs" / f"{task}.yaml"), "--trainer.default_root_dir",
                 str(run_dir), "--trainer.enable_progress_bar", "false", "--trainer.logger", logger,
-                *location_args(task, args), *planned[1:]]
+                *location_args(task, args), *pattern, *settings(method, task, seed, args)]
     if attempt["checkpoint"]:
         print(f"resuming {run_dir.name} from step {attempt['from_step']} ({attempt['checkpoint']})")
         cli_args += ["--ckpt_path", attempt["checkpoint"]]
@@ -280,8 +462,15 @@ def run_one(method: str, task: str, seed: int, args: argparse.Namespace) -> dict
               "curve": [[s, v] for s, v in sorted(curve.items())], "settings": planned}
     if attempt["checkpoint"]:
         result["resumed_from_step"] = attempt["from_step"]
+    if pattern:
+        # The ranks this run trained at, so the result says which allocation it measured.
+        ranks = {name: info["rank"] for name, info in json.loads(Path(pattern[1]).read_text())["modules"].items()}
+        result["rank_pattern"] = {"total_rank": sum(ranks.values()), "ranks": ranks}
     if stored is not None:
         stored.parent.mkdir(parents=True, exist_ok=True)
+        written = Path(cli.trainer.log_dir) / "rank_pattern.json"
+        if method == "adalora" and written.is_file() and keeps_patterns(args):  # the two-stage rows' input
+            pattern_copy_path(stored).write_text(written.read_text())
         stored.write_text(json.dumps(result, indent=1) + "\n")
     return result
 
@@ -450,14 +639,32 @@ def parse_args(argv: list[str] | None = None, **defaults) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # None: the grid's default, filled in below (the preset has its own; an explicit value always wins).
     parser.add_argument("--methods", nargs="+", default=None, choices=METHODS,
-                        help="default: adalora lora (--preset long: adalora lora lora_init_r lora_scaled)")
+                        help="default: adalora lora (--preset long: adalora lora lora_init_r lora_scaled; --preset "
+                             f"short: {' '.join(SHORT_METHODS)})")
     parser.add_argument("--tasks", nargs="+", default=None, choices=sorted(TASK_DIRS),
                         help="default: cola rte mrpc stsb (--preset long: cola stsb)")
-    parser.add_argument("--seeds", nargs="+", type=int, default=None, help="default: 1 (--preset long: 1 2 3)")
-    parser.add_argument("--preset", choices=["long"], default=None,
+    parser.add_argument("--seeds", nargs="+", type=int, default=None, help="default: 1 (either preset: 1 2 3)")
+    parser.add_argument("--preset", choices=["long", "short"], default=None,
                         help="long: full CoLA and STS-B train sets, >= 1,500 steps, 3 seeds, AdaLoRA vs LoRA at the "
                              "final budget and at the initial rank (MiniLM unless --backbone); results kept in "
-                             "benchmarks/results/long")
+                             "benchmarks/results/long. short: the default 189-step grid, 3 seeds, AdaLoRA with each "
+                             "faster-starting option, their --combo and the two-stage lora_from_pattern against LoRA "
+                             "and scaled LoRA (issue #25); results kept in benchmarks/results/short")
+    parser.add_argument("--lr-ratio-b", type=float, default=4.0,
+                        help="adalora_lr_plus / adalora_combo: lora_B learns at this times the learning rate "
+                             "(--model.lr_ratio_b; part of those runs' settings)")
+    parser.add_argument("--lr-ratio-e", type=float, default=None,
+                        help="adalora_lr_plus / adalora_combo: also lora_E at this times the learning rate "
+                             "(--model.lr_ratio_e); default: not set (1)")
+    parser.add_argument("--combo", default=",".join(ADALORA_OPTIONS),
+                        help=f"adalora_combo's options, comma-separated from {','.join(ADALORA_OPTIONS)} "
+                             "(default: all)")
+    parser.add_argument("--method-lr", nargs="+", default=[], metavar="METHOD=LR",
+                        help="a learning rate for some methods instead of --lr (e.g. adalora_lr_plus=5e-4); the "
+                             "chosen rates of a sweep, so the whole grid runs (and reports) in one invocation")
+    parser.add_argument("--tag", default=None,
+                        help="appended to result files and run folders (<task>-<method>-<seed>-<tag>.json): a sweep "
+                             "value's runs sit beside the grid's own; letters, digits, '.', '_' and '-'")
     parser.add_argument("--results-dir", default=None,
                         help="one JSON per finished run; runs with a result there are skipped (resume)")
     parser.add_argument("--report-only", action="store_true",
@@ -478,7 +685,9 @@ def parse_args(argv: list[str] | None = None, **defaults) -> argparse.Namespace:
     parser.add_argument("--init-r", type=int, default=12)
     parser.add_argument("--target-r", type=int, default=8)
     parser.add_argument("--bottleneck", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--lr", "--learning-rate", dest="lr", type=float, default=1e-3,
+                        help="learning rate of every method but full in the CPU grids (not --paper / --preset long, "
+                             "which keep the configs'; --method-lr overrides it per method)")
     parser.add_argument("--full-lr", type=float, default=5e-5)
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "reproduce"))
     parser.add_argument("--json", default=None, help="default: <out>/results.json")
@@ -489,16 +698,30 @@ def parse_args(argv: list[str] | None = None, **defaults) -> argparse.Namespace:
     args = parser.parse_args(argv)
     # Not by looking for "--tasks" in argv: argv is None when run as a script, which once made the preset override
     # the tasks, seeds and methods given on the command line.
-    long = args.preset == "long"
+    long, short = args.preset == "long", args.preset == "short"
+    if short and args.paper:
+        parser.error("--preset short is the 189-step MiniLM grid; --paper is DeBERTaV3-base's: choose one")
+    if args.tag is not None and not re.fullmatch(r"[A-Za-z0-9._-]+", args.tag):
+        parser.error(f"--tag {args.tag!r}: use letters, digits, '.', '_' and '-' (it becomes part of file names)")
+    combo = [name.strip() for name in args.combo.split(",") if name.strip()]
+    if not combo or set(combo) - set(ADALORA_OPTIONS):
+        parser.error(f"--combo {args.combo!r}: comma-separated names from {','.join(ADALORA_OPTIONS)}")
+    args.combo = [o for o in ADALORA_OPTIONS if o in combo]  # one order, so one combination has one settings list
+    args.method_lr = parse_method_lr(parser, args.method_lr)
     if args.tasks is None:
         args.tasks = ["cola", "stsb"] if long else ["cola", "rte", "mrpc", "stsb"]
     if args.seeds is None:
-        args.seeds = [1, 2, 3] if long else [1]
+        args.seeds = [1, 2, 3] if long or short else [1]
     if args.methods is None:
-        args.methods = ["adalora", "lora", "lora_init_r", "lora_scaled"] if long else ["adalora", "lora"]
+        if long:
+            args.methods = ["adalora", "lora", "lora_init_r", "lora_scaled"]
+        else:
+            args.methods = list(SHORT_METHODS) if short else ["adalora", "lora"]
     if long:
         args.max_train_samples = None
         args.results_dir = args.results_dir or str(REPO / "benchmarks" / "results" / "long")
+    if short:
+        args.results_dir = args.results_dir or str(REPO / "benchmarks" / "results" / "short")
     if args.paper:
         args.tasks, args.seeds, args.data_dir = sorted(TASK_DIRS), [1, 2, 3, 4, 5], args.data_dir or None
         args.max_train_samples = None
@@ -507,10 +730,36 @@ def parse_args(argv: list[str] | None = None, **defaults) -> argparse.Namespace:
         args.max_train_samples, args.epochs, args.max_seq_length = 16, 1, 32
         args.trainer_args = ["--data.max_eval_samples", "32", *args.trainer_args]
     resolve_backbone(args)
-    if args.preset == "long":
-        # Per backbone: an MPNet grid sharing the results folder must not overwrite MiniLM's curves.
-        args.plot = args.plot or str(Path(args.results_dir) / f"learning_curves{args.backbone_suffix}.png")
+    if args.preset is not None:
+        # Per backbone and tag: an MPNet grid or a sweep sharing the results folder must not overwrite the curves.
+        args.plot = args.plot or str(Path(args.results_dir) /
+                                     f"learning_curves{args.backbone_suffix}{tag_suffix(args)}.png")
     return args
+
+
+def parse_method_lr(parser: argparse.ArgumentParser, items: list[str]) -> dict[str, float]:
+    """``--method-lr`` as ``{method: learning rate}`` (a parser error names a malformed item)."""
+    rates = {}
+    for item in items:
+        method, _, value = item.partition("=")
+        try:
+            rate = float(value)
+        except ValueError:
+            rate = float("nan")
+        if method not in METHODS or not rate > 0:
+            parser.error(f"--method-lr {item!r}: give METHOD=LR with a method of --methods' choices and a rate > 0")
+        rates[method] = rate
+    return rates
+
+
+def grid_order(methods: Sequence[str]) -> list[str]:
+    """``methods`` in the order a (task, seed) runs them: the two-stage row right after adalora, whose rank pattern
+    it trains at, wherever the command line put it."""
+    ordered = [m for m in methods if m != PATTERN_METHOD]
+    if PATTERN_METHOD in methods:
+        at = ordered.index("adalora") + 1 if "adalora" in ordered else len(ordered)
+        ordered.insert(at, PATTERN_METHOD)
+    return ordered
 
 
 def resolve_backbone(args: argparse.Namespace) -> None:
@@ -562,7 +811,7 @@ def tiny_backbone(folder: Path) -> str:
 def main(argv: list[str] | None = None, **defaults) -> dict:
     args = parse_args(argv, **defaults)
     # Seed-major: an interrupted grid has whole seeds of every task rather than every seed of one task.
-    grid = [(m, t, s) for s in args.seeds for t in args.tasks for m in args.methods]
+    grid = [(m, t, s) for s in args.seeds for t in args.tasks for m in grid_order(args.methods)]
     if args.report_only:
         if not args.results_dir:
             raise SystemExit("--report-only reads finished runs from --results-dir (or --preset long's folder)")
@@ -573,11 +822,18 @@ def main(argv: list[str] | None = None, **defaults) -> dict:
             raise SystemExit(f"--report-only: no finished runs of this grid in {args.results_dir}")
         methods = [m for m in args.methods if any(r["method"] == m for r in results)]
     else:
+        if PATTERN_METHOD in args.methods and "adalora" not in args.methods:
+            # The patterns must be there already: find out now, not after the grid's other runs.
+            for seed in args.seeds:
+                for task in args.tasks:
+                    rank_pattern_file(task, seed, args)
         results, missing, methods = [run_one(*run, args) for run in grid], [], args.methods
     report = table(results, methods, args.tasks)
     tests = [significance(results, "adalora", peer) for peer in LORA_PEERS if {"adalora", peer} <= set(methods)]
     tests += [significance(results, variant, "adalora") for variant in ADALORA_VARIANTS
               if {variant, "adalora"} <= set(methods)]
+    tests += [significance(results, variant, peer) for variant in (*OPTION_METHODS, PATTERN_METHOD)
+              for peer in SAME_BUDGET_PEERS if {variant, peer} <= set(methods)]
     for task in args.tasks:
         curves = mean_curves(results, task)
         for peer in (p for p in LORA_PEERS if {"adalora", p} <= set(curves)):  # else nothing to compare
