@@ -182,6 +182,16 @@ ARCHS = {
 }
 
 
+def assert_same_optimizer_state(trainer_a, trainer_b) -> None:
+    """The first optimizers of two trainers hold bitwise the same per-parameter state (Adam's moments, step)."""
+    moments_a = trainer_a.optimizers[0].state_dict()["state"]
+    moments_b = trainer_b.optimizers[0].state_dict()["state"]
+    assert moments_a.keys() == moments_b.keys()
+    for index, state in moments_a.items():
+        for name, value in state.items():
+            assert torch.equal(value, moments_b[index][name]), (index, name)
+
+
 def make_batch(seed: int = 7, batch_size: int = 4, seq_len: int = 10, labels: bool = False) -> dict:
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, 100, (batch_size, seq_len), generator=g)

