@@ -35,7 +35,7 @@ _EXPORTS = {
         "save_adapter",
     ),
     "adalora_pl.io.report": ("rank_table", "read_rank_pattern", "save_budget_curve", "save_rank_heatmap"),
-    "adalora_pl.layers": ("LoRALinear", "SVDLinear"),
+    "adalora_pl.layers": ("LoRALinear", "SVDLinear", "set_kernel"),
     "adalora_pl.schedule": ("BudgetSchedule", "budget_at"),
 }
 

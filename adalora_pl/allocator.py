@@ -219,6 +219,7 @@ class RankAllocator:
             self.frozen = True
             self.exp_avg_ipt.zero_()
             self.exp_avg_unc.zero_()
+            self._declare_pattern(frozen=True)
             return MaskEvent(step, phase, schedule.target_budget, True, threshold)
         self.apply_rank_pattern()
         return MaskEvent(step, phase, schedule.target_budget, False)
@@ -426,3 +427,12 @@ class RankAllocator:
         for name, layer in zip(self.names, self.layers, strict=True):
             layer.rank_mask.copy_(state["rank_mask"][name])
         self._kept_total = None
+        self._declare_pattern(frozen=self.frozen)
+
+    def _declare_pattern(self, frozen: bool) -> None:
+        """Tell the layers whether the rank pattern is final (``SVDLinear.freeze_pattern``: the fused kernel then
+        computes the kept triplets only). Once per fit or resume: it reads each layer's mask on the host."""
+        for layer in self.layers:
+            method = getattr(layer, "freeze_pattern" if frozen else "thaw_pattern", None)
+            if method is not None:
+                method()

@@ -22,7 +22,7 @@ from adalora_pl.config import AdaLoRAConfig
 from adalora_pl.errors import ConfigError
 from adalora_pl.importance import add_orthogonal_regularizer_grad_
 from adalora_pl.injection import find_adapters, inject_adapters, preset_targets
-from adalora_pl.layers import SVDLinear
+from adalora_pl.layers import SVDLinear, set_kernel
 from adalora_pl.sharding import all_finite, global_offsets, local, masked_rows, shard_group, whole
 
 # Sharding strategies the callback cannot run under: FSDP1 flattens parameters (the adapters' shapes are gone) and
@@ -128,6 +128,8 @@ class AdaLoRACallback(Callback):
                     f"adapter layers ({others[:3]}...). Remove the callback for a plain LoRA or adapter run."
                 )
             rank_zero_info(f"AdaLoRA: adopting the {len(adapters)} adapters the module already has")
+            if c.kernel != "reference":  # the default leaves the layers' own setting alone
+                set_kernel(adapters.values(), c.kernel)
             return adapters
         targets = c.target_modules or preset_targets(_find_model_for_preset(pl_module), c.trainable_modules)
         # Only the options that differ from the layer's defaults: a subclass's adapter class may not take them.
@@ -137,6 +139,8 @@ class AdaLoRACallback(Callback):
                                    lora_dropout=c.lora_dropout, trainable_modules=c.trainable_modules,
                                    autocast_adapter_dtype=c.autocast_adapter_dtype, **options)
         rank_zero_info(f"AdaLoRA: injected {len(adapters)} {self.adapter_class.__name__} adapters (init_r={c.init_r})")
+        if c.kernel != "reference":
+            set_kernel(adapters.values(), c.kernel)
         return adapters
 
     # ------------------------------------------------------------------ start of fit

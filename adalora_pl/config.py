@@ -19,7 +19,7 @@ from typing import Any, Literal, get_args
 from adalora_pl.errors import ConfigError
 from adalora_pl.importance import Importance, validate_importance
 from adalora_pl.injection import DEFAULT_TRAINABLE_MODULES
-from adalora_pl.layers import ADAPTER_INITS, AdapterInit, Scaling, check_scaling
+from adalora_pl.layers import ADAPTER_INITS, AdapterInit, Kernel, Scaling, check_kernel, check_scaling
 from adalora_pl.schedule import resolve_steps, validate_betas, validate_ranks, validate_schedule
 
 __all__ = [
@@ -68,6 +68,10 @@ class AdaLoRAConfig:
             lora_alpha / sqrt(init_r)).
         rank_pattern: method lora only: a rank_pattern.json written by an AdaLoRA fit; each module trains LoRA at
             the rank the file gives it (rank 0: the module is not adapted).
+        kernel: how the adapted layers compute: reference (the reference expressions, bitwise PEFT's) or fused (base
+            matmul and adapter branch in one autograd Function with fewer passes over the activations, equal to the
+            reference to float rounding; after tfinal only the kept triplets are computed; docs/method.md §14).
+            AdaLoRA and LoRA adapters on float (not quantized, not sharded) bases; the others compute the reference.
 
     Raises:
         ConfigError: a value out of range; the message names the field, the value and what is allowed.
@@ -93,6 +97,7 @@ class AdaLoRAConfig:
     lr_ratio_e: float = 1.0
     scaling: Scaling = "alpha_over_r"
     rank_pattern: str | None = None
+    kernel: Kernel = "reference"
 
     def __post_init__(self) -> None:
         # Lists from YAML become tuples: the object is frozen and compares by value.
@@ -121,6 +126,7 @@ class AdaLoRAConfig:
         for name in ("lr_ratio_b", "lr_ratio_e"):
             check_lr_ratio(name, getattr(self, name))
         check_scaling(self.scaling)
+        check_kernel(self.kernel)
         if self.rank_pattern is not None:
             if not isinstance(self.rank_pattern, str | os.PathLike) or not str(self.rank_pattern):
                 raise ConfigError(f"rank_pattern must be the path of a rank_pattern.json file or None, got "

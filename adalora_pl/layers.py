@@ -9,6 +9,7 @@ masks and parameters can be compared with PEFT bitwise.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from typing import Literal, get_args
 
 import torch
@@ -17,7 +18,8 @@ from transformers.pytorch_utils import Conv1D
 
 from adalora_pl import quantized
 from adalora_pl.errors import ConfigError
-from adalora_pl.fused_add import add_scaled
+from adalora_pl.fused_add import _functorch_active, add_scaled
+from adalora_pl.fused_branch import fused_adapted_linear
 
 # Added to ranknum before dividing, as in the reference code (keeps a rank-0 layer finite).
 RANKNUM_EPS = 1e-5
@@ -52,6 +54,38 @@ SCALINGS: tuple[str, ...] = get_args(Scaling)
 #: triplets, whose product the base weight gave up (the residual ``W - scale * B0 diag(E0) A0`` is the base layer's
 #: weight). Exports rebuild the pretrained weight, and a delta relative to it, from these.
 INITIAL_TENSORS = ("init_lora_A", "init_lora_E", "init_lora_B")
+#: How an adapted layer computes: ``"reference"`` (the reference implementations' expressions, bitwise PEFT's) or
+#: ``"fused"`` (one autograd Function for the base matmul and the branch, fewer passes over the activations, equal to
+#: the reference to rounding; :mod:`adalora_pl.fused_branch`, docs/method.md §14).
+Kernel = Literal["reference", "fused"]
+KERNELS: tuple[str, ...] = get_args(Kernel)
+
+
+def check_kernel(kernel: str) -> None:
+    """Refuse an unknown adapter kernel.
+
+    Raises:
+        ConfigError: naming the value and the allowed ones.
+    """
+    if kernel not in KERNELS:
+        raise ConfigError(f"kernel must be one of {list(KERNELS)}, got {kernel!r}")
+
+
+def set_kernel(adapters: nn.Module | Iterable[nn.Module], kernel: Kernel) -> None:
+    """Set how the adapter layers compute (``"reference"`` or ``"fused"``, see :data:`Kernel`).
+
+    Args:
+        adapters: adapter layers, or a module whose adapter layers (every :class:`AdapterLayer` inside) are set.
+        kernel: ``"reference"`` or ``"fused"``.
+
+    Raises:
+        ConfigError: an unknown kernel.
+    """
+    check_kernel(kernel)
+    layers = adapters.modules() if isinstance(adapters, nn.Module) else adapters
+    for layer in layers:
+        if isinstance(layer, AdapterLayer):
+            layer.kernel = kernel
 
 
 def check_scaling(scaling: str) -> None:
@@ -151,6 +185,31 @@ class AdapterLayer(nn.Module):
     # instance evaluates the reference's plain expressions instead, the same numbers (benchmarks/step_time.py
     # measures what the fusion buys). Per layer rather than a module global: two models in one process may differ.
     fuse_residual_add: bool = True
+    # "reference" or "fused" (see Kernel, set_kernel); per layer for the same reason.
+    kernel: str = "reference"
+
+    def _fused_applies(self, x: torch.Tensor) -> bool:
+        """Whether this forward takes the fused kernel: asked for, and on a layer it covers (a plain frozen float
+        ``nn.Linear`` / ``Conv1D`` weight, no hooks on the base layer, no functorch transform or compiler tracing);
+        anything else computes the reference expressions."""
+        if self.kernel != "fused" or self.quantization is not None or not x.is_floating_point():
+            return False
+        base = self.base_layer
+        weight, bias = base.weight, base.bias
+        # Exactly a tensor / parameter: not a DTensor shard, nor a torchao or other tensor subclass.
+        if type(weight) not in (torch.Tensor, nn.Parameter) or weight.requires_grad or not weight.is_floating_point():
+            return False
+        if bias is not None and (type(bias) not in (torch.Tensor, nn.Parameter) or bias.requires_grad):
+            return False
+        if base._forward_hooks or base._forward_pre_hooks or type(base).forward not in (nn.Linear.forward,
+                                                                                       Conv1D.forward):
+            return False
+        return not (torch.compiler.is_compiling() or _functorch_active())
+
+    def _branch_dropout_p(self) -> float:
+        """The branch's dropout probability in this forward (0 in eval mode or without dropout)."""
+        dropout = self.lora_dropout
+        return float(dropout.p) if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
 
     @property
     def kept_rank(self) -> int:
@@ -412,7 +471,36 @@ class SVDLinear(AdapterLayer):
                 shift = self._orient(before - after).to(weight.device)
                 weight.copy_((weight.double() + shift).to(weight.dtype))
 
+    # The kept triplets' indices once the rank pattern is final (freeze_pattern); None while it may still change.
+    _kept_index: torch.Tensor | None = None
+
+    def freeze_pattern(self) -> None:
+        """Declare the rank pattern final (AdaLoRA's last phase): the fused kernel then computes the kept triplets
+        only, so that phase costs what the kept rank costs. Masked triplets contribute nothing either way (their E is
+        zero); what changes is that their E receives a zero gradient (the reference computes one, and the allocator
+        zeroes E again after each step, so only the optimizer's state of those E differs). The reference kernel ignores
+        this. One host synchronization, here."""
+        self._kept_index = torch.nonzero(self.rank_mask).view(-1)
+
+    def thaw_pattern(self) -> None:
+        """Undo :meth:`freeze_pattern`: every triplet is computed again."""
+        self._kept_index = None
+
+    def _fused_forward(self, x: torch.Tensor) -> torch.Tensor:
+        lora_a, lora_e, lora_b = self.lora_A, self.lora_E, self.lora_B
+        kept = self._kept_index
+        if kept is not None:
+            # No special case for nothing kept: the rank-0 branch adds nothing, and A and B still get (zero) gradients,
+            # so that AdamW moves them exactly as under the reference kernel (a None gradient would skip them).
+            kept = kept.to(lora_a.device)
+            lora_a, lora_e, lora_b = lora_a[kept], lora_e[kept], lora_b[:, kept]
+        scale = self.lora_alpha / self.scale_denominator()
+        return fused_adapted_linear(x, self.base_layer.weight, self.base_layer.bias, lora_a * lora_e, lora_b * scale,
+                                    dropout_p=self._branch_dropout_p(), weight_in_out=self.fan_in_fan_out)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.merged and self.r > 0 and self._fused_applies(x):
+            return self._fused_forward(x)
         result = self.base_layer(x)
         if self.merged or self.r == 0:
             return result
@@ -485,6 +573,10 @@ class LoRALinear(AdapterLayer):
         return self.lora_B @ self.lora_A * self.scaling
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.merged and self._fused_applies(x):
+            return fused_adapted_linear(x, self.base_layer.weight, self.base_layer.bias, self.lora_A,
+                                        self.lora_B * self.scaling, dropout_p=self._branch_dropout_p(),
+                                        weight_in_out=self.fan_in_fan_out)
         result = self.base_layer(x)
         if self.merged:
             return result

@@ -43,6 +43,7 @@ from adalora_pl.injection import (
     trainable_module_names,
 )
 from adalora_pl.io.pretrained import check_backbone, load_pretrained
+from adalora_pl.layers import set_kernel
 from adalora_pl.quantized import QUANT_EXTRA, QuantizationUnavailable, describe, is_quantized
 from adalora_pl.schedule import resolve_steps
 from adalora_pl.sharding import adapter_shard_placement
@@ -291,6 +292,7 @@ class AdapterModule(pl.LightningModule):
             lora_dropout=c.lora_dropout, trainable_modules=c.trainable_modules,
             autocast_adapter_dtype=c.autocast_adapter_dtype, **layer_options,
         )
+        set_kernel(self.adapters.values(), c.kernel)
 
     def check_faster_start_options(self, method: str, adapter: str | None, param_budget: int | None,
                                    quantization: str) -> None:
@@ -315,6 +317,13 @@ class AdapterModule(pl.LightningModule):
         if c.scaling != "alpha_over_r" and not factors:
             raise ConfigError(f"scaling={c.scaling!r} applies to LoRA-style adapters (adalora, svd_lora, lora, "
                               f"prune_lora), not to method={method!r}")
+        if c.kernel != "reference" and not factors:
+            raise ConfigError(f"kernel={c.kernel!r} computes LoRA-style adapters (adalora, svd_lora, lora, "
+                              f"prune_lora), not method={method!r}; leave kernel at 'reference'")
+        if c.kernel != "reference" and quantization != "none":
+            raise ConfigError(f"kernel={c.kernel!r} covers float base weights; a quantized base (quantization="
+                              f"{quantization!r}) runs bitsandbytes' / torchao's own matmul: leave kernel at "
+                              "'reference'")
         if c.rank_pattern is not None and method != "lora":
             raise ConfigError(f"rank_pattern={c.rank_pattern!r} trains LoRA at the ranks an AdaLoRA run found: it "
                               f"applies to method='lora', not to method={method!r}")

@@ -8,7 +8,11 @@
 2. A 200-step fit with AdaLoRACallback on a DeBERTa-v3-base-shaped model (random weights: nothing can be
    downloaded there) in bf16-mixed and in 16-mixed: stopped at step 100, resumed from that checkpoint to 200,
    exported as a PEFT folder. Prints ms/step, the final total rank and whether the masked triplets are zero.
-3. ``benchmarks/step_time.py --device cuda --models deberta``: our AdaLoRA against PEFT's on the GPU, and
+3. ``benchmarks/step_time.py --device cuda --models deberta,smollm2 --bf16`` (DeBERTa-v3-base's and SmolLM2-135M's
+   shapes, random weights, bf16 autocast; 10 timed steps after 3 warm-up): the frozen floor, PEFT's AdaLoRA, ours
+   with the reference and the fused adapter kernel (cubic phase; final phase masked, the fused one with the pattern
+   frozen so only kept triplets are computed) and LoRA reference/fused; results in ``step_time_cuda.json`` beside
+   ``gpu_check.json``, with each time ratio's median and quartiles over the rounds. And
    ``benchmarks/sharded_step.py --accelerator cuda``: FSDP2 (ModelParallelStrategy, NCCL) on the GPUs there are.
 
 Results go to ``$OUT/gpu_check.json`` when ``OUT`` is set (the device tool's output folder), else to
@@ -34,6 +38,10 @@ sys.path.insert(0, str(REPO))
 
 from adalora_pl import AdaLoRACallback, export_peft, find_adapters  # noqa: E402
 from benchmarks.step_time import build_base  # noqa: E402
+
+# Part 3: the step-time variants timed on the GPU (the fused adapter kernel against the reference and PEFT).
+STEP_TIME_VARIANTS = ("frozen", "peft_adalora", "adalora", "adalora_fused", "adalora_masked", "adalora_masked_fused",
+                      "lora", "lora_fused")
 
 
 class RandomClassification(pl.LightningModule):
@@ -115,12 +123,27 @@ def fit_resume_export(args, precision: str, work: Path) -> dict:
     }
 
 
+def step_time_command(json_path: Path) -> list[str]:
+    """Part 3's command line: ``benchmarks/step_time.py`` on CUDA, both models in bf16, results to ``json_path``."""
+    return [sys.executable, "benchmarks/step_time.py", "--device", "cuda", "--models", "deberta,smollm2", "--bf16",
+            "--variants", ",".join(STEP_TIME_VARIANTS), "--steps", "10", "--warmup", "3", "--quiet",
+            "--json", str(json_path)]
+
+
 def run(command: list[str], timeout: int) -> dict:
+    """Run ``command`` in the repository; a timeout is reported (returncode None, the output so far), not raised, so
+    that the other parts' results are still written."""
     start = time.perf_counter()
-    proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout)
-    tail = (proc.stdout + proc.stderr)[-4000:]
+    try:
+        proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+        returncode, output = proc.returncode, proc.stdout + proc.stderr
+    except subprocess.TimeoutExpired as timed_out:
+        returncode = None
+        output = "".join(o.decode(errors="replace") if isinstance(o, bytes) else (o or "")
+                         for o in (timed_out.stdout, timed_out.stderr)) + f"\n[timed out after {timeout}s]"
+    tail = output[-4000:]
     print(tail)
-    return {"command": " ".join(command), "returncode": proc.returncode, "seconds": time.perf_counter() - start,
+    return {"command": " ".join(command), "returncode": returncode, "seconds": time.perf_counter() - start,
             "tail": tail}
 
 
@@ -152,8 +175,12 @@ def main(argv: list[str] | None = None) -> dict:
         print(json.dumps(result))
         report["fits"].append(result)
     if not args.skip_step_time:
-        report["step_time"] = run([sys.executable, "benchmarks/step_time.py", "--device", "cuda", "--models",
-                                   "deberta", "--steps", "10", "--json", str(out_dir / "step_time_cuda.json")], 300)
+        step_json = out_dir / "step_time_cuda.json"
+        report["step_time"] = run(step_time_command(step_json), 420)
+        if report["step_time"]["returncode"] == 0:  # the ratios (medians, spread over rounds) of both models
+            models = json.loads(step_json.read_text())["models"]
+            report["step_time"]["ratios"] = {name: m["ratios"] for name, m in models.items()}
+            report["step_time"]["ratio_spread"] = {name: m["ratio_spread"] for name, m in models.items()}
         # FSDP2 over the GPUs there are (NCCL): step time, memory and the bytes of every collective.
         report["sharded_step"] = run([sys.executable, "benchmarks/sharded_step.py", "--accelerator", "cuda",
                                       "--devices", str(max(1, torch.cuda.device_count())), "--steps", "20",

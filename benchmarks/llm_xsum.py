@@ -24,9 +24,11 @@ Steps:
     summaries, and ROUGE-1/2/L (percent, stemmed) of greedy generations of at most ``--max-new-tokens`` tokens;
     the generations are in ``--out``/<method>/predictions_val_epoch*.jsonl.
 (d) Step time: ours (``adalora_pl`` SVD adapters, the orthogonal regularizer's gradient added the way
-    ``AdaLoRACallback`` does, ``RankAllocator.update_and_allocate``) against PEFT's ``AdaLoraModel`` on the same
-    SmolLM2, same init_r/target_r/targets, batch ``--batch-size`` x ``--max-seq-length`` random tokens,
-    round-robin in one process, ratio of per-round medians, and each one's peak memory per step, with the
+    ``AdaLoRACallback`` does, ``RankAllocator.update_and_allocate``), with the reference kernel and with
+    ``kernel="fused"``, against PEFT's ``AdaLoraModel`` on the same SmolLM2 and against the frozen backbone (input
+    gradients on, nothing trained: the floor), same init_r/target_r/targets, batch ``--batch-size`` x
+    ``--max-seq-length`` random tokens, round-robin in one process, ratios as medians of per-round ratios with their
+    quartiles over the rounds, and each one's peak memory per step, with the
     machinery of ``benchmarks/step_time.py`` (its schedule: every timed step lies in the cubic phase). Run last:
     the CPU memory measure pins glibc's malloc thresholds for the rest of the process.
 (c') The short-budget study's rows (issue #25; not in the default parts): ``lora_scaled`` (part ``lora_scaled``: LoRA
@@ -361,9 +363,14 @@ def run_step_time(args: argparse.Namespace) -> dict[str, Any]:
     # step_time's batch has classification labels; a causal LM predicts its own tokens.
     batch = step_time.make_batch(base, args.batch_size, args.max_seq_length, device)
     batch["labels"] = batch["input_ids"].clone()
-    ours = step_time.build_variant("adalora", base, st, device)
-    ours.batch = batch
-    ours.note = "ours: orth reg gradient added as AdaLoRACallback does"
+    # The floor (frozen backbone, input gradients on, nothing trained: the head is the tied embedding matrix), ours
+    # with the reference kernel and with the fused one (issue #24), and PEFT's AdaLoRA.
+    ours = {name: step_time.build_variant(name, base, st, device) for name in ("frozen", "adalora", "adalora_fused")}
+    for variant in ours.values():
+        variant.batch = batch
+    ours["adalora"].note = "ours: orth reg gradient added as AdaLoRACallback does"
+    ours["adalora_fused"].note = "ours, kernel='fused'"
+    ours["frozen"].note = "frozen backbone, input grads on (the floor)"
     config = AdaLoraConfig(
         init_r=args.init_r, target_r=args.target_r, tinit=step_time.TINIT, tfinal=step_time.TFINAL,
         deltaT=step_time.DELTA_T, total_step=step_time.TOTAL_STEP, orth_reg_weight=0.1, lora_alpha=args.lora_alpha,
@@ -374,7 +381,7 @@ def run_step_time(args: argparse.Namespace) -> dict[str, Any]:
         peft_model = get_peft_model(step_time.share_frozen_copy(base), config)
     theirs = step_time.Variant("peft_adalora", peft_model, batch, None, note="PEFT AdaLoraModel")
     theirs.after_step = peft_model.base_model.update_and_allocate
-    variants = [ours, theirs]
+    variants = [*ours.values(), theirs]
     wall, cpu = step_time.time_variants(variants, args.step_steps, args.step_warmup, device, progress=True)
     memory = {}
     if not step_time.pin_glibc_malloc():
@@ -395,6 +402,13 @@ def run_step_time(args: argparse.Namespace) -> dict[str, Any]:
     result["ratio_cpu"] = step_time.ratio_of_rounds(cpu, "adalora", "peft_adalora")
     peft_mem = memory["peft_adalora"][0]
     result["peak_mem_ratio"] = memory["adalora"][0] / peft_mem if peft_mem > 0 else None
+    # Each ratio as the median of per-round ratios (wall clock), with its spread over the rounds.
+    pairs = {"adalora_vs_frozen": ("adalora", "frozen"), "adalora_fused_vs_frozen": ("adalora_fused", "frozen"),
+             "adalora_fused_vs_peft_adalora": ("adalora_fused", "peft_adalora"),
+             "adalora_fused_vs_adalora": ("adalora_fused", "adalora")}
+    result["ratio_spread"] = {key: step_time.ratio_spread_of_rounds(wall, num, den)
+                              for key, (num, den) in pairs.items()}
+    result["peak_mem_ratio_fused"] = memory["adalora_fused"][0] / peft_mem if peft_mem > 0 else None
     return result
 
 
@@ -581,6 +595,12 @@ def markdown(results: dict[str, Any]) -> str:
         else:
             lines.append(f"ours / PEFT: time {_fmt(st['ratio_wall'], '.3f')} (wall), {_fmt(st['ratio_cpu'], '.3f')} "
                          f"(CPU); peak memory {_fmt(st['peak_mem_ratio'], '.3f')}")
+            for key, spread in (st.get("ratio_spread") or {}).items():
+                if spread:
+                    lines.append(f"{key}: {spread['median']:.3f} [{_fmt(spread['q1'], '.3f')}, "
+                                 f"{_fmt(spread['q3'], '.3f')}] (median [quartiles] of {spread['rounds']} rounds)")
+            if st.get("peak_mem_ratio_fused") is not None:
+                lines.append(f"ours fused / PEFT: peak memory {st['peak_mem_ratio_fused']:.3f}")
     return "\n".join(lines)
 
 

@@ -21,12 +21,22 @@ Variants (same targets, same initial rank ``--rank`` everywhere: LoRA r = AdaLoR
                     (the allocator is then no longer needed).
   adalora_masked    ours, final phase without compaction: the frozen pattern is re-applied after every step
                     (what ``AdaLoRACallback`` does, and what PEFT does).
+  lora_fused        ours LoRA with the fused adapter kernel (``adalora_pl.layers.set_kernel(adapters, "fused")``:
+                    base linear + dropout -> A -> B -> add in one autograd Function).
+  adalora_fused     ours AdaLoRA with the fused kernel (E scale inside it); same allocator and orth reg as
+                    ``adalora``.
+  adalora_masked_fused
+                    ``adalora_masked`` with the fused kernel and ``SVDLinear.freeze_pattern()`` on every layer
+                    after the final mask event: the forward computes the kept triplets only (gathered), while the
+                    allocator still re-applies the pattern after every step.
   lora_unfused,     optional (``--variants``): ours with ``fuse_residual_add = False`` on every adapter layer, i.e.
   adalora_unfused   the reference's unfused ``result + update * scaling [/ denom]``; what the one-pass add buys.
 
 The floor saves less for backward than any adapter method (a frozen linear layer needs no copy of its input), so
 its peak memory is a floor too. Models: ``minilm`` (the real all-MiniLM-L6-v2), ``deberta`` (DeBERTa-v3-base's
-shape, random weights; bf16 autocast on CUDA), ``tiny`` (a 2-layer BERT from a config, for ``--smoke``).
+shape, random weights), ``smollm2`` (a ``LlamaForSequenceClassification`` of SmolLM2-135M's shape: 30 layers x 576,
+9 heads, 3 kv heads, random weights; its head is ``score``), ``tiny`` (a 2-layer BERT from a config, for
+``--smoke``). ``deberta`` and ``smollm2`` run under bf16 autocast on CUDA (``--bf16`` for the others).
 
 Both AdaLoRA variants (and ``adalora`` vs ``peft_adalora``) run the same schedule: tinit 0, delta_t 10, total
 steps 1000, tfinal 200, so every timed step lies in the cubic phase and one in ``delta_t`` is a mask event.
@@ -34,7 +44,10 @@ steps 1000, tfinal 200, so every timed step lies in the cubic phase and one in `
 Time: the median of the per-step times of each variant, wall clock by default (``--clock cpu``: the process's
 CPU time, steadier when other processes share the cores; use it with ``--threads 1``, since with several threads
 it also counts OpenMP spin-waits). Ratios are medians of per-round ratios (the two variants of a ratio ran in
-the same round), which cancels slow drifts of the machine load. Both clocks are in the JSON.
+the same round), which cancels slow drifts of the machine load. Both clocks are in the JSON. The spread of each
+time ratio over the rounds is reported with it: the JSON's ``ratio_spread`` gives median, quartiles (of the
+per-round ratios, ``statistics.quantiles(n=4, method="inclusive")``, so within [min, max]; None with one round),
+min, max and the number of rounds; the table prints ``median [q1, q3]``. ``ratios`` keeps the medians alone.
 
 Peak memory:
   CUDA: ``torch.cuda.max_memory_allocated()`` over ``--memory-steps`` steps minus the memory allocated before them
@@ -54,6 +67,9 @@ Peak memory:
     # on a machine shared with other jobs: one thread, CPU time
     python benchmarks/step_time.py --models minilm,deberta --threads 1 --clock cpu --steps 4 --warmup 1
     python benchmarks/step_time.py --smoke --json /tmp/step_time.json     # tiny BERT, seconds
+    # on a GPU (bf16): the fused kernel against the reference and PEFT
+    python benchmarks/step_time.py --device cuda --models deberta,smollm2 --steps 10 --warmup 3 \
+        --variants frozen,peft_adalora,adalora,adalora_fused,adalora_masked,adalora_masked_fused,lora,lora_fused
 """
 
 from __future__ import annotations
@@ -87,12 +103,16 @@ from adalora_pl import RankAllocator, inject_adapters, orthogonal_regularizer  #
 from adalora_pl.importance import add_orthogonal_regularizer_grad_  # noqa: E402
 from adalora_pl.injection import preset_targets  # noqa: E402
 from adalora_pl.io import compact_adapters  # noqa: E402
+from adalora_pl.layers import set_kernel  # noqa: E402
 
-DEFAULT_VARIANTS = ("frozen", "peft_lora", "peft_adalora", "lora", "adalora", "adalora_final", "adalora_masked")
+DEFAULT_VARIANTS = ("frozen", "peft_lora", "peft_adalora", "lora", "adalora", "adalora_final", "adalora_masked",
+                    "lora_fused", "adalora_fused", "adalora_masked_fused")
 # Optional: ours with the unfused residual add (fuse_residual_add = False on the adapter layers), i.e. the arithmetic
 # path before the fused one-pass add; to measure what the fusion buys.
 ALL_VARIANTS = DEFAULT_VARIANTS + ("lora_unfused", "adalora_unfused")
-HEADS = ["classifier", "pooler"]
+HEADS = ["classifier", "pooler", "score"]  # trained in full; "score" is the head of LlamaForSequenceClassification
+# Models that run under bf16 autocast on CUDA without --bf16.
+BF16_ON_CUDA = ("deberta", "smollm2")
 # Schedule of every AdaLoRA variant: all timed steps in the cubic phase, a mask event every DELTA_T steps.
 TOTAL_STEP, TINIT, TFINAL, DELTA_T = 1000, 0, 200, 10
 LR = 1e-4
@@ -100,10 +120,17 @@ MMAP_THRESHOLD = 64 * 1024  # bytes; see pin_glibc_malloc
 
 
 # ====================================================================== models
-def build_base(name: str, seed: int = 0) -> torch.nn.Module:
-    """The backbone with a 2-label classification head; train mode (dropout on, as in fine-tuning)."""
+def build_base(name: str, seed: int = 0, num_layers: int | None = None) -> torch.nn.Module:
+    """The backbone with a 2-label classification head; train mode (dropout on, as in fine-tuning).
+
+    ``num_layers`` overrides the number of transformer layers of a model built from a config (``deberta``,
+    ``smollm2``, ``tiny``): a shallower model of the same width, for tests.
+    """
     torch.manual_seed(seed)
+    depth = {"deberta": 12, "smollm2": 30, "tiny": 2}.get(name) if num_layers is None else num_layers
     if name == "minilm":
+        if num_layers is not None:
+            raise ValueError("num_layers: minilm is the real checkpoint; only config-built models take it")
         from transformers import AutoModelForSequenceClassification
 
         model = AutoModelForSequenceClassification.from_pretrained(str(minilm_folder()), num_labels=2)
@@ -112,22 +139,44 @@ def build_base(name: str, seed: int = 0) -> torch.nn.Module:
 
         # microsoft/deberta-v3-base's shape, random weights.
         config = DebertaV2Config(
-            vocab_size=128100, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+            vocab_size=128100, hidden_size=768, num_hidden_layers=depth, num_attention_heads=12,
             intermediate_size=3072, max_position_embeddings=512, type_vocab_size=0, relative_attention=True,
             position_buckets=256, max_relative_positions=-1, pos_att_type=["p2c", "c2p"], norm_rel_ebd="layer_norm",
             share_att_key=True, position_biased_input=False, num_labels=2,
         )
         model = DebertaV2ForSequenceClassification(config)
+    elif name == "smollm2":
+        from transformers import LlamaForSequenceClassification
+
+        model = LlamaForSequenceClassification(smollm2_config(depth))
     elif name == "tiny":
         from transformers import BertConfig, BertForSequenceClassification
 
-        config = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        config = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=depth, num_attention_heads=4,
                             intermediate_size=64, max_position_embeddings=64, num_labels=2)
         model = BertForSequenceClassification(config)
     else:
-        raise ValueError(f"unknown model {name!r}: minilm, deberta or tiny")
+        raise ValueError(f"unknown model {name!r}: minilm, deberta, smollm2 or tiny")
     model.train()
     return model
+
+
+def smollm2_config(num_layers: int | None = None):
+    """HuggingFaceTB/SmolLM2-135M's shape (that of the converted SmolLM2-135M-Instruct folder benchmarks/llm_xsum.py
+    uses) with a 2-label head; ``num_layers`` overrides its 30 layers.
+
+    For random weights: nothing is downloaded, so it builds offline. ``pad_token_id`` lets the head pick each row's
+    last non-pad token (random ids may contain it; the cost is the same).
+    """
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=49152, hidden_size=576, intermediate_size=1536,
+        num_hidden_layers=30 if num_layers is None else num_layers, num_attention_heads=9, num_key_value_heads=3,
+        head_dim=64, hidden_act="silu", max_position_embeddings=8192,
+        rms_norm_eps=1e-5, rope_theta=100000.0, tie_word_embeddings=True, attention_bias=False, mlp_bias=False,
+        bos_token_id=1, eos_token_id=2, pad_token_id=2, use_cache=False, num_labels=2,
+    )
 
 
 def make_batch(model: torch.nn.Module, batch_size: int, seq_len: int, device: torch.device, seed: int = 1) -> dict:
@@ -161,7 +210,8 @@ class Variant:
         self.name, self.model, self.batch, self.autocast, self.note = name, model, batch, autocast, note
         params = [p for p in model.parameters() if p.requires_grad]
         self.trainable = sum(p.numel() for p in params)
-        self.optimizer = torch.optim.AdamW(params, lr=LR)
+        # None when nothing is trained (a causal LM's frozen floor: its head is the tied embedding matrix).
+        self.optimizer = torch.optim.AdamW(params, lr=LR) if params else None
         self.step_index = 1  # step 0 is tinit: start in the cubic phase
         self.after_step = None  # callable(step) run after optimizer.step(), before zero_grad
         self.extra_loss = None  # callable() -> regularizer term added to the loss
@@ -180,10 +230,12 @@ class Variant:
         loss.backward()
         if self.extra_grad is not None:
             self.extra_grad()
-        self.optimizer.step()
+        if self.optimizer is not None:
+            self.optimizer.step()
         if self.after_step is not None:
             self.after_step(self.step_index)
-        self.optimizer.zero_grad()
+        if self.optimizer is not None:
+            self.optimizer.zero_grad()
         self.step_index += 1
 
 
@@ -245,21 +297,29 @@ def build_variant(name: str, base: torch.nn.Module, args, device: torch.device) 
         if name == "peft_adalora":
             variant.after_step = model.base_model.update_and_allocate
         return variant
-    if name in ("lora", "lora_unfused"):
+    if name in ("lora", "lora_unfused", "lora_fused"):
         model = share_frozen_copy(base)
         adapters = inject_adapters(model, targets, method="lora", r=args.rank, lora_alpha=args.alpha,
                                    trainable_modules=HEADS)
-        set_residual_fusion(adapters.values(), fused=name == "lora")
-        return Variant(name, model, batch, autocast)
-    if name in ("adalora", "adalora_unfused"):
+        set_residual_fusion(adapters.values(), fused=name != "lora_unfused")
+        if name == "lora_fused":
+            set_kernel(adapters.values(), "fused")
+        return Variant(name, model, batch, autocast, note="kernel fused" if name == "lora_fused" else "")
+    if name in ("adalora", "adalora_unfused", "adalora_fused"):
         model, adapters, allocator, factors = _ours_adalora(base, args, batch, autocast)
-        set_residual_fusion(adapters.values(), fused=name == "adalora")
-        variant = Variant(name, model, batch, autocast, note=f"orth reg in the {args.orth_mode}")
+        set_residual_fusion(adapters.values(), fused=name != "adalora_unfused")
+        note = f"orth reg in the {args.orth_mode}"
+        if name == "adalora_fused":
+            set_kernel(adapters.values(), "fused")
+            note += ", kernel fused"
+        variant = Variant(name, model, batch, autocast, note=note)
         _add_orth_reg(variant, lambda: factors, args.orth_reg_weight, args.orth_mode)
         variant.after_step = allocator.update_and_allocate
         return variant
-    if name in ("adalora_final", "adalora_masked"):
+    if name in ("adalora_final", "adalora_masked", "adalora_masked_fused"):
         model, adapters, allocator, factors = _ours_adalora(base, args, batch, autocast)
+        if name == "adalora_masked_fused":
+            set_kernel(adapters.values(), "fused")
         variant = Variant(name, model, batch, autocast)
         _add_orth_reg(variant, lambda: factors, args.orth_reg_weight, args.orth_mode)
         variant.after_step = allocator.update_and_allocate
@@ -271,6 +331,14 @@ def build_variant(name: str, base: torch.nn.Module, args, device: torch.device) 
         variant.step_index = allocator.schedule.final_step + 1
         if name == "adalora_masked":
             variant.note = "masked (frozen pattern re-applied each step)"
+            return variant
+        if name == "adalora_masked_fused":
+            # The pattern is final: the fused kernel computes the kept triplets only. The allocator is left as
+            # it is (it still re-applies the pattern after every step, as for adalora_masked).
+            for layer in adapters.values():
+                layer.freeze_pattern()
+            kept = sum(layer.kept_rank for layer in adapters.values())
+            variant.note = f"masked, kernel fused, pattern frozen ({kept} kept triplets gathered)"
             return variant
         ranks = compact_adapters(model, variant.optimizer)
         factors = [(m.lora_A, m.lora_B) for m in adapters.values() if m.r > 0]
@@ -398,10 +466,73 @@ def cuda_peak_delta(variant: Variant, steps: int, device: torch.device) -> tuple
 
 
 # ====================================================================== report
-def ratio_of_rounds(times: dict[str, list[float]], num: str, den: str) -> float | None:
+# The reported ratios, in order: (key, "time" or "mem", numerator variant, denominator variant). A time ratio is the
+# median of per-round ratios (with its spread over the rounds), a memory ratio the ratio of the two peaks.
+RATIOS = (
+    ("adalora_vs_peft_adalora", "time", "adalora", "peft_adalora"),
+    ("adalora_vs_lora", "time", "adalora", "lora"),
+    ("peak_mem_vs_peft_adalora", "mem", "adalora", "peft_adalora"),
+    ("lora_vs_peft_lora", "time", "lora", "peft_lora"),
+    ("adalora_final_vs_lora", "time", "adalora_final", "lora"),
+    ("adalora_masked_vs_lora", "time", "adalora_masked", "lora"),
+    ("adalora_vs_adalora_unfused", "time", "adalora", "adalora_unfused"),
+    ("lora_vs_lora_unfused", "time", "lora", "lora_unfused"),
+    ("adalora_unfused_vs_peft_adalora", "time", "adalora_unfused", "peft_adalora"),
+    ("peft_adalora_vs_peft_lora", "time", "peft_adalora", "peft_lora"),
+    ("peak_mem_vs_lora", "mem", "adalora", "lora"),
+    # The fused kernel (#24): each adapter method over the frozen floor, and fused against reference and PEFT.
+    ("adalora_vs_frozen", "time", "adalora", "frozen"),
+    ("adalora_fused_vs_frozen", "time", "adalora_fused", "frozen"),
+    ("adalora_masked_vs_frozen", "time", "adalora_masked", "frozen"),
+    ("adalora_masked_fused_vs_frozen", "time", "adalora_masked_fused", "frozen"),
+    ("lora_fused_vs_frozen", "time", "lora_fused", "frozen"),
+    ("adalora_fused_vs_peft_adalora", "time", "adalora_fused", "peft_adalora"),
+    ("adalora_fused_vs_adalora", "time", "adalora_fused", "adalora"),
+    ("peak_mem_adalora_fused_vs_peft_adalora", "mem", "adalora_fused", "peft_adalora"),
+)
+
+
+def round_ratios(times: dict[str, list[float]], num: str, den: str) -> list[float] | None:
+    """The per-round ratios ``num / den`` (None when either variant did not run)."""
     if num not in times or den not in times:
         return None
-    return statistics.median(a / b for a, b in zip(times[num], times[den], strict=True))
+    return [a / b for a, b in zip(times[num], times[den], strict=True)]
+
+
+def ratio_of_rounds(times: dict[str, list[float]], num: str, den: str) -> float | None:
+    """The median of the per-round ratios ``num / den``."""
+    ratios = round_ratios(times, num, den)
+    return statistics.median(ratios) if ratios else None
+
+
+def ratio_spread_of_rounds(times: dict[str, list[float]], num: str, den: str) -> dict | None:
+    """The per-round ratios ``num / den`` summarized: median (what :func:`ratio_of_rounds` gives), quartiles
+    (``statistics.quantiles(n=4, method="inclusive")``: within [min, max]; None with a single round), min, max and
+    the number of rounds."""
+    ratios = round_ratios(times, num, den)
+    if not ratios:
+        return None
+    q1 = q3 = None
+    if len(ratios) >= 2:
+        q1, _, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
+    return {"median": statistics.median(ratios), "q1": q1, "q3": q3, "min": min(ratios), "max": max(ratios),
+            "rounds": len(ratios)}
+
+
+def compute_ratios(times: dict[str, list[float]],
+                   memory: dict[str, tuple[int, str]]) -> tuple[dict[str, float | None], dict[str, dict | None]]:
+    """The flat ratios (time ratios as medians of per-round ratios, memory ratios of peaks), every key of
+    :data:`RATIOS`, and the spread over rounds of the time ratios (``ratio_spread``)."""
+    ratios: dict[str, float | None] = {}
+    spread: dict[str, dict | None] = {}
+    for key, kind, num, den in RATIOS:
+        if kind == "mem":
+            ratios[key] = (memory[num][0] / memory[den][0]
+                           if num in memory and den in memory and memory[den][0] > 0 else None)
+            continue
+        spread[key] = ratio_spread_of_rounds(times, num, den)
+        ratios[key] = spread[key]["median"] if spread[key] is not None else None
+    return ratios, spread
 
 
 def run_model(model_name: str, args, device: torch.device) -> dict:
@@ -443,46 +574,33 @@ def run_model(model_name: str, args, device: torch.device) -> dict:
             "trainable_params": v.trainable,
             "note": v.note,
         }
-    ratios = {
-        "adalora_vs_peft_adalora": ratio_of_rounds(times, "adalora", "peft_adalora"),
-        "adalora_vs_lora": ratio_of_rounds(times, "adalora", "lora"),
-        "peak_mem_vs_peft_adalora": (
-            memory["adalora"][0] / memory["peft_adalora"][0]
-            if "adalora" in memory and "peft_adalora" in memory and memory["peft_adalora"][0] > 0 else None
-        ),
-        "lora_vs_peft_lora": ratio_of_rounds(times, "lora", "peft_lora"),
-        "adalora_final_vs_lora": ratio_of_rounds(times, "adalora_final", "lora"),
-        "adalora_masked_vs_lora": ratio_of_rounds(times, "adalora_masked", "lora"),
-        "adalora_vs_adalora_unfused": ratio_of_rounds(times, "adalora", "adalora_unfused"),
-        "lora_vs_lora_unfused": ratio_of_rounds(times, "lora", "lora_unfused"),
-        "adalora_unfused_vs_peft_adalora": ratio_of_rounds(times, "adalora_unfused", "peft_adalora"),
-        "peft_adalora_vs_peft_lora": ratio_of_rounds(times, "peft_adalora", "peft_lora"),
-        "peak_mem_vs_lora": (
-            memory["adalora"][0] / memory["lora"][0]
-            if "adalora" in memory and "lora" in memory and memory["lora"][0] > 0 else None
-        ),
-    }
-    print_table(model_name, results, ratios, args)
-    return {"variants": results, "ratios": ratios}
+    ratios, spread = compute_ratios(times, memory)
+    print_table(model_name, results, ratios, args, spread)
+    return {"variants": results, "ratios": ratios, "ratio_spread": spread}
 
 
-def print_table(model_name: str, results: dict, ratios: dict, args) -> None:
+def print_table(model_name: str, results: dict, ratios: dict, args, spread: dict | None = None) -> None:
     print(f"\n({args.clock} time per step)")
-    print(f"{'variant':<16}{'median ms':>11}{'mean ms':>10}{'x frozen':>10}{'peak MiB':>10}{'trainable':>11}  note")
+    print(f"{'variant':<22}{'median ms':>11}{'mean ms':>10}{'x frozen':>10}{'peak MiB':>10}{'trainable':>11}  note")
     for name, r in results.items():
         mem = f"{r['peak_mem_bytes'] / 2**20:.0f}" if r["peak_mem_bytes"] is not None else "-"
         vs = f"{r['vs_frozen']:.3f}" if r["vs_frozen"] else "-"
-        print(f"{name:<16}{r['median_s'] * 1e3:>11.1f}{r['mean_s'] * 1e3:>10.1f}{vs:>10}{mem:>10}"
+        print(f"{name:<22}{r['median_s'] * 1e3:>11.1f}{r['mean_s'] * 1e3:>10.1f}{vs:>10}{mem:>10}"
               f"{r['trainable_params']:>11,}  {r['note']}")
-    print(f"\nratios ({model_name}; time ratios are medians of per-round ratios of {args.clock} time):")
+    print(f"\nratios ({model_name}; time ratios: median [q1, q3] of per-round ratios of {args.clock} time; "
+          "peak_mem: ratio of peaks):")
+    spread = spread or {}
     for key, value in ratios.items():
-        if value is not None:
-            print(f"  {key:<34}{value:.3f}")
+        if value is None:
+            continue
+        s = spread.get(key)
+        quartiles = f" [{s['q1']:.3f}, {s['q3']:.3f}]" if s is not None and s["q1"] is not None else ""
+        print(f"  {key:<40}{value:.3f}{quartiles}")
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", default="minilm", help="comma-separated: minilm, deberta, tiny")
+    p.add_argument("--models", default="minilm", help="comma-separated: minilm, deberta, smollm2, tiny")
     p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help=f"comma-separated, from {ALL_VARIANTS}")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seq-len", type=int, default=128)
@@ -499,7 +617,8 @@ def parse_args(argv=None):
                    help="time measure for medians and ratios: wall clock, or the process's CPU time (steadier on a "
                         "shared machine with --threads 1; with several threads it counts OpenMP spin-waits too)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--bf16", action="store_true", help="bf16 autocast (default on for deberta on CUDA)")
+    p.add_argument("--bf16", action="store_true",
+                   help=f"bf16 autocast (default on for {', '.join(BF16_ON_CUDA)} on CUDA)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--memory-steps", type=int, default=2)
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
@@ -540,10 +659,12 @@ def main(argv=None) -> dict:
     }
     bf16_flag = args.bf16
     for model_name in args.models:
-        args.bf16 = bf16_flag or (device.type == "cuda" and model_name == "deberta")
+        args.bf16 = bf16_flag or (device.type == "cuda" and model_name in BF16_ON_CUDA)
         out["models"][model_name] = run_model(model_name, args, device)
-    # The headline ratios: those of the first model.
+        out["models"][model_name]["bf16"] = args.bf16
+    # The headline ratios: those of the first model (medians; their spread over rounds beside them).
     out["ratios"] = out["models"][args.models[0]]["ratios"]
+    out["ratio_spread"] = out["models"][args.models[0]]["ratio_spread"]
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         with open(args.json, "w") as f:

@@ -57,8 +57,14 @@ def test_llm_xsum_smoke_writes_data_results_and_step_times(tmp_path, real_data):
     step = data["step_time"]
     for key in ("ratio_wall", "ratio_cpu", "peak_mem_ratio"):
         assert isinstance(step[key], float) and math.isfinite(step[key]) and step[key] > 0, key
-    assert set(step["variants"]) == {"adalora", "peft_adalora"}
-    assert step["variants"]["adalora"]["trainable_params"] == step["variants"]["peft_adalora"]["trainable_params"]
+    assert set(step["variants"]) == {"frozen", "adalora", "adalora_fused", "peft_adalora"}
+    variants = step["variants"]
+    assert variants["adalora"]["trainable_params"] == variants["peft_adalora"]["trainable_params"]
+    assert variants["adalora_fused"]["trainable_params"] == variants["adalora"]["trainable_params"]
+    assert variants["frozen"]["trainable_params"] == 0  # the floor trains nothing: its head is the tied embedding
+    for key, spread in step["ratio_spread"].items():  # each ratio over the rounds: min <= q1 <= median <= q3 <= max
+        assert spread["min"] <= spread["q1"] <= spread["median"] <= spread["q3"] <= spread["max"], key
+    assert "adalora_fused_vs_frozen:" in proc.stdout
 
 
 @pytest.mark.slow

@@ -299,8 +299,8 @@ def test_the_top_level_exports_keep_every_name_and_add_the_config():
     }
     import adalora_pl
 
-    # and the opt-in options' helpers (README, "Faster-starting options")
-    assert before | {"AdaLoRAConfig", "ConfigError", "adapter_param_groups", "read_rank_pattern"} == set(
+    # and the opt-in options' helpers (README, "Faster-starting options"), the kernel switch (README, "Speed")
+    assert before | {"AdaLoRAConfig", "ConfigError", "adapter_param_groups", "read_rank_pattern", "set_kernel"} == set(
         adalora_pl.__all__)
     from adalora_pl import AdaLoRAConfig, ConfigError, fused_add
     from adalora_pl.config import AdaLoRAConfig as config_class
