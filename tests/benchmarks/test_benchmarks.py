@@ -211,3 +211,17 @@ def test_gpu_check_step_time_command_parses_with_both_models_and_the_fused_varia
     assert (args.steps, args.warmup) == (10, 3)
     assert args.variants == ["frozen", "peft_adalora", "adalora", "adalora_fused", "adalora_masked",
                              "adalora_masked_fused", "lora", "lora_fused"]
+
+
+def test_profile_step_splits_the_products_and_sees_the_fused_accumulation(tmp_path):
+    """benchmarks/profile_step.py on the tiny BERT: a JSON with each variant's groups; only the fused kernel
+    accumulates a rank-sized product into an output (``addmm_``), and the frozen floor has no such product."""
+    from benchmarks import profile_step
+
+    out = tmp_path / "profile.json"
+    results = profile_step.main(["--model", "tiny", "--variants", "frozen,adalora_fused", "--steps", "1",
+                                 "--batch-size", "4", "--seq-len", "16", "--json", str(out)])
+    assert json.loads(out.read_text())["seconds_per_step"].keys() == {"frozen", "adalora_fused"}
+    assert results["adalora_fused"].get("aten::addmm_ (rank-sized operand)", 0) > 0
+    assert "aten::addmm_ (rank-sized operand)" not in results["frozen"]
+    assert all(seconds >= 0 for groups in results.values() for seconds in groups.values())
