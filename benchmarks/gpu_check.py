@@ -1,7 +1,9 @@
 """The checks that need a GPU, in one script for a lent machine (``python benchmarks/gpu_check.py``).
 
 1. ``pytest -m gpu tests/lightning/test_gpu.py``: the GLUE module with the callback on CUDA in 16-mixed and
-   bf16-mixed, a resume and the three exports; a user's module with fused AdamW under fp16; FSDP1 refused at setup
+   bf16-mixed, a resume and the three exports; the fused adapter kernel (``--model.kernel fused``) fitting to the
+   budget in both precisions and matching the reference under bf16 autocast; a user's module with fused AdamW under
+   fp16; FSDP1 refused at setup
    naming ModelParallelStrategy; the GLUE module sharded by ModelParallelStrategy (FSDP2, NCCL) on the GPUs there
    are; and ``tests/quant/test_quantized_gpu.py``: nf4, fp4, nf4 + double quantization and LLM.int8() bases on
    bitsandbytes' CUDA kernels (fit to the budget, base bit-identical), AdamW8bit's CUDA states, a merged nf4 model.

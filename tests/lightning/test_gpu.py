@@ -118,6 +118,49 @@ def test_glue_fit_resume_and_export_on_cuda(tmp_path, tiny_backbone, precision):
         assert_export_holds_the_model(fmt, tmp_path / fmt, resumed.model.model, tiny_backbone)
 
 
+@pytest.mark.parametrize("precision", ["16-mixed", "bf16-mixed"])
+def test_fused_kernel_fit_on_cuda(tmp_path, tiny_backbone, precision):
+    """``--model.kernel fused`` on CUDA under autocast: every adapter computes with it, the fit reaches the budget
+    with the masked triplets zero and the pattern declared final (kept triplets only)."""
+    data = write_cola(tmp_path / "CoLA")
+    run = _fit(tmp_path / "fused", tiny_backbone, data, precision, "--trainer.max_epochs", "2",
+               "--model.kernel", "fused")
+    assert run.trainer.global_step == 12
+    layers = find_adapters(run.model).values()
+    assert {layer.kernel for layer in layers} == {"fused"}
+    assert sum(int(layer.rank_mask.sum()) for layer in layers) == 12
+    for layer in layers:
+        assert layer._kept_index is not None and layer._kept_index.device.type == "cuda"
+        assert torch.count_nonzero(layer.lora_E[~layer.rank_mask]) == 0
+
+
+def test_fused_kernel_matches_the_reference_on_cuda_in_bf16_autocast():
+    """One layer on CUDA: the fused kernel under bf16 autocast within bfloat16 rounding of the reference's output,
+    and float32 gradients of the factors close to the reference's."""
+    import copy
+
+    from adalora_pl import SVDLinear, set_kernel
+
+    torch.manual_seed(0)
+    reference = SVDLinear(torch.nn.Linear(256, 384), r=8, lora_alpha=16).cuda()
+    with torch.no_grad():
+        reference.lora_E.normal_()
+    fused = copy.deepcopy(reference)
+    set_kernel([fused], "fused")
+    x = torch.randn(4, 64, 256, device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        expected, out = reference(x), fused(x)
+    assert type(out.grad_fn).__name__ == "_AdaptedLinearBackward"
+    scale = float(expected.detach().float().abs().max())
+    torch.testing.assert_close(out.float(), expected.float(), rtol=0, atol=4 * 2**-8 * scale)
+    expected.float().sum().backward()
+    out.float().sum().backward()
+    for name in ("lora_A", "lora_E", "lora_B"):
+        g_ref, g_fused = getattr(reference, name).grad, getattr(fused, name).grad
+        assert g_fused.dtype == torch.float32
+        torch.testing.assert_close(g_fused, g_ref, rtol=0.05, atol=0.05 * float(g_ref.abs().max()))
+
+
 def test_fused_adamw_fp16_on_cuda(tmp_path):
     module = PlainClassifier(num_examples=32, batch_size=8, fused=True)
     cb = AdaLoRACallback(target_modules=BERT_TARGETS, trainable_modules=["classifier", "pooler"], init_r=3,
