@@ -25,6 +25,7 @@ _EXPORTS = {
         "inject_adapters",
         "set_trainable_modules",
     ),
+    "adalora_pl.gradient_start": ("base_weight_gradients", "start_from_gradients"),
     "adalora_pl.io": (
         "compact_adapters",
         "export_lora",

@@ -7,19 +7,21 @@ at the end of fit is :func:`adalora_pl.io.report.write_rank_report`.
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
 from adalora_pl.allocator import MaskEvent, RankAllocator, broadcast_keep_mask, optimizer_holding
 from adalora_pl.config import AdaLoRAConfig
 from adalora_pl.errors import ConfigError
+from adalora_pl.gradient_start import base_weight_gradients, generated_losses, start_from_gradients
 from adalora_pl.importance import add_orthogonal_regularizer_grad_
 from adalora_pl.injection import find_adapters, inject_adapters, preset_targets
 from adalora_pl.layers import SVDLinear, set_kernel
@@ -39,6 +41,38 @@ def _grad_scaler(trainer: pl.Trainer) -> torch.amp.GradScaler | None:
 def _find_model_for_preset(module: torch.nn.Module) -> torch.nn.Module:
     """The first submodule carrying a transformers ``config`` (to look up target presets)."""
     return next((m for m in module.modules() if getattr(getattr(m, "config", None), "model_type", None)), module)
+
+
+class _quiet_training_steps:
+    """Inside the block the module's ``training_step`` can run outside the loop without leaving a trace: every
+    submodule in eval mode (the gradient of the model, not of one dropout draw), ``log`` / ``log_dict`` no-ops
+    (Lightning refuses logging from ``on_train_start``, and the values would enter the first epoch's averages), and
+    the states of the module's torchmetrics metrics (a training accuracy updated in ``training_step``) and the
+    submodules' modes put back on exit. Other side effects of ``training_step`` happen (README, "Faster-starting
+    options")."""
+
+    def __init__(self, module: pl.LightningModule) -> None:
+        self.module = module
+
+    def __enter__(self) -> None:
+        from torchmetrics import Metric
+
+        module = self.module
+        self.modes = {m: m.training for m in module.modules()}
+        self.metrics = [(m, copy.deepcopy(m.metric_state), m._update_count, m._computed)
+                        for m in module.modules() if isinstance(m, Metric)]
+        module.eval()
+        module.log = module.log_dict = lambda *args, **kwargs: None
+
+    def __exit__(self, *exc: Any) -> None:
+        module = self.module
+        del module.log, module.log_dict  # the class's methods again
+        for m, training in self.modes.items():
+            m.train(training)
+        for metric, state, count, computed in self.metrics:
+            for name, value in state.items():
+                setattr(metric, name, value)
+            metric._update_count, metric._computed = count, computed
 
 
 class AdaLoRACallback(Callback):
@@ -89,6 +123,7 @@ class AdaLoRACallback(Callback):
         self._checked_params: list[torch.nn.Parameter] = []
         self._grad_group = None
         self._ranks_logged_at: int | None = None
+        self._gradient_started = False
 
     # One key whatever the settings: a resume with changed settings must find the checkpoint's state to say what
     # changed, not silently start the averages from zero.
@@ -116,6 +151,24 @@ class AdaLoRACallback(Callback):
                 "configure_optimizers. Build the model in __init__ or in configure_model."
             )
         self._adapters = self._inject_or_adopt(pl_module)
+        if self.config.adapter_init == "gradient_svd" and stage == "fit":
+            self._check_gradient_start(trainer, pl_module)
+
+    def _check_gradient_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Refuse, before anything trains, a fit where the gradient-SVD start cannot run."""
+        if not pl_module.automatic_optimization:
+            raise ConfigError(
+                f"adapter_init='gradient_svd' takes its gradient from {type(pl_module).__name__}.training_step, which "
+                "under manual optimization would step the optimizer itself; use another adapter_init, or call "
+                "adalora_pl.gradient_start.start_from_gradients yourself"
+            )
+        if isinstance(trainer.strategy, ModelParallelStrategy):
+            raise ConfigError("adapter_init='gradient_svd' is not supported under ModelParallelStrategy (sharded base "
+                              "weights); use another adapter_init, or DDP")
+        others = [name for name, layer in self._adapters.items() if not isinstance(layer, SVDLinear)]
+        if others:
+            raise ConfigError(f"adapter_init='gradient_svd' starts SVD adapters; {others[0]} is a "
+                              f"{type(self._adapters[others[0]]).__name__}")
 
     def _inject_or_adopt(self, pl_module: pl.LightningModule) -> dict[str, torch.nn.Module]:
         """The module's adapters: the ones it has, or new ones injected into the target layers."""
@@ -201,6 +254,45 @@ class AdaLoRACallback(Callback):
             rank_zero_warn(f"AdaLoRA: resuming at optimizer step {trainer.global_step} from a checkpoint without "
                            "AdaLoRA state (saved without this callback): the importance averages start from zero here")
         self._last_global_step = trainer.global_step
+        if (self.config.adapter_init == "gradient_svd" and trainer.global_step == 0 and not self._restored
+                and not self._gradient_started):
+            self._start_from_gradients(trainer, pl_module)
+
+    def _start_from_gradients(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """The gradient-SVD start: the loss gradients of the adapted base weights over the first
+        ``gradient_init_batches`` training batches (the module's own ``training_step`` inside
+        :class:`_quiet_training_steps`; all-reduced across ranks), then A and B from their singular vectors
+        (docs/method.md §13).
+
+        Here, not at setup: the strategy has moved and wrapped the module, the train dataloader exists, and a
+        resumed fit (whose A and B come from its checkpoint) is known."""
+        from lightning.pytorch.utilities import CombinedLoader
+
+        limit = self.config.gradient_init_batches
+        batches = CombinedLoader(trainer.train_dataloader, mode="max_size_cycle")
+        # Under 16-mixed the float16 activations' gradients need a scaled loss not to underflow; not the GradScaler's
+        # own scale (65536 at the start, which it then backs off from by skipping steps: an overflow here would
+        # stop the start), a fixed 1024, far from float16's limits for a loss of order 1.
+        loss_scale = 1024.0 if _grad_scaler(trainer) is not None else 1.0
+
+        def loss_of(item: Any, index: int) -> torch.Tensor | None:
+            batch, batch_idx, _ = item
+            batch = trainer.strategy.batch_to_device(batch)
+            with trainer.precision_plugin.train_step_context():
+                out = pl_module.training_step(batch, batch_idx)
+            return out["loss"] if isinstance(out, dict) else out
+
+        with _quiet_training_steps(pl_module):
+            gradients, count = base_weight_gradients(
+                pl_module, self._adapters, generated_losses(batches, loss_of, limit), loss_scale)
+        if trainer.world_size > 1:
+            gradients = {name: trainer.strategy.reduce(g, reduce_op="mean") for name, g in gradients.items()}
+        captured = start_from_gradients(self._adapters, gradients)
+        self._gradient_started = True
+        rank_zero_info(f"AdaLoRA: gradient-SVD start: A and B of {len(self._adapters)} adapters set to the top "
+                       f"{self.config.init_r} singular vectors of their base weights' loss gradient over {count} "
+                       f"batch{'es' if count != 1 else ''}{'' if count == limit else f' (the loader has {count})'}, "
+                       f"holding {100 * captured:.1f}% of its squared norm on average; E = 0")
 
     # ------------------------------------------------------------------ per step
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,

@@ -59,8 +59,12 @@ class AdaLoRAConfig:
         orth_reg_weight: weight of the orthogonal regularizer (0 turns it off).
         importance: sensitivity_uncertainty (the paper's score), sensitivity or magnitude (the ablations).
         total_step: total optimizer steps; None reads it from the Trainer when fit starts.
-        adapter_init: reference (A, B ~ N(0, 0.02), as the authors and PEFT), orthogonal, or weight_svd (PiSSA-like:
-            the top init_r singular triplets of each base weight, which keeps the residual; docs/method.md §13).
+        adapter_init: reference (A, B ~ N(0, 0.02), as the authors and PEFT), orthogonal, weight_svd (PiSSA-like:
+            the top init_r singular triplets of each base weight, which keeps the residual) or gradient_svd
+            (LoRA-GA-like: A and B the top init_r singular vectors of each base weight's loss gradient over the first
+            gradient_init_batches training batches, E = 0; set by the callback when fit starts; docs/method.md §13).
+        gradient_init_batches: adapter_init gradient_svd only: how many training batches the gradient is averaged
+            over (>= 1).
         autocast_adapter_dtype: keep adapters float32 on a float16/bfloat16 base (as PEFT).
         lr_ratio_b: learning rate of the B factors (lora_B) over learning_rate, LoRA+-style; > 0, 1 = the reference.
         lr_ratio_e: learning rate of the singular values (lora_E, SVD adapters only) over learning_rate; > 0.
@@ -92,6 +96,7 @@ class AdaLoRAConfig:
     importance: Importance = "sensitivity_uncertainty"
     total_step: int | None = None
     adapter_init: AdapterInit = "reference"
+    gradient_init_batches: int = 8
     autocast_adapter_dtype: bool = True
     lr_ratio_b: float = 1.0
     lr_ratio_e: float = 1.0
@@ -123,6 +128,9 @@ class AdaLoRAConfig:
             raise ConfigError(f"delta_t must be an integer >= 1, got {self.delta_t!r}")
         if self.adapter_init not in ADAPTER_INITS:
             raise ConfigError(f"adapter_init must be one of {list(ADAPTER_INITS)}, got {self.adapter_init!r}")
+        batches = self.gradient_init_batches
+        if not isinstance(batches, int) or isinstance(batches, bool) or batches < 1:
+            raise ConfigError(f"gradient_init_batches must be an integer >= 1, got {batches!r}")
         for name in ("lr_ratio_b", "lr_ratio_e"):
             check_lr_ratio(name, getattr(self, name))
         check_scaling(self.scaling)

@@ -42,9 +42,10 @@ def linear_shape(base_layer: nn.Module) -> tuple[int, int, bool]:
 
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
-#: How an SVD adapter starts: the reference's N(0, 0.02) factors with E = 0, orthonormal factors with E = 0, or the
-#: top singular triplets of the base weight, which then holds the residual (docs/method.md §13).
-AdapterInit = Literal["reference", "orthogonal", "weight_svd"]
+#: How an SVD adapter starts: the reference's N(0, 0.02) factors with E = 0, orthonormal factors with E = 0, the
+#: top singular triplets of the base weight, which then holds the residual, or the top singular vectors of the loss
+#: gradient of the base weight over the first batches with E = 0 (docs/method.md §13).
+AdapterInit = Literal["reference", "orthogonal", "weight_svd", "gradient_svd"]
 ADAPTER_INITS: tuple[str, ...] = get_args(AdapterInit)
 #: How the update is scaled: ``lora_alpha / r`` (the reference; AdaLoRA divides by ``ranknum + 1e-5``), or rsLoRA's
 #: ``lora_alpha / sqrt(r)`` (Kalajdzievski 2023, arXiv 2312.03732; AdaLoRA: ``lora_alpha / sqrt(ranknum + 1e-5)``).
@@ -308,6 +309,10 @@ class SVDLinear(AdapterLayer):
             triplets of the base weight W (E divided by the scale, so that the update is ``U_r S_r V_r^T``) and the
             base weight becomes the residual ``W - U_r S_r V_r^T``; the layer starts equal to ``base_layer`` up to
             float rounding (docs/method.md §13). Not on a quantized or sharded base weight.
+            ``"gradient_svd"`` (LoRA-GA-like, Wang et al. 2024, arXiv 2407.05000): A and B are the top-``r`` right
+            and left singular vectors of the loss gradient of the base weight, set by :meth:`start_from_gradient`
+            once that gradient is known (``AdaLoRACallback`` does it at the start of fit); E = 0, so the layer
+            starts equal to ``base_layer`` exactly. Until then A and B are orthonormal placeholders.
         scaling: ``"alpha_over_r"`` (default: ``lora_alpha / (ranknum + 1e-5)``, the reference) or
             ``"alpha_over_sqrt_r"`` (rsLoRA, Kalajdzievski 2023, arXiv 2312.03732):
             ``lora_alpha / sqrt(ranknum + 1e-5)``.
@@ -339,7 +344,7 @@ class SVDLinear(AdapterLayer):
         self.lora_A = nn.Parameter(torch.empty(r, self.in_features, **factory))
         self.lora_E = nn.Parameter(torch.zeros(r, 1, **factory))
         self.lora_B = nn.Parameter(torch.empty(self.out_features, r, **factory))
-        if adapter_init == "orthogonal":
+        if adapter_init in ("orthogonal", "gradient_svd"):
             # orthogonal_ makes the rows of an (r, in) matrix orthonormal when r <= in, the columns of an
             # (out, r) matrix when r <= out: A A^T = I and B^T B = I.
             nn.init.orthogonal_(self.lora_A)
@@ -353,6 +358,8 @@ class SVDLinear(AdapterLayer):
         self.parameters_per_rank = self.in_features + self.out_features + 1  # a row of A, E_i, a column of B
         if adapter_init == "weight_svd":
             self._start_from_weight_svd()
+        if adapter_init == "gradient_svd":
+            self._check_gradient_start()
 
     # The init this layer started from (a loaded weight-SVD layer says so once its initial triplets are registered);
     # "weight_svd" layers carry INITIAL_TENSORS and a residual base weight. Class defaults serve instances unpickled
@@ -415,6 +422,50 @@ class SVDLinear(AdapterLayer):
         self.lora_B.copy_(u[:, :r])
         self.register_initial_triplets(self.lora_A.detach(), self.lora_E.detach(), self.lora_B.detach())
         self.residualise_base()
+
+    # ------------------------------------------------------------------ gradient-SVD start (docs/method.md §13)
+    def _check_gradient_start(self) -> None:
+        """Refuse, at construction, a layer whose base weight cannot give the gradient :meth:`start_from_gradient`
+        needs."""
+        from adalora_pl.sharding import is_sharded
+
+        weight = getattr(self.base_layer, "weight", None)
+        if self.quantization is not None or weight is None or not weight.is_floating_point():
+            raise ConfigError(
+                "adapter_init='gradient_svd' needs the loss gradient of a float base weight, but this base layer is "
+                f"{quantized.describe(self.base_layer) if self.quantization else type(self.base_layer).__name__}; "
+                "use adapter_init 'reference' or 'orthogonal'"
+            )
+        if is_sharded(weight):
+            raise ConfigError("adapter_init='gradient_svd' cannot take the SVD of a sharded (DTensor) weight's "
+                              "gradient; use another adapter_init (or DDP, where every rank holds whole weights)")
+        if self.r > min(self.in_features, self.out_features):
+            raise ConfigError(
+                f"adapter_init='gradient_svd' takes r={self.r} singular vectors of a {self.out_features} x "
+                f"{self.in_features} gradient, which has at most {min(self.in_features, self.out_features)}; lower "
+                "init_r"
+            )
+
+    @torch.no_grad()
+    def start_from_gradient(self, grad: torch.Tensor) -> torch.Tensor:
+        """Set A and B to the top-``r`` singular vectors of ``grad``, the loss gradient of the base weight (in the
+        base weight's layout), and E to 0.
+
+        With ``grad = U S V^T``: ``A = V_r^T``, ``B = U_r`` (float64 SVD, rounded once into the adapter's dtype). The
+        layer's output is unchanged (E = 0), and the first gradient of the singular values on that loss is
+        ``dL/dE_i = scale * u_i^T grad v_i = scale * s_i``: the largest any orthonormal factors can give, and the
+        first steps move the update along the gradient's principal directions.
+
+        Returns:
+            the singular values of ``grad`` (float64, descending), for the caller's report.
+        """
+        g = self._orient(grad.detach()).to(torch.float64)
+        u, s, vh = torch.linalg.svd(g, full_matrices=False)
+        r = self.r
+        self.lora_A.copy_(vh[:r])
+        self.lora_B.copy_(u[:, :r])
+        self.lora_E.zero_()
+        return s
 
     @torch.no_grad()
     def register_initial_triplets(self, lora_a: torch.Tensor, lora_e: torch.Tensor, lora_b: torch.Tensor) -> None:

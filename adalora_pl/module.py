@@ -301,8 +301,8 @@ class AdapterModule(pl.LightningModule):
 
         Raises:
             ConfigError: ``lr_ratio_b`` / ``scaling`` on a method without LoRA factors, ``lr_ratio_e`` without SVD
-                adapters, ``rank_pattern`` on another method than ``lora`` or with ``param_budget``, ``weight_svd`` on a
-                quantized base; the message names the option, its value and what is allowed.
+                adapters, ``rank_pattern`` on another method than ``lora`` or with ``param_budget``, ``weight_svd`` or
+                ``gradient_svd`` on a quantized base; the message names the option, its value and what is allowed.
         """
         c = self.adalora
         factors = adapter in ("adalora", "lora", "prune_lora")
@@ -334,6 +334,10 @@ class AdapterModule(pl.LightningModule):
             raise ConfigError(f"adapter_init='weight_svd' replaces each adapted base weight by its residual, which a "
                               f"quantized base (quantization={quantization!r}) cannot hold; use quantization='none' or "
                               "another adapter_init")
+        if c.adapter_init == "gradient_svd" and quantization != "none":
+            raise ConfigError(f"adapter_init='gradient_svd' needs the loss gradient of each adapted base weight, "
+                              f"which a quantized base (quantization={quantization!r}) does not have; use "
+                              "quantization='none' or another adapter_init")
 
     def rank_pattern_ranks(self, path: str, targets: list[str]) -> dict[str, int]:
         """The rank of each module the ``targets`` match, from the ``rank_pattern.json`` at ``path``
@@ -747,11 +751,11 @@ class AdapterModule(pl.LightningModule):
         if "tensor_parallel" in mesh.mesh_dim_names and mesh["tensor_parallel"].size() > 1:
             raise ConfigError(f"tensor_parallel_size={mesh['tensor_parallel'].size()}: AdaLoRA shards with FSDP2 "
                               "data parallelism only; use ModelParallelStrategy(tensor_parallel_size=1)")
-        if self.adalora.adapter_init == "weight_svd":
+        if self.adalora.adapter_init in ("weight_svd", "gradient_svd"):
             # Not handled: the initial triplets and the residual base weights would have to be sharded consistently,
-            # and the exports rebuild W from both. Refused rather than risked.
-            raise ConfigError("adapter_init='weight_svd' is not supported under ModelParallelStrategy (sharded base "
-                              "weights); use another adapter_init, or DDP")
+            # and the exports rebuild W from both; the gradient's SVD would need the whole gradient on every rank.
+            raise ConfigError(f"adapter_init={self.adalora.adapter_init!r} is not supported under "
+                              "ModelParallelStrategy (sharded base weights); use another adapter_init, or DDP")
         data_mesh = mesh["data_parallel"] if "data_parallel" in mesh.mesh_dim_names else mesh
         placement = adapter_shard_placement(self.model, data_mesh.size())
         for unit in self.sharding_units():

@@ -100,7 +100,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from benchmarks import step_time  # noqa: E402
-from benchmarks.reproduce import ADALORA_OPTIONS, option_fields  # noqa: E402
+from benchmarks.reproduce import ADALORA_OPTIONS, DEFAULT_COMBO, STARTS, option_fields  # noqa: E402
 
 XSUM_FILE = Path("summarization") / "xsum" / "validation.sample1000.jsonl"
 INSTRUCTION = "Summarize the following article in one sentence."
@@ -109,7 +109,7 @@ PARTS = ("untuned", "lora", "adalora", "quantized", "step_time", "lora_scaled", 
 #: The parts run when ``--parts`` is not given (without ``--quantization``): the ones before the study's rows existed.
 DEFAULT_PARTS = ("untuned", "lora", "adalora", "step_time")
 #: The study options' defaults, as a JSON made before they existed is read (it ran every row with them).
-STUDY_DEFAULTS = {"lr_ratio_b": 4.0, "lr_ratio_e": None, "combo": list(ADALORA_OPTIONS)}
+STUDY_DEFAULTS = {"lr_ratio_b": 4.0, "lr_ratio_e": None, "combo": list(DEFAULT_COMBO)}
 #: ``--adalora-options`` names: one faster-starting option each, or ``combo`` (the ``--combo`` options together).
 ROW_OPTIONS = (*ADALORA_OPTIONS, "combo")
 #: ``--quantization`` values (as ``--model.quantization``; ``none``: the float32 base only).
@@ -628,8 +628,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr-ratio-b", type=float, default=4.0, help="the lr_plus option's --model.lr_ratio_b")
     p.add_argument("--lr-ratio-e", type=float, default=None,
                    help="the lr_plus option's --model.lr_ratio_e (default: not set, 1)")
-    p.add_argument("--combo", default=",".join(ADALORA_OPTIONS),
-                   help=f"the combo row's options, from {','.join(ADALORA_OPTIONS)} (default: all)")
+    p.add_argument("--combo", default=",".join(DEFAULT_COMBO),
+                   help=f"the combo row's options, from {','.join(ADALORA_OPTIONS)}, at most one of "
+                        f"{'/'.join(STARTS)} (default: {','.join(DEFAULT_COMBO)})")
     p.add_argument("--quantization", default="none", choices=QUANTIZATIONS,
                    help="also run on a quantized base (part (f) of the docstring; needs the quant extra)")
     p.add_argument("--compute-dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"),
@@ -659,8 +660,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"unknown --adalora-options {sorted(set(args.adalora_options) - set(ROW_OPTIONS))}; choose from "
                 f"{ROW_OPTIONS}")
     combo = [s.strip() for s in args.combo.split(",") if s.strip()]
-    if not combo or set(combo) - set(ADALORA_OPTIONS):
-        p.error(f"--combo {args.combo!r}: comma-separated names from {','.join(ADALORA_OPTIONS)}")
+    if not combo or set(combo) - set(ADALORA_OPTIONS) or set(STARTS) <= set(combo):
+        p.error(f"--combo {args.combo!r}: comma-separated names from {','.join(ADALORA_OPTIONS)}, at most one of "
+                f"{'/'.join(STARTS)}")
     args.combo = [o for o in ADALORA_OPTIONS if o in combo]  # one order for one combination
     if "quantized" in args.parts and args.quantization == "none":
         p.error("the quantized part needs --quantization (nf4, fp4, int8 or torchao_int8)")

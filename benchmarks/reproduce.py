@@ -53,8 +53,9 @@ MRPC, STS-B, 2000 rows, 3 epochs, AdaLoRA 12 -> 8), seeds 1-3, results kept in `
 are ``adalora``, ``lora`` and ``lora_scaled`` (LoRA at the final budget), AdaLoRA with each opt-in faster-starting
 option (README "Faster-starting options"): ``adalora_lr_plus`` (``--model.lr_ratio_b`` = ``--lr-ratio-b``, default
 4; ``--lr-ratio-e`` adds ``--model.lr_ratio_e``), ``adalora_rslora`` (``--model.scaling alpha_over_sqrt_r``),
-``adalora_weight_svd`` (``--model.adapter_init weight_svd``), ``adalora_combo`` (the ``--combo`` options together,
-default all three), and the two-stage recipe ``lora_from_pattern``: LoRA from scratch with ``--model.rank_pattern``
+``adalora_weight_svd`` (``--model.adapter_init weight_svd``), ``adalora_gradient_svd`` (``--model.adapter_init
+gradient_svd``), ``adalora_combo`` (the ``--combo`` options together, default lr_plus, rslora and weight_svd), and the
+two-stage recipe ``lora_from_pattern``: LoRA from scratch with ``--model.rank_pattern``
 = the rank_pattern.json of the ``adalora`` run of the same task, seed, backbone and tag (kept beside its result as
 ``<task>-adalora-<seed>.rank_pattern.json``, else read from its run folder in ``--out``; without it the row stops
 and says to run adalora first; the grid runs adalora before it). The two-stage row takes ``lora_scaled``'s alpha
@@ -117,7 +118,11 @@ MAIN_METRIC = {"cola": "val/mcc", "stsb": "val/pearson", "mrpc": "val/accuracy",
 #: ``lr_plus`` (LoRA+: ``lora_B`` at ``--lr-ratio-b`` times the learning rate), ``rslora`` (alpha / sqrt(r)
 #: scaling) and ``weight_svd`` (the PiSSA-like start). ``adalora_<option>`` is AdaLoRA with one of them,
 #: ``adalora_combo`` AdaLoRA with those ``--combo`` names.
-ADALORA_OPTIONS = ("lr_plus", "rslora", "weight_svd")
+ADALORA_OPTIONS = ("lr_plus", "rslora", "weight_svd", "gradient_svd")
+#: ``adalora_combo``'s options unless ``--combo`` says otherwise: the three the study started with (the committed
+#: ``lr1e-3`` results were made with them). The two starts exclude each other (one ``adapter_init``).
+DEFAULT_COMBO = ("lr_plus", "rslora", "weight_svd")
+STARTS = ("weight_svd", "gradient_svd")
 OPTION_METHODS = (*(f"adalora_{option}" for option in ADALORA_OPTIONS), "adalora_combo")
 #: The two-stage recipe (AdaLoRA as a rank finder): LoRA from scratch at the per-module ranks of the rank_pattern.json
 #: that the ``adalora`` run of the same task, seed, backbone and tag wrote (see :func:`rank_pattern_file`).
@@ -176,6 +181,8 @@ def option_fields(options: Sequence[str], lr_ratio_b: float = 4.0, lr_ratio_e: f
     unknown = sorted(set(options) - set(ADALORA_OPTIONS))
     if unknown:
         raise ValueError(f"unknown AdaLoRA options {unknown}; choose from {list(ADALORA_OPTIONS)}")
+    if set(STARTS) <= set(options):
+        raise ValueError(f"options {list(STARTS)} are two starts (adapter_init): choose one")
     fields: dict[str, Any] = {}
     if "lr_plus" in options:
         fields["lr_ratio_b"] = float(lr_ratio_b)
@@ -183,8 +190,9 @@ def option_fields(options: Sequence[str], lr_ratio_b: float = 4.0, lr_ratio_e: f
             fields["lr_ratio_e"] = float(lr_ratio_e)
     if "rslora" in options:
         fields["scaling"] = "alpha_over_sqrt_r"
-    if "weight_svd" in options:
-        fields["adapter_init"] = "weight_svd"
+    for start in STARTS:
+        if start in options:
+            fields["adapter_init"] = start
     return fields
 
 
@@ -198,7 +206,7 @@ def option_cli_args(fields: dict[str, Any]) -> list[str]:
 
 def method_args(method: str, init_r: int, target_r: int, bottleneck: int, lora_alpha: float = 32.0, *,
                 lr_ratio_b: float = 4.0, lr_ratio_e: float | None = None,
-                combo: Sequence[str] = ADALORA_OPTIONS) -> list[str]:
+                combo: Sequence[str] = DEFAULT_COMBO) -> list[str]:
     """CLI overrides for one method of the table. LoRA runs at r = target_r: the final budget of AdaLoRA.
 
     ``lora_scaled`` is LoRA at that rank with ``lora_alpha * target_r / init_r``, so that its scaling alpha / r
@@ -273,7 +281,7 @@ def settings(method: str, task: str, seed: int, args: argparse.Namespace) -> lis
         init_r, target_r, alpha = args.init_r, args.target_r, config_adapter_settings(task)[2]
     # getattr: a Namespace made before these options existed (or by hand) runs the options at their defaults.
     options = {"lr_ratio_b": getattr(args, "lr_ratio_b", 4.0), "lr_ratio_e": getattr(args, "lr_ratio_e", None),
-               "combo": getattr(args, "combo", ADALORA_OPTIONS)}
+               "combo": getattr(args, "combo", DEFAULT_COMBO)}
     cli_args = ["--seed_everything", str(seed), *method_args(method, init_r, target_r, args.bottleneck, alpha,
                                                              **options)]
     method_lr = getattr(args, "method_lr", None) or {}
@@ -656,9 +664,9 @@ def parse_args(argv: list[str] | None = None, **defaults) -> argparse.Namespace:
     parser.add_argument("--lr-ratio-e", type=float, default=None,
                         help="adalora_lr_plus / adalora_combo: also lora_E at this times the learning rate "
                              "(--model.lr_ratio_e); default: not set (1)")
-    parser.add_argument("--combo", default=",".join(ADALORA_OPTIONS),
-                        help=f"adalora_combo's options, comma-separated from {','.join(ADALORA_OPTIONS)} "
-                             "(default: all)")
+    parser.add_argument("--combo", default=",".join(DEFAULT_COMBO),
+                        help=f"adalora_combo's options, comma-separated from {','.join(ADALORA_OPTIONS)}, at most "
+                             f"one of {'/'.join(STARTS)} (default: {','.join(DEFAULT_COMBO)})")
     parser.add_argument("--method-lr", nargs="+", default=[], metavar="METHOD=LR",
                         help="a learning rate for some methods instead of --lr (e.g. adalora_lr_plus=5e-4); the "
                              "chosen rates of a sweep, so the whole grid runs (and reports) in one invocation")
@@ -704,8 +712,9 @@ def parse_args(argv: list[str] | None = None, **defaults) -> argparse.Namespace:
     if args.tag is not None and not re.fullmatch(r"[A-Za-z0-9._-]+", args.tag):
         parser.error(f"--tag {args.tag!r}: use letters, digits, '.', '_' and '-' (it becomes part of file names)")
     combo = [name.strip() for name in args.combo.split(",") if name.strip()]
-    if not combo or set(combo) - set(ADALORA_OPTIONS):
-        parser.error(f"--combo {args.combo!r}: comma-separated names from {','.join(ADALORA_OPTIONS)}")
+    if not combo or set(combo) - set(ADALORA_OPTIONS) or set(STARTS) <= set(combo):
+        parser.error(f"--combo {args.combo!r}: comma-separated names from {','.join(ADALORA_OPTIONS)}, at most one "
+                     f"of {'/'.join(STARTS)}")
     args.combo = [o for o in ADALORA_OPTIONS if o in combo]  # one order, so one combination has one settings list
     args.method_lr = parse_method_lr(parser, args.method_lr)
     if args.tasks is None:

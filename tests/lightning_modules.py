@@ -185,3 +185,15 @@ class AdapterSnapshot(pl.Callback):
 
     def on_fit_start(self, trainer, pl_module) -> None:
         self.initial = adapter_tensors(pl_module)
+
+
+class StartWriter(pl.Callback):
+    """Saves every rank's adapter factors as ``on_train_start`` left them (after AdaLoRACallback's gradient-SVD
+    start) to ``start_rank<r>.pt``, to compare ranks under DDP."""
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        factors = {n: p.detach().clone() for n, p in pl_module.named_parameters() if ".lora_" in n}
+        torch.save(factors, os.path.join(self.directory, f"start_rank{trainer.global_rank}.pt"))

@@ -58,6 +58,7 @@ def test_method_args_of_each_option_row():
         "adalora_lr_plus": [*base, "--model.lr_ratio_b", "4"],
         "adalora_rslora": [*base, "--model.scaling", "alpha_over_sqrt_r"],
         "adalora_weight_svd": [*base, "--model.adapter_init", "weight_svd"],
+        "adalora_gradient_svd": [*base, "--model.adapter_init", "gradient_svd"],
         "adalora_combo": [*base, "--model.lr_ratio_b", "4", "--model.scaling", "alpha_over_sqrt_r",
                           "--model.adapter_init", "weight_svd"],
     }
@@ -80,7 +81,14 @@ def test_method_args_of_each_option_row():
     from adalora_pl import AdaLoRAConfig
 
     names = {f.name for f in fields(AdaLoRAConfig)}
-    assert set(reproduce.option_fields(reproduce.ADALORA_OPTIONS, lr_ratio_e=2.0)) <= names
+    for options in (reproduce.DEFAULT_COMBO, ["gradient_svd"]):
+        assert set(reproduce.option_fields(options, lr_ratio_e=2.0)) <= names
+    assert reproduce.option_fields(["gradient_svd", "rslora"]) == {"scaling": "alpha_over_sqrt_r",
+                                                                   "adapter_init": "gradient_svd"}
+    with pytest.raises(ValueError, match=r"options \['weight_svd', 'gradient_svd'\] are two starts"):
+        reproduce.option_fields(["weight_svd", "gradient_svd"])
+    with pytest.raises(SystemExit):  # the parser says so, naming the allowed names
+        reproduce.parse_args(["--preset", "short", "--combo", "weight_svd,gradient_svd"])
     assert reproduce.grid_order(["lora_from_pattern", "lora", "adalora"]) == ["lora", "adalora", "lora_from_pattern"]
 
 
@@ -91,7 +99,7 @@ def test_short_preset_picks_its_folder_and_defaults(tmp_path, named_backbones):
     assert Path(args.plot) == REPO_ROOT / "benchmarks" / "results" / "short" / "learning_curves.png"
     assert (args.tasks, args.seeds) == (["cola", "rte", "mrpc", "stsb"], [1, 2, 3])
     assert args.methods == ["adalora", "lora", "lora_scaled", "adalora_lr_plus", "adalora_rslora",
-                            "adalora_weight_svd", "adalora_combo", "lora_from_pattern"]
+                            "adalora_weight_svd", "adalora_gradient_svd", "adalora_combo", "lora_from_pattern"]
     assert args.backbone == str(minilm) and args.backbone_suffix == ""
     # the default 189-step grid: 2000 rows, 3 epochs, lr 1e-3, AdaLoRA 12 -> 8, the recorded lr_ratio_b
     plain = reproduce.settings("adalora", "cola", 2, args)
@@ -236,7 +244,8 @@ def test_report_has_the_option_rows_and_their_paired_tests(tmp_path, monkeypatch
     assert args.methods == list(reproduce.SHORT_METHODS)
     (tmp_path / "results").mkdir()
     metric = {"adalora": 30.0, "lora": 40.0, "lora_scaled": 36.0, "adalora_lr_plus": 38.0, "adalora_rslora": 33.0,
-              "adalora_weight_svd": 31.0, "adalora_combo": 41.0, "lora_from_pattern": 37.0}
+              "adalora_weight_svd": 31.0, "adalora_gradient_svd": 35.0, "adalora_combo": 41.0,
+              "lora_from_pattern": 37.0}
     for method, value in metric.items():
         for seed in (1, 2):
             run = {"method": method, "task": "cola", "seed": seed, "metric": value + seed, "params": 100,
@@ -252,11 +261,12 @@ def test_report_has_the_option_rows_and_their_paired_tests(tmp_path, monkeypatch
                 "adalora_rslora - adalora": 3, "adalora_weight_svd - adalora": 1, "adalora_combo - adalora": 11,
                 "lora_from_pattern - adalora": 7, "adalora_lr_plus - lora": -2, "adalora_combo - lora_scaled": 5,
                 "adalora_weight_svd - lora_scaled": -5, "lora_from_pattern - lora": -3,
-                "lora_from_pattern - lora_scaled": 1}
+                "lora_from_pattern - lora_scaled": 1, "adalora_gradient_svd - adalora": 5,
+                "adalora_gradient_svd - lora": -5}
     for pair, difference in expected.items():
         assert any(line.startswith(f"{pair}: mean difference {difference:+.2f} points over 2") for line in tests), pair
-    # 2 LoRA peers + 5 variants against adalora + 5 rows against each of 2 same-budget peers; no lora_init_r row here
-    assert sum("sign-flip" in line for line in tests) == 2 + 5 + 10
+    # 2 LoRA peers + 6 variants against adalora + 6 rows against each of 2 same-budget peers; no lora_init_r row here
+    assert sum("sign-flip" in line for line in tests) == 2 + 6 + 12
     assert not any("lora_init_r" in line for line in tests)
 
 

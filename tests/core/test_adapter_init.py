@@ -31,7 +31,8 @@ def test_orthogonal_init_through_injection_and_the_callback_and_bad_values():
     for layer in adapters.values():
         torch.testing.assert_close(layer.lora_A @ layer.lora_A.T, torch.eye(3), rtol=0, atol=1e-5)
     with pytest.raises(ValueError,
-                       match=r"adapter_init must be one of \['reference', 'orthogonal', 'weight_svd'\], got 'svd'"):
+                       match=r"adapter_init must be one of \['reference', 'orthogonal', 'weight_svd', "
+                             r"'gradient_svd'\], got 'svd'"):
         SVDLinear(nn.Linear(4, 4), r=2, lora_alpha=8, adapter_init="svd")
     with pytest.raises(ValueError, match=r"adapter_init must be one of"):
         AdaLoRACallback(adapter_init="svd")

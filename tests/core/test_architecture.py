@@ -24,7 +24,8 @@ from tests.builders import REPO_ROOT
 
 PACKAGE = REPO_ROOT / "adalora_pl"
 DATAMODULES = REPO_ROOT / "datamodules"
-CORE_FILES = ("layers.py", "fused_add.py", "importance.py", "schedule.py", "allocator.py", "injection.py")
+CORE_FILES = ("layers.py", "fused_add.py", "importance.py", "schedule.py", "allocator.py", "injection.py",
+              "gradient_start.py")
 CORE_MODULES = tuple(f"adalora_pl.{name.removesuffix('.py')}" for name in CORE_FILES)
 
 Rule = Callable[[str], bool]
@@ -300,8 +301,8 @@ def test_the_top_level_exports_keep_every_name_and_add_the_config():
     import adalora_pl
 
     # and the opt-in options' helpers (README, "Faster-starting options"), the kernel switch (README, "Speed")
-    assert before | {"AdaLoRAConfig", "ConfigError", "adapter_param_groups", "read_rank_pattern", "set_kernel"} == set(
-        adalora_pl.__all__)
+    options = {"adapter_param_groups", "read_rank_pattern", "base_weight_gradients", "start_from_gradients"}
+    assert before | {"AdaLoRAConfig", "ConfigError", "set_kernel"} | options == set(adalora_pl.__all__)
     from adalora_pl import AdaLoRAConfig, ConfigError, fused_add
     from adalora_pl.config import AdaLoRAConfig as config_class
     from adalora_pl.errors import ConfigError as error_class

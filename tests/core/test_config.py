@@ -30,7 +30,7 @@ FIELDS = [f.name for f in dataclasses.fields(AdaLoRAConfig)]
         (dict(total_step=0), r"total_step must be a positive integer or None, got 0"),
         (dict(tinit=10, tfinal=10, total_step=20), r"tinit \+ tfinal must be < total_step.*total_step=20"),
         (dict(adapter_init="svd"),
-         r"adapter_init must be one of \['reference', 'orthogonal', 'weight_svd'\], got 'svd'"),
+         r"adapter_init must be one of \['reference', 'orthogonal', 'weight_svd', 'gradient_svd'\], got 'svd'"),
         (dict(target_modules="query"), r"target_modules must be a list of module name suffixes, got 'query'"),
         (dict(target_modules=[]), r"target_modules is empty"),
     ],

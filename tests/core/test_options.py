@@ -46,7 +46,7 @@ def randomised(layer: SVDLinear | LoRALinear, seed: int = 0) -> SVDLinear | LoRA
         (dict(lr_ratio_b="4"), r"lr_ratio_b must be a finite number > 0 .*got '4'"),
         (dict(lr_ratio_b=True), r"lr_ratio_b must be a finite number > 0 .*got True"),
         (dict(scaling="sqrt"), r"scaling must be one of \['alpha_over_r', 'alpha_over_sqrt_r'\], got 'sqrt'"),
-        (dict(adapter_init="pissa"), r"adapter_init must be one of \[.*'weight_svd'\], got 'pissa'"),
+        (dict(adapter_init="pissa"), r"adapter_init must be one of \[.*'weight_svd', 'gradient_svd'\], got 'pissa'"),
         (dict(rank_pattern=3), r"rank_pattern must be the path of a rank_pattern.json file or None, got 3"),
     ],
 )
@@ -134,6 +134,10 @@ def test_module_optimizer_splits_factors_only_when_a_ratio_differs(glue):
     ("adalora", dict(rank_pattern="ranks.json"), r"rank_pattern='ranks.json' .* applies to method='lora', not to "
                                                  r"method='adalora'"),
     ("lora", dict(adapter_init="weight_svd"), r"adapter_init='weight_svd' applies to SVD adapters"),
+    ("lora", dict(adapter_init="gradient_svd"), r"adapter_init='gradient_svd' applies to SVD adapters"),
+    ("adalora", dict(adapter_init="gradient_svd", quantization="nf4"),
+     r"adapter_init='gradient_svd' needs the loss gradient of each adapted base weight, which a quantized base "
+     r"\(quantization='nf4'\) does not have"),
 ])
 def test_module_refuses_an_option_its_method_has_nothing_for(tiny_backbone, method, settings, message):
     with pytest.raises(ConfigError, match=message):

@@ -174,6 +174,33 @@ def test_fused_adamw_fp16_on_cuda(tmp_path):
     assert all(torch.isfinite(p).all() for p in module.parameters())
 
 
+@pytest.mark.parametrize("precision", ["16-mixed", "bf16-mixed"])
+def test_gradient_svd_start_on_cuda(tmp_path, precision):
+    """The gradient-SVD start under autocast (16-mixed: the loss scaled by the GradScaler's scale, the gradient
+    unscaled): orthonormal factors on the GPU, E = 0 at the start, a finite fit to the budget."""
+    module = PlainClassifier(num_examples=32, batch_size=8)
+    starts = {}
+
+    class Peek(pl.Callback):
+        def on_train_start(self, trainer, pl_module):
+            starts.update({n: (m.lora_A.detach().clone(), m.lora_B.detach().clone(), m.lora_E.detach().clone())
+                           for n, m in find_adapters(pl_module).items()})
+
+    cb = AdaLoRACallback(target_modules=BERT_TARGETS, trainable_modules=["classifier", "pooler"], init_r=3,
+                         target_r=1, tinit=2, tfinal=3, delta_t=1, adapter_init="gradient_svd", gradient_init_batches=2)
+    trainer = pl.Trainer(accelerator="gpu", devices=1, precision=precision, max_epochs=3, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, callbacks=[cb, Peek()],
+                         default_root_dir=tmp_path)
+    trainer.fit(module)
+    for name, (a, b, e) in starts.items():
+        assert a.device.type == "cuda" and torch.count_nonzero(e) == 0
+        eye = torch.eye(3, device=a.device)
+        torch.testing.assert_close(a @ a.T, eye, rtol=0, atol=1e-4, msg=name)
+        torch.testing.assert_close(b.T @ b, eye, rtol=0, atol=1e-4, msg=name)
+    assert sum(m.kept_rank for m in cb.allocator.layers) == 12
+    assert all(torch.isfinite(p).all() for p in module.parameters())
+
+
 def test_decoder_llm_bf16_base_with_checkpointing_on_cuda(tmp_path):
     """The LLM path as users run it: bfloat16 base weights, float32 adapters, bf16-mixed autocast, gradient
     checkpointing, generation-based validation, then the PEFT export."""
