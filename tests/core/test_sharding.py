@@ -115,6 +115,9 @@ def _sharded_worker(rank: int, world: int, port: int, out: str, mode: str) -> No
                                 zip(("A", "E", "B"), allocator.layer_params(m), strict=True)}
                        for i, m in enumerate(model)}
             Path(out, f"rank{rank}.json").write_text(json.dumps({"scores": scores, "holders": holders}))
+        # Both ranks leave together: a gloo process that tears its group down while the other still finishes its
+        # last collective can abort (SIGABRT, seen on a loaded machine).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
